@@ -1,0 +1,40 @@
+"""Scoring with a reward model (a sequence classifier with one output).
+
+The reward model reads prompt + response + EOS and scores the last non-pad token,
+which is how TRL's RewardTrainer trains it, so training and use agree.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+@torch.no_grad()
+def score_texts(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], responses: list[str],
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """(N,) reward-model scores of each prompt + response (EOS appended as in training)."""
+    model.eval()
+    scores = []
+    for i in range(0, len(prompts), batch_size):
+        texts = [p + r + tokenizer.eos_token for p, r in zip(prompts[i : i + batch_size], responses[i : i + batch_size])]
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        scores.append(model(**enc).logits[:, 0].float().cpu())
+    return torch.cat(scores) if scores else torch.empty(0)
+
+
+@torch.no_grad()
+def score_token_ids(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int
+) -> torch.Tensor:
+    """(B,) scores of already tokenized, right-padded sequences (B, L).
+
+    The classifier finds the last non-pad token from ``pad_token_id``; padding is
+    rewritten to it so that a left-padded prompt or an id shared with EOS cannot
+    confuse the lookup.
+    """
+    model.eval()
+    ids = torch.where(attention_mask.bool(), input_ids, torch.full_like(input_ids, pad_token_id))
+    return model(input_ids=ids, attention_mask=attention_mask).logits[:, 0].float()

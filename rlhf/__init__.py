@@ -1,0 +1,1 @@
+"""rlhf: the library behind the pipeline (config, data, RL math, tracking, CLI)."""

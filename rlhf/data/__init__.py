@@ -1,0 +1,1 @@
+"""Data: the built-in support task, the gold judge, loading and validation helpers."""

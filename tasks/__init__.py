@@ -1,0 +1,1 @@
+"""One module per pipeline stage: a plain function that does the work plus a thin @task."""

@@ -1,0 +1,82 @@
+"""Reward-model training on preference pairs: TRL's RewardTrainer (Bradley-Terry loss).
+
+The reward model starts from the SFT trunk with a fresh scalar head. Its accuracy
+is measured on held-out pairs ordered by the gold judge (``reward/accuracy``), not
+on the noisy training labels.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import mlflow
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from trl import RewardConfig as TRLRewardConfig
+from trl import RewardTrainer
+
+from models.loading import load_reward_model, load_tokenizer
+from models.reward import score_texts
+from rlhf.config import PipelineConfig
+from rlhf.data.loading import load_split
+from rlhf.hf_logging import MlflowStepLogger
+from rlhf.tracking import download, flatten, log_checkpoint, stage_run
+from tasks.common import Checkpoint, trainer_precision_args
+
+
+def run_reward(
+    cfg: PipelineConfig, sft: Checkpoint, preferences_path: str, heldout_path: str, parent_run_id: str
+) -> Checkpoint:
+    """Train the reward model from the SFT checkpoint; log it and its held-out accuracy."""
+    with stage_run(parent_run_id, "reward", flatten({"reward": cfg.reward.model_dump()})) as run:
+        mlflow.log_param("sft_run_id", sft.run_id)
+        sft_dir = str(download(sft.uri))
+        tokenizer = load_tokenizer(sft_dir)
+        model = load_reward_model(sft_dir, tokenizer.pad_token_id)
+        with tempfile.TemporaryDirectory(prefix="rlhf-reward-") as tmp:
+            args = TRLRewardConfig(
+                output_dir=tmp,
+                max_steps=cfg.reward.max_steps,
+                per_device_train_batch_size=cfg.reward.batch_size,
+                learning_rate=cfg.reward.learning_rate,
+                lr_scheduler_type="linear",
+                warmup_steps=max(1, cfg.reward.max_steps // 20),
+                max_length=cfg.reward.max_length,
+                logging_steps=max(1, cfg.reward.max_steps // 30),
+                save_strategy="no",
+                report_to="none",
+                seed=cfg.seed,
+                data_seed=cfg.seed,
+                dataloader_num_workers=0,
+                **trainer_precision_args(),
+            )
+            logger = MlflowStepLogger("reward", rename={"accuracy": "train_accuracy", "margin": "train_margin"})
+            trainer = RewardTrainer(
+                model=model, args=args, train_dataset=load_split(preferences_path),
+                processing_class=tokenizer, callbacks=[logger],
+            )
+            trainer.train()
+            accuracy, margin = heldout_accuracy(trainer.model, tokenizer, heldout_path)
+            mlflow.log_metrics({"reward/accuracy": accuracy, "reward/heldout_margin": margin})
+            out = Path(tmp) / "checkpoint"
+            trainer.save_model(str(out))
+            tokenizer.save_pretrained(out)
+            uri = log_checkpoint(out, "checkpoint")
+        return Checkpoint(run.info.run_id, uri)
+
+
+def heldout_accuracy(model, tokenizer, heldout_path: str) -> tuple[float, float]:
+    """(accuracy, mean margin) of r(chosen) > r(rejected) on held-out pairs."""
+    pairs = load_split(heldout_path)
+    chosen = score_texts(model, tokenizer, pairs["prompt"], pairs["chosen"])
+    rejected = score_texts(model, tokenizer, pairs["prompt"], pairs["rejected"])
+    return (chosen > rejected).float().mean().item(), (chosen - rejected).mean().item()
+
+
+@task(name="reward-model", cache_policy=NO_CACHE)
+def reward_task(
+    cfg: PipelineConfig, sft: Checkpoint, preferences_path: str, heldout_path: str, parent_run_id: str
+) -> Checkpoint:
+    """Reward-model training."""
+    return run_reward(cfg, sft, preferences_path, heldout_path, parent_run_id)
