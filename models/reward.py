@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from models.policy import position_ids_from_mask
+
 
 @torch.no_grad()
 def score_texts(
@@ -29,12 +31,13 @@ def score_texts(
 def score_token_ids(
     model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int
 ) -> torch.Tensor:
-    """(B,) scores of already tokenized, right-padded sequences (B, L).
+    """(B,) scores of already tokenized sequences (B, L), padded on either side.
 
-    The classifier finds the last non-pad token from ``pad_token_id``; padding is
-    rewritten to it so that a left-padded prompt or an id shared with EOS cannot
-    confuse the lookup.
+    The classifier finds the last non-pad token from ``pad_token_id``, so padding
+    is rewritten to it; positions count real tokens only, so a left-padded prompt
+    scores as it did unpadded in training.
     """
     model.eval()
     ids = torch.where(attention_mask.bool(), input_ids, torch.full_like(input_ids, pad_token_id))
-    return model(input_ids=ids, attention_mask=attention_mask).logits[:, 0].float()
+    position_ids = position_ids_from_mask(attention_mask)
+    return model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids).logits[:, 0].float()

@@ -1,0 +1,42 @@
+# Set-up and entry points. `make demo` and `make test` are all a fresh machine needs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+
+# Offline, project-local state: the Prefect home and the MLflow store live in this folder.
+export PATH := $(BIN):$(PATH)
+export PREFECT_HOME := $(CURDIR)/.prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
+export MLFLOW_DISABLE_TELEMETRY := true
+export GX_ANALYTICS_ENABLED := false
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test test-fast mlflow-ui prefect-ui clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install  ## Run the whole pipeline on the embedded default and print the evaluation
+	$(BIN)/rlhf run $(ARGS)
+
+test: install  ## The full test suite
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-fast: install  ## Math, data and config tests only (seconds)
+	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+
+mlflow-ui: install  ## MLflow UI on the local store
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+prefect-ui: install  ## Prefect UI with the demo's flow runs
+	$(BIN)/prefect server start --host 127.0.0.1 --port 4200
+
+clean:  ## Remove run outputs and local stores (keeps .venv)
+	rm -rf outputs mlflow.db mlartifacts .prefect

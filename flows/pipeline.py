@@ -1,0 +1,73 @@
+"""The training pipeline: validate -> SFT -> reward model -> PPO -> evaluate -> register.
+
+Wiring only: each stage is a task in tasks/, and stages hand each other MLflow
+references. One MLflow parent run spans the flow run; each stage opens a child run.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import yaml
+from prefect import flow, get_run_logger
+from prefect.context import FlowRunContext
+
+from models.loading import resolve_base_model
+from rlhf.config import PipelineConfig
+from rlhf.data.loading import resolve_data_paths
+from rlhf.tracking import flatten, setup_experiment
+from tasks.evaluate import evaluate_task, format_table
+from tasks.ppo import ppo_task
+from tasks.register import config_hash, register_task
+from tasks.reward import reward_task
+from tasks.sft import sft_task
+from tasks.validate import validate_task
+
+
+@dataclass(frozen=True)
+class PipelineResult:
+    """What a pipeline run produced, by reference."""
+
+    parent_run_id: str
+    model_uri: str
+    metrics: dict[str, float]
+
+
+@flow(name="rlhf-pipeline", log_prints=True)
+def rlhf_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineResult:
+    """Align the base model with the preference data and register the policy."""
+    logger = get_run_logger()
+    experiment_id = setup_experiment(config.experiment)
+    flow_run = FlowRunContext.get().flow_run
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"pipeline-{flow_run.name}") as parent:
+        parent_id = parent.info.run_id
+        mlflow.log_params(flatten(config.model_dump()))
+        mlflow.log_text(yaml.safe_dump(config.model_dump(), sort_keys=False), "config.yaml")
+        mlflow.set_tags({"prefect.flow_run_id": str(flow_run.id), "config_hash": config_hash(config)})
+        run_dir = Path(config.output_dir) / parent_id
+        logger.info("MLflow parent run %s, outputs in %s", parent_id, run_dir)
+
+        paths = resolve_data_paths(config.data, run_dir, config.seed)
+        base_model = resolve_base_model(config.model.base_model, Path(config.output_dir) / "base-models", config.seed)
+        data = validate_task(config, paths, str(run_dir / "validated"), parent_id, tokenizer_path=base_model)
+        mlflow.set_tags({f"data.fingerprint.{split}": fp for split, fp in data.fingerprints.items()})
+
+        sft = sft_task(config, base_model, data.paths["sft"], parent_id)
+        reward = reward_task(config, sft, data.paths["preferences"], data.paths["preferences_heldout"], parent_id)
+        ppo = ppo_task(config, sft, reward, data.paths["prompts"], parent_id)
+        evaluation = evaluate_task(
+            config, sft, reward, ppo, data.paths["heldout_prompts"], parent_id,
+            use_gold_judge=config.data.source == "builtin",
+        )
+        mlflow.log_metrics(evaluation.metrics)
+        version = register_task(config, ppo, evaluation, data.fingerprints, parent_id)
+        print(format_table(evaluation.metrics, config.ppo.kl_target))
+        return PipelineResult(parent_id, version.model_uri, evaluation.metrics)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    rlhf_pipeline()

@@ -1,0 +1,61 @@
+"""The PPO policy: a causal LM with a scalar value head on its last hidden state.
+
+The value head shares the policy's trunk (one forward pass gives log-probs and
+values, half the memory and compute of a separate critic). The cost is that value
+and policy gradients meet in the trunk; ``vf_coef`` keeps the value loss from
+dominating. A separate critic is the usual choice past a few billion parameters.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import PreTrainedModel
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) positions counting only real tokens, as generate() does for left padding."""
+    position_ids = attention_mask.long().cumsum(-1) - 1
+    return position_ids.clamp(min=0)
+
+
+class PolicyWithValueHead(nn.Module):
+    """Causal LM + linear value head; forward returns (logits (B, L, V), values (B, L))."""
+
+    def __init__(self, lm: PreTrainedModel):
+        super().__init__()
+        self.lm = lm
+        hidden = lm.config.get_text_config().hidden_size
+        self.value_head = nn.Linear(hidden, 1)
+        nn.init.normal_(self.value_head.weight, std=1.0 / (hidden + 1) ** 0.5)
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.lm(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            output_hidden_states=True,
+            use_cache=False,
+        )
+        values = self.value_head(out.hidden_states[-1]).squeeze(-1)  # (B, L)
+        return out.logits, values
+
+    def save(self, out_dir: str | Path) -> None:
+        """Policy in Hugging Face layout plus the value head, both safetensors."""
+        out = Path(out_dir)
+        self.lm.save_pretrained(out, safe_serialization=True)
+        save_file({k: v.contiguous() for k, v in self.value_head.state_dict().items()}, str(out / VALUE_HEAD_FILE))
+
+    def load_value_head(self, checkpoint_dir: str | Path) -> bool:
+        """Load a saved value head if the checkpoint has one; returns whether it did."""
+        path = Path(checkpoint_dir) / VALUE_HEAD_FILE
+        if not path.exists():
+            return False
+        self.value_head.load_state_dict(load_file(str(path), device=str(self.value_head.weight.device)))
+        return True
