@@ -31,8 +31,25 @@ class DataConfig(_Section):
 class ValidationConfig(_Section):
     min_rows: int = Field(8, ge=1, description="Fewest rows a training split may have")
     max_rows: int = Field(5_000_000, ge=1, description="Most rows a split may have")
+    min_chars: int = Field(1, ge=0, description="Shortest prompt/response text in characters")
     max_chars: int = Field(8000, ge=1, description="Longest prompt/response text in characters")
+    max_tokens: int = Field(2048, ge=1, description="Longest prompt/response text in tokens of the base model's tokenizer (checked only when the stage is given the tokenizer)")
     pii_policy: Literal["fail", "redact"] = Field("fail", description="On e-mail, phone or card numbers in the data: fail the run, or redact them and report")
+    pii_kinds: tuple[Literal["email", "phone", "card"], ...] = Field(("email", "phone", "card"), description="PII patterns to look for: e-mail addresses, phone numbers, payment card numbers (Luhn-checked)")
+    max_duplicate_fraction: float = Field(0.01, ge=0, le=1, description="Largest share of SFT demonstrations or preference pairs that repeat an earlier row (a pair with chosen/rejected swapped counts as a repeat); PPO prompts may repeat freely")
+    max_leaked_fraction: float = Field(0.0, ge=0, le=1, description="Largest share of a training split (sft, preferences, prompts) whose prompts also occur in a held-out split (heldout_prompts, preferences_heldout)")
+    max_row_bytes: int = Field(1_000_000, ge=1024, description="Longest line/row of a data file in bytes; a longer one is rejected before parsing (usually a broken export)")
+    max_examples: int = Field(3, ge=1, description="Example rows quoted per failed check in error messages")
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> "ValidationConfig":
+        for low, high in (("min_rows", "max_rows"), ("min_chars", "max_chars")):
+            if getattr(self, low) > getattr(self, high):
+                raise ValueError(
+                    f"validation.{low} ({getattr(self, low)}) must not exceed validation.{high} "
+                    f"({getattr(self, high)}): change one of them"
+                )
+        return self
 
 
 class ModelConfig(_Section):

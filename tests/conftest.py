@@ -32,3 +32,51 @@ def prefect_harness():
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def tiny_stack(tmp_path_factory):
+    """SFT policy and reward model trained briefly on the built-in data, shared by the session.
+
+    Returns a namespace with the config used, the data paths, the base model path,
+    the MLflow tracking URI and the SFT and reward-model Checkpoints. About 40 s.
+    """
+    import types
+
+    import mlflow
+
+    from models.loading import resolve_base_model
+    from rlhf.config import load_config
+    from rlhf.data.loading import resolve_data_paths
+    from rlhf.tracking import setup_experiment
+    from tasks.reward import run_reward
+    from tasks.sft import run_sft
+
+    root = tmp_path_factory.mktemp("tiny_stack")
+    uri = f"sqlite:///{root}/mlflow.db"
+    old_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        cfg = load_config(
+            None,
+            ["sft.max_steps=120", "sft.batch_size=32", "reward.max_steps=160", "reward.batch_size=32"],
+        )
+        paths = resolve_data_paths(cfg.data, root, cfg.seed)
+        base = resolve_base_model(cfg.model.base_model, root / "base-models", cfg.seed)
+        experiment_id = setup_experiment("tiny-stack")
+        with mlflow.start_run(experiment_id=experiment_id) as parent:
+            sft = run_sft(cfg, base, paths["sft"], parent.info.run_id)
+            reward = run_reward(cfg, sft, paths["preferences"], paths["preferences_heldout"], parent.info.run_id)
+    finally:
+        os.chdir(cwd)
+        if old_uri is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old_uri
+        mlflow.set_tracking_uri(None)
+    return types.SimpleNamespace(
+        cfg=cfg, paths=paths, base_model=base, tracking_uri=uri, root=root, sft=sft, reward=reward,
+        parent_run_id=parent.info.run_id,
+    )

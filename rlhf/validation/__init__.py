@@ -1,0 +1,1 @@
+"""Data validation: pandas row checks (checks.py) and the GX 1.x suites (suite.py)."""

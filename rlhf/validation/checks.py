@@ -1,0 +1,190 @@
+"""Row checks computed with pandas, and dataset fingerprints.
+
+Each check returns a column aligned with the data frame: missing (NA) where the
+row is fine, else a short description of the problem ("repeats line 12",
+"email, phone"). The GX suite (``suite.py``) then expects those columns to be
+null, so every check shows up in the GX result and Data Docs with its rows.
+No GX, MLflow or Prefect import here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+PII_KINDS = ("card", "email", "phone")  # cards first: their digits would also look like a phone number
+REDACTION = {"email": "[EMAIL]", "phone": "[PHONE]", "card": "[CARD]"}
+_EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
+_CARD = re.compile(r"(?<!\d)(?:\d[ -]?){12,18}\d(?!\d)")
+_PHONE = re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]?\d{2,4}){1,4}(?!\w)")
+_PREFILTER = {"email": "@", "card": r"\d\d\d", "phone": r"\d\d\d"}
+
+
+def luhn_valid(digits: str) -> bool:
+    """The Luhn checksum every payment card number satisfies."""
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = int(ch)
+        if i % 2:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+def _is_card(text: str) -> bool:
+    digits = re.sub(r"\D", "", text)
+    return 13 <= len(digits) <= 19 and luhn_valid(digits)
+
+
+def _is_phone(text: str) -> bool:
+    return 10 <= sum(ch.isdigit() for ch in text) <= 15
+
+
+def _substitute(kind: str, text: str) -> tuple[str, int]:
+    """Replace one kind of PII in a text; returns (new text, replacements)."""
+    if kind == "email":
+        return _EMAIL.subn(REDACTION["email"], text)
+    pattern, accept = (_CARD, _is_card) if kind == "card" else (_PHONE, _is_phone)
+    count = 0
+
+    def repl(m: re.Match) -> str:
+        nonlocal count
+        if accept(m.group()):
+            count += 1
+            return REDACTION[kind]
+        return m.group()
+
+    return pattern.sub(repl, text), count
+
+
+def scan_pii(texts: pd.Series, kinds: Iterable[str]) -> tuple[pd.Series, pd.Series, dict[str, int]]:
+    """(texts with PII replaced by [EMAIL]/[PHONE]/[CARD], per-row kinds found or NA, count per kind)."""
+    wanted = [k for k in PII_KINDS if k in set(kinds)]
+    redacted = texts.copy()
+    found: dict[Any, list[str]] = {}
+    counts = dict.fromkeys(wanted, 0)
+    for kind in wanted:
+        candidates = redacted.str.contains(_PREFILTER[kind], regex=kind != "email", na=False)
+        for idx in redacted.index[candidates.to_numpy()]:
+            new, n = _substitute(kind, redacted.at[idx])
+            if n:
+                redacted.at[idx] = new
+                found.setdefault(idx, []).append(kind)
+                counts[kind] += n
+    flags = pd.Series(pd.NA, index=texts.index, dtype=object)
+    for idx, hits in found.items():
+        flags.at[idx] = ", ".join(hits)
+    return redacted, flags, counts
+
+
+def chosen_is_rejected(chosen: pd.Series, rejected: pd.Series) -> pd.Series:
+    """'chosen == rejected' where the two responses are the same text (ignoring outer whitespace)."""
+    same = (chosen.str.strip() == rejected.str.strip()).fillna(False).astype(bool)
+    return pd.Series(np.where(same, "chosen == rejected", None), index=chosen.index, dtype=object)
+
+
+def duplicate_rows(
+    frame: pd.DataFrame, columns: list[str], where: Callable[[int], str], unordered: tuple[str, str] | None = None
+) -> pd.Series:
+    """'repeats line N' for each row whose key columns repeat an earlier row's (outer whitespace ignored).
+
+    ``unordered`` names two columns compared as a set: a preference pair with
+    chosen and rejected swapped repeats (and contradicts) the earlier one.
+    """
+    keys = pd.DataFrame({c: frame[c].fillna("").astype(str).str.strip() for c in columns})
+    if unordered is not None:
+        a, b = keys[unordered[0]], keys[unordered[1]]
+        keys[unordered[0]], keys[unordered[1]] = a.where(a <= b, b), b.where(a <= b, a)
+    repeated = keys.duplicated(keep="first").to_numpy()
+    out = pd.Series(None, index=frame.index, dtype=object)
+    if repeated.any():
+        first = frame["_row"].groupby([keys[c] for c in columns], sort=False).transform("first")
+        for idx in frame.index[repeated]:
+            out.at[idx] = f"repeats {where(int(first.at[idx]))}"
+    return out
+
+
+def normalize_prompt(prompts: pd.Series) -> pd.Series:
+    """Case-folded, whitespace-collapsed prompt text: the key for train/held-out leakage."""
+    return prompts.fillna("").astype(str).str.split().str.join(" ").str.casefold()
+
+
+def heldout_index(heldout: Mapping[str, tuple[pd.Series, Callable[[int], str]]]) -> dict[str, str]:
+    """Normalised held-out prompt -> where it first occurs ("heldout_prompts line 4")."""
+    index: dict[str, str] = {}
+    for split, (prompts, where) in heldout.items():
+        for i, key in enumerate(normalize_prompt(prompts).tolist(), 1):
+            if key and key not in index:
+                index[key] = f"{split} {where(i)}"
+    return index
+
+
+def leaked_prompts(prompts: pd.Series, index: Mapping[str, str]) -> pd.Series:
+    """'also in heldout_prompts line 4' where a training prompt is a held-out prompt."""
+    hits = normalize_prompt(prompts).map(index)
+    return pd.Series(np.where(hits.notna(), "also in " + hits.fillna("").astype(str), None), index=prompts.index, dtype=object)
+
+
+def bad_timestamps(values: pd.Series) -> pd.Series:
+    """A note where a non-null timestamp is not ISO 8601 text or positive epoch seconds."""
+    out = pd.Series(None, index=values.index, dtype=object)
+    if pd.api.types.is_datetime64_any_dtype(values):
+        return out
+    if pd.api.types.is_numeric_dtype(values):
+        bad = values.notna() & ~(np.isfinite(values.astype(float)) & (values > 0))
+    else:
+        parsed = pd.to_datetime(values.astype(object), errors="coerce", utc=True, format="ISO8601")
+        bad = values.notna() & parsed.isna()
+    for idx in values.index[bad.to_numpy()]:
+        out.at[idx] = f"not a time: {str(values.at[idx])[:40]!r}"
+    return out
+
+
+def token_lengths(texts: pd.Series, tokenizer: Any, batch_size: int = 1024) -> pd.Series:
+    """Tokens per text under the model's tokenizer (no special tokens); NA for nulls."""
+    out = pd.Series(np.nan, index=texts.index, dtype=float)
+    present = texts[texts.notna()]
+    values = present.astype(str).tolist()
+    lengths: list[int] = []
+    for start in range(0, len(values), batch_size):
+        ids = tokenizer(values[start : start + batch_size], add_special_tokens=False)["input_ids"]
+        lengths.extend(len(x) for x in ids)
+    out.loc[present.index] = lengths
+    return out
+
+
+# --- fingerprints ----------------------------------------------------------------------------------
+
+
+def logical_type(values: pd.Series) -> str:
+    """A column's type in words stable across pandas versions ("string", "number", ...)."""
+    if pd.api.types.is_bool_dtype(values):
+        return "boolean"
+    if pd.api.types.is_numeric_dtype(values):
+        return "number"
+    if pd.api.types.is_datetime64_any_dtype(values):
+        return "datetime"
+    if pd.api.types.is_string_dtype(values):
+        return "string"
+    return "object"
+
+
+def jsonl_bytes(frame: pd.DataFrame) -> bytes:
+    """The frame as UTF-8 JSON Lines, nulls as null (the file the trainers read)."""
+    records = frame.astype(object).where(frame.notna(), None).to_dict("records")
+    return "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records).encode("utf-8")
+
+
+def fingerprint(kind: str, frame: pd.DataFrame, content: bytes) -> str:
+    """sha256 of the schema (kind, column names and types) and the content bytes."""
+    schema = {"kind": kind, "columns": {c: logical_type(frame[c]) for c in frame.columns}}
+    h = hashlib.sha256(json.dumps(schema, sort_keys=True).encode("utf-8"))
+    h.update(b"\n")
+    h.update(content)
+    return h.hexdigest()
