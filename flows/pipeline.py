@@ -6,7 +6,6 @@ references. One MLflow parent run spans the flow run; each stage opens a child r
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from prefect.context import FlowRunContext
 from models.loading import resolve_base_model
 from rlhf.config import PipelineConfig
 from rlhf.data.loading import resolve_data_paths
+from rlhf.env import quiet_defaults
 from rlhf.tracking import flatten, setup_experiment
 from tasks.evaluate import evaluate_task, format_table
 from tasks.ppo import ppo_task
@@ -36,9 +36,10 @@ class PipelineResult:
     metrics: dict[str, float]
 
 
-@flow(name="rlhf-pipeline", log_prints=True)
+@flow(name="rlhf-pipeline")
 def rlhf_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineResult:
     """Align the base model with the preference data and register the policy."""
+    quiet_defaults()
     logger = get_run_logger()
     experiment_id = setup_experiment(config.experiment)
     flow_run = FlowRunContext.get().flow_run
@@ -64,10 +65,9 @@ def rlhf_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineResult:
         )
         mlflow.log_metrics(evaluation.metrics)
         version = register_task(config, ppo, evaluation, data.fingerprints, parent_id)
-        print(format_table(evaluation.metrics, config.ppo.kl_target))
+        logger.info("Evaluation on held-out prompts:\n%s", format_table(evaluation.metrics, config.ppo.kl_target))
         return PipelineResult(parent_id, version.model_uri, evaluation.metrics)
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     rlhf_pipeline()

@@ -50,7 +50,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from flows.pipeline import rlhf_pipeline
 
+    from tasks.evaluate import format_table
+
     result = rlhf_pipeline(cfg)
+    print("\nEvaluation on held-out prompts (PPO policy vs the SFT policy it started from):")
+    print(format_table(result.metrics, cfg.ppo.kl_target))
     print(f"\nRegistered {result.model_uri} (MLflow parent run {result.parent_run_id})")
     print(UI_HINT)
     return 0
