@@ -58,7 +58,7 @@ class ModelConfig(_Section):
 
 
 class SFTConfig(_Section):
-    max_steps: int = Field(300, ge=1, description="Optimizer steps of supervised fine-tuning")
+    max_steps: int = Field(150, ge=1, description="Optimizer steps of supervised fine-tuning")
     batch_size: int = Field(32, ge=1, description="Sequences per optimizer step")
     learning_rate: float = Field(3e-3, gt=0, description="Peak AdamW learning rate (linear decay)")
     max_length: int = Field(128, ge=8, description="Longest prompt+completion in tokens; longer rows are truncated")
