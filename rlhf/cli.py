@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("path", help="JSON, JSONL, CSV or Parquet file")
     validate.add_argument("--kind", required=True, choices=["sft", "preference", "prompt", "traffic"])
     validate.add_argument("--config", help="YAML config file whose validation thresholds to use")
+    validate.add_argument("--tokenizer", help="tokenizer name or path for the token-length bounds (skipped without)")
+    validate.add_argument("--report-dir", help="also write the GX result (JSON) and Data Docs (HTML) here")
     return parser
 
 
@@ -62,12 +64,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from rlhf.config import load_config
-    from tasks.validate import validate_file
+    from tasks.validate import validate_command
 
     cfg = load_config(args.config)
-    report = validate_file(args.path, args.kind, cfg.validation)
-    print(report.summary())
-    return 0 if report.success else 1
+    return validate_command(
+        args.path, args.kind, cfg.validation, tokenizer_path=args.tokenizer, report_dir=args.report_dir
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,17 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     quiet_defaults()
     from rlhf.config import ConfigError
     from rlhf.data.loading import DataError
+    from tasks.validate import ValidationFailed
 
-    user_errors: tuple[type[Exception], ...] = (ConfigError, DataError)
-    try:
-        from tasks.validate import ValidationFailed
-
-        user_errors += (ValidationFailed,)
-    except ImportError:
-        pass
     try:
         return {"run": cmd_run, "validate": cmd_validate}[args.command](args)
-    except user_errors as e:
+    except (ConfigError, DataError, ValidationFailed) as e:
         print(f"rlhf: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

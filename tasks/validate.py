@@ -29,7 +29,7 @@ from rlhf.data.formats import DataKind
 from rlhf.data.loading import DataError, LoadedData, load_standard
 from rlhf.tracking import flatten, stage_run
 from rlhf.validation import checks
-from rlhf.validation.suite import TEXT_COLUMNS, CheckFailure, data_docs_html, failures, run_suite
+from rlhf.validation.suite import TEXT_COLUMNS, CheckFailure, data_docs_html, failures, is_text, run_suite
 
 __all__ = [
     "DataKind", "SPLIT_KINDS", "ValidatedData", "ValidationFailed", "ValidationReport",
@@ -84,6 +84,7 @@ class ValidationReport:
     failures: list[CheckFailure]
     redactions: dict[str, int]
     """PII kind -> number replaced (pii_policy=redact) or found (pii_policy=fail)."""
+    pii_policy: str = "fail"
     name: str | None = None
     """The split name inside a pipeline run; None for a lone file."""
     frame: pd.DataFrame = field(default_factory=pd.DataFrame, repr=False)
@@ -106,7 +107,7 @@ class ValidationReport:
         lines = [("PASS " if self.success else "FAIL ") + head]
         found = {k: n for k, n in self.redactions.items() if n}
         if found:
-            verb = "redacted" if self.success else "found"
+            verb = "redacted" if self.pii_policy == "redact" else "found"
             lines.append(f"  PII {verb}: " + ", ".join(f"{n} {k}" for k, n in found.items()))
         for f in self.failures:
             lines.append(f"  - {f.text()}")
@@ -133,7 +134,7 @@ def validate_frame(
     frame = data.frame.copy()
     frame["_row"] = np.arange(1, len(frame) + 1)
     where = data.source.where
-    text = [c for c in TEXT_COLUMNS[kind] if c in frame.columns and _is_text(frame[c])]
+    text = [c for c in TEXT_COLUMNS[kind] if c in frame.columns and is_text(frame[c])]
 
     # 1. PII: redact in place, or flag the rows for the suite.
     redactions = {k: 0 for k in cfg.pii_kinds}
@@ -166,7 +167,8 @@ def validate_frame(
     content = checks.jsonl_bytes(out)
     return ValidationReport(
         success=bool(result.success), path=data.source.path, kind=kind, format=data.format, rows=len(out),
-        fingerprint=checks.fingerprint(kind, out, content), failures=failed, redactions=redactions, name=name,
+        fingerprint=checks.fingerprint(kind, out, content), failures=failed, redactions=redactions,
+        pii_policy=cfg.pii_policy, name=name,
         frame=out, content=content, gx_result=result,
     )
 
@@ -179,13 +181,16 @@ def validate_file(path: str, kind: DataKind, cfg: ValidationConfig, tokenizer: A
 def run_validation(
     cfg: PipelineConfig, paths: dict[str, str], out_dir: str, parent_run_id: str, tokenizer: Any = None
 ) -> ValidatedData:
-    """Validate every split, log the evidence to the stage's MLflow run, write the normalised files.
+    """Validate every split, log the evidence to the stage's MLflow run, write the normalised files to out_dir.
 
     Raises ValidationFailed (after logging) when any file is malformed or any check fails.
     """
     unknown = sorted(set(paths) - set(SPLIT_KINDS))
     if unknown:
         raise ValueError(f"unknown data split(s) {unknown}: the pipeline reads {sorted(SPLIT_KINDS)}")
+    for split, path in paths.items():
+        if (Path(out_dir) / f"{split}.jsonl").resolve() == Path(path).resolve():
+            raise ValueError(f"out_dir {out_dir!r} holds the input file {path!r}: give validation its own folder")
     vcfg = cfg.validation
     with stage_run(parent_run_id, "validate", flatten({"validation": vcfg.model_dump()})):
         # 1. Load and convert every split; a malformed file is a failure, not a crash.
@@ -200,7 +205,7 @@ def run_validation(
         index = checks.heldout_index({
             s: (loaded[s].frame["prompt"], loaded[s].source.where)
             for s in HELDOUT_SPLITS
-            if s in loaded and "prompt" in loaded[s].frame.columns and _is_text(loaded[s].frame["prompt"])
+            if s in loaded and "prompt" in loaded[s].frame.columns and is_text(loaded[s].frame["prompt"])
         })
         # 3. Validate each split.
         reports = {
@@ -216,7 +221,7 @@ def run_validation(
         if lines:
             raise ValidationFailed(lines)
         # 5. Hand on the normalised files.
-        folder = Path(out_dir) / "validated"
+        folder = Path(out_dir)
         folder.mkdir(parents=True, exist_ok=True)
         out_paths = {}
         for split, report in reports.items():
@@ -274,10 +279,6 @@ def _publish_prefect_table(reports: dict[str, ValidationReport], errors: list[st
     else:
         table = [{"split": s, "kind": r.kind, "format": r.format, "rows": r.rows, "fingerprint": r.fingerprint} for s, r in reports.items()]
         create_table_artifact(table=table, key="validation-summary", description="Validated data splits")
-
-
-def _is_text(values: pd.Series) -> bool:
-    return pd.api.types.is_string_dtype(values) or bool(values.dropna().map(lambda v: isinstance(v, str)).all())
 
 
 @task(name="validate-data", cache_policy=NO_CACHE)

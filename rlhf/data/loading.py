@@ -249,7 +249,7 @@ def _lines(path: str, max_row_bytes: int) -> Iterator[tuple[int, str]]:
                 rest = len(f.readline())
                 total = len(raw) + rest
                 raise DataError(
-                    f"{path}: line {lineno} is {total / _MB:.1f} MB, over the {max_row_bytes / _MB:g} MB limit "
+                    f"{path}: line {lineno} is {_size(total)}, over the {_size(max_row_bytes)} limit "
                     "(validation.max_row_bytes); a row this long is usually a whole document pasted into a field "
                     "or lost newlines. Fix: split or drop that row, or raise validation.max_row_bytes"
                 )
@@ -283,7 +283,7 @@ def _scan_jsonl(path: str, max_row_bytes: int) -> SourceInfo:
             if cut_short and not text.endswith("\n"):
                 raise DataError(
                     f"{path}: line {lineno} is truncated (the file ends in the middle of a JSON object: "
-                    f"{e.msg} at column {e.colno}); the export or copy was cut short. Fix: export the file again, "
+                    f"{e.msg.removesuffix(' at')} at column {e.colno}); the export or copy was cut short. Fix: export the file again, "
                     "or delete the last line"
                 ) from None
             if e.msg == "Extra data":
@@ -292,7 +292,7 @@ def _scan_jsonl(path: str, max_row_bytes: int) -> SourceInfo:
                     "Fix: put exactly one object per line"
                 ) from None
             raise DataError(
-                f"{path}: line {lineno} is not valid JSON ({e.msg} at column {e.colno}). Fix: correct that line; "
+                f"{path}: line {lineno} is not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno}). Fix: correct that line; "
                 "write files with one `json.dumps(row)` per line"
             ) from None
         _check_row(path, f"line {lineno}", obj, types, lineno)
@@ -359,7 +359,7 @@ def _scan_json(path: str, size: int, max_row_bytes: int) -> SourceInfo:
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # several top-level values: JSON Lines in a .json file
             return _scan_jsonl(path, max_row_bytes)
-        if e.pos >= len(text.rstrip()):
+        if e.msg.startswith("Unterminated string") or e.pos >= len(text.rstrip()):
             raise DataError(
                 f"{path}: the JSON document is truncated (it ends at line {e.lineno} before it is complete). "
                 "Fix: export or copy the file again completely"
@@ -370,6 +370,8 @@ def _scan_json(path: str, size: int, max_row_bytes: int) -> SourceInfo:
             f"{path}: not valid JSON at line {e.lineno}, column {e.colno} ({e.msg}). Fix: correct it, or export "
             "with `json.dump(rows, f)` or as JSON Lines"
         ) from None
+    if isinstance(data, dict) and "\n" not in text.strip():  # one line: a JSON Lines file with one row
+        return _scan_jsonl(path, max_row_bytes)
     if isinstance(data, dict):
         keys = list(data)[:5]
         listed = [k for k in keys if isinstance(data[k], list)]
@@ -386,9 +388,9 @@ def _scan_json(path: str, size: int, max_row_bytes: int) -> SourceInfo:
     for i, obj in enumerate(data, 1):
         _check_row(path, f"row {i}", obj, types, i)
         if size > max_row_bytes and len(json.dumps(obj, ensure_ascii=False).encode()) > max_row_bytes:
-            mb = len(json.dumps(obj, ensure_ascii=False).encode()) / _MB
+            n = len(json.dumps(obj, ensure_ascii=False).encode())
             raise DataError(
-                f"{path}: row {i} is {mb:.1f} MB, over the {max_row_bytes / _MB:g} MB limit (validation.max_row_bytes). "
+                f"{path}: row {i} is {_size(n)}, over the {_size(max_row_bytes)} limit (validation.max_row_bytes). "
                 "Fix: split or drop that row, or raise validation.max_row_bytes"
             )
     return SourceInfo(path, "json")
@@ -454,6 +456,10 @@ def _csv_header(path: str) -> list[str]:
             if record and record != [""]:
                 return record
     return []
+
+
+def _size(n: int) -> str:
+    return f"{n / _MB:.1f} MB" if n >= 100_000 else f"{n / 1000:.1f} kB"
 
 
 def _first_line(e: BaseException) -> str:

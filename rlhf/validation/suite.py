@@ -35,7 +35,7 @@ CHECKS: dict[str, tuple[str, str]] = {
         "add it; {kind} data needs {required}, or use one of the formats in docs/validation.md",
     ),
     "type": (
-        "column {column!r} holds {observed}, not text",
+        "column {column!r} is not text ({observed})",
         "store it as a string in every row (quote numbers, flatten lists)",
     ),
     "nulls": ("{column!r} is null or missing in {count} of {total} rows", "fill in those values or drop the rows"),
@@ -112,7 +112,7 @@ def build_suite(kind: DataKind, frame: pd.DataFrame, cfg: ValidationConfig) -> A
             expectation_cls(**kwargs, description=description, meta={"check": check, "column": column})
         )
 
-    text_like = _text_columns(frame)
+    text_like = {c for c in frame.columns if is_text(frame[c])}
     for column in REQUIRED_COLUMNS[kind]:
         add(E.ExpectColumnToExist, "columns", f"`{column}` is present", column)
         if column not in frame.columns:
@@ -222,18 +222,33 @@ def failures(
             "required": ", ".join(REQUIRED_COLUMNS[kind]),
             "allowed": {"duplicates": cfg.max_duplicate_fraction, "leakage": cfg.max_leaked_fraction}.get(check, 0.0),
         }
-        if check == "nulls":
-            fields["count"] = info.get("unexpected_count", info.get("missing_count", 0))
-        if check == "type" and info.get("observed_value") is None:
-            fields["observed"] = "non-text values"
-        problem, fix = CHECKS[check]
-        if r.exception_info and r.exception_info.get("raised_exception"):
-            problem = f"the check could not run ({r.exception_info.get('exception_message')})"
+        if check == "tokens":
+            fields["high"] = cfg.max_tokens
+        if check == "type" and info.get("observed_value") is not None:
+            fields["observed"] = f"its type is {info['observed_value']}"
+        elif check == "type":
+            fields["observed"] = f"{fields['count']} of {fields['total']} values are of another type"
+        problem, fix = (template.format(**fields) for template in CHECKS[check])
+        error = _exception_message(r.exception_info)
+        if error is not None:
+            problem = f"the check could not run ({error})"
         examples = tuple(_example(check, d, column, where) for d in info.get("partial_unexpected_index_list") or [])
         out.append(
-            CheckFailure(check, fields["column"], problem.format(**fields), examples[: cfg.max_examples], fix.format(**fields), int(fields["count"] or 0))
+            CheckFailure(check, shown, problem, examples[: cfg.max_examples], fix, int(fields["count"] or 0))
         )
     return out
+
+
+def _exception_message(info: dict | None) -> str | None:
+    """GX's exception info is flat for one metric, keyed by metric for several."""
+    if not info:
+        return None
+    if "raised_exception" in info:
+        return str(info.get("exception_message")) if info["raised_exception"] else None
+    for value in info.values():
+        if isinstance(value, dict) and value.get("raised_exception"):
+            return str(value.get("exception_message"))
+    return None
 
 
 def _example(check: str, item: dict, column: str | None, where: Callable[[int], str]) -> str:
@@ -245,22 +260,19 @@ def _example(check: str, item: dict, column: str | None, where: Callable[[int], 
         return f"{row}: {int(value)} tokens"
     if check == "pii":  # never quote the personal data itself
         return f"{row}: {value}"
-    if check in ("duplicates", "leakage", "chosen_differs", "timestamp"):
-        return f"{row} {value}" if check in ("duplicates", "leakage") else f"{row}: {value}"
+    if check in ("duplicates", "leakage"):  # "line 2 repeats line 1", "line 9 also in heldout_prompts line 3"
+        return f"{row} {value}"
+    if check in ("chosen_differs", "timestamp"):
+        return f"{row}: {value}"
     if value is None or (isinstance(value, float) and pd.isna(value)):
         return row
     text = str(value)
     return f"{row}: {text[:60]!r}{'...' if len(text) > 60 else ''}"
 
 
-def _text_columns(frame: pd.DataFrame) -> set[str]:
-    """Columns holding only strings (or nulls): the text checks run on these."""
-    out = set()
-    for column in frame.columns:
-        values = frame[column]
-        if pd.api.types.is_string_dtype(values) or values.dropna().map(lambda v: isinstance(v, str)).all():
-            out.add(column)
-    return out
+def is_text(values: pd.Series) -> bool:
+    """A column holding only strings (or nulls): the text checks run on these."""
+    return pd.api.types.is_string_dtype(values) or bool(values.dropna().map(lambda v: isinstance(v, str)).all())
 
 
 def data_docs_html(result: Any) -> str:
