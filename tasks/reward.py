@@ -13,6 +13,7 @@ from pathlib import Path
 import mlflow
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from transformers.trainer_callback import ProgressCallback
 from trl import RewardConfig as TRLRewardConfig
 from trl import RewardTrainer
 
@@ -21,6 +22,7 @@ from models.reward import score_texts
 from rlhf.config import PipelineConfig
 from rlhf.data.loading import load_split
 from rlhf.hf_logging import MlflowStepLogger
+from rlhf.progress import TrainerProgress
 from rlhf.tracking import download, flatten, log_checkpoint, stage_run
 from tasks.common import Checkpoint, trainer_precision_args
 
@@ -46,6 +48,7 @@ def run_reward(
                 logging_steps=max(1, cfg.reward.max_steps // 30),
                 save_strategy="no",
                 report_to="none",
+                disable_tqdm=False,
                 seed=cfg.seed,
                 data_seed=cfg.seed,
                 dataloader_num_workers=0,
@@ -54,8 +57,9 @@ def run_reward(
             logger = MlflowStepLogger("reward", rename={"accuracy": "train_accuracy", "margin": "train_margin"})
             trainer = RewardTrainer(
                 model=model, args=args, train_dataset=load_split(preferences_path),
-                processing_class=tokenizer, callbacks=[logger],
+                processing_class=tokenizer, callbacks=[logger, TrainerProgress("reward")],
             )
+            trainer.remove_callback(ProgressCallback)  # TrainerProgress replaces its bar and log prints
             trainer.train()
             accuracy, margin = heldout_accuracy(trainer.model, tokenizer, heldout_path)
             mlflow.log_metrics({"reward/accuracy": accuracy, "reward/heldout_margin": margin})

@@ -8,6 +8,7 @@ from pathlib import Path
 import mlflow
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from transformers.trainer_callback import ProgressCallback
 from trl import SFTConfig as TRLSFTConfig
 from trl import SFTTrainer
 
@@ -15,6 +16,7 @@ from models.loading import load_causal_lm, load_tokenizer
 from rlhf.config import PipelineConfig
 from rlhf.data.loading import load_split
 from rlhf.hf_logging import MlflowStepLogger
+from rlhf.progress import TrainerProgress
 from rlhf.tracking import flatten, log_checkpoint, stage_run
 from tasks.common import Checkpoint, trainer_precision_args
 
@@ -39,6 +41,7 @@ def run_sft(cfg: PipelineConfig, base_model: str, sft_path: str, parent_run_id: 
                 logging_steps=max(1, cfg.sft.max_steps // 30),
                 save_strategy="no",
                 report_to="none",
+                disable_tqdm=False,
                 seed=cfg.seed,
                 data_seed=cfg.seed,
                 dataloader_num_workers=0,
@@ -46,8 +49,10 @@ def run_sft(cfg: PipelineConfig, base_model: str, sft_path: str, parent_run_id: 
             )
             logger = MlflowStepLogger("sft")
             trainer = SFTTrainer(
-                model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[logger]
+                model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                callbacks=[logger, TrainerProgress("sft")],
             )
+            trainer.remove_callback(ProgressCallback)  # TrainerProgress replaces its bar and log prints
             trainer.train()
             out = Path(tmp) / "checkpoint"
             trainer.save_model(str(out))
