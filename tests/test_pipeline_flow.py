@@ -93,3 +93,17 @@ def test_cli_user_errors_are_one_line(argv, expected, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and expected in err, err
+
+
+@pytest.mark.slow
+def test_tiny_llama_goes_through_the_whole_pipeline(prefect_harness, mlflow_store):
+    """The non-GPT-2 path: a locally built Llama-architecture model, every stage."""
+    from flows.pipeline import rlhf_pipeline
+
+    result = rlhf_pipeline(load_config(SMOKE, ["model.base_model=builtin:tiny-llama"]))
+
+    client = MlflowClient()
+    assert client.get_run(result.parent_run_id).data.params["model.base_model"] == "builtin:tiny-llama"
+    assert len(child_runs(client, result.parent_run_id)) == 6
+    config = json.loads(Path(mlflow.artifacts.download_artifacts(f"{result.model_uri}/artifacts/policy/config.json")).read_text())
+    assert config["model_type"] == "llama"
