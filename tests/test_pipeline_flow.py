@@ -105,5 +105,7 @@ def test_tiny_llama_goes_through_the_whole_pipeline(prefect_harness, mlflow_stor
     client = MlflowClient()
     assert client.get_run(result.parent_run_id).data.params["model.base_model"] == "builtin:tiny-llama"
     assert len(child_runs(client, result.parent_run_id)) == 6
-    config = json.loads(Path(mlflow.artifacts.download_artifacts(f"{result.model_uri}/artifacts/policy/config.json")).read_text())
+    version = client.search_model_versions("name = 'rlhf-policy'")[0]
+    checkpoint = version.tags["lineage.checkpoint_uri"]
+    config = json.loads(Path(mlflow.artifacts.download_artifacts(f"{checkpoint}/config.json")).read_text())
     assert config["model_type"] == "llama"
