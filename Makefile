@@ -39,4 +39,19 @@ prefect-ui: install  ## Prefect UI with the demo's flow runs
 	$(BIN)/prefect server start --host 127.0.0.1 --port 4200
 
 clean:  ## Remove run outputs and local stores (keeps .venv)
-	rm -rf outputs mlflow.db mlartifacts .prefect
+	rm -rf outputs mlflow.db mlartifacts .prefect .serve .mlflow-server tests/artifacts
+
+# --- Servers: Prefect + MLflow tracking server, deployments and a worker (docs/deployments.md) ---
+RLHF_PREFECT_PORT ?= 4200
+RLHF_MLFLOW_PORT ?= 5000
+
+.PHONY: serve stop install-browser
+
+serve: install  ## Prefect and MLflow servers on 127.0.0.1, the work pool, every deployment, a worker
+	RLHF_BIN=$(BIN) RLHF_PREFECT_PORT=$(RLHF_PREFECT_PORT) RLHF_MLFLOW_PORT=$(RLHF_MLFLOW_PORT) bash scripts/serve.sh
+
+stop:  ## Stop what `make serve` started (by the PIDs in .serve/)
+	bash scripts/stop.sh
+
+install-browser: install  ## Debian's chromium and Playwright for Python, for tests/test_browser_ui.py (needs root)
+	RLHF_BIN=$(BIN) bash scripts/install-chromium.sh
