@@ -82,8 +82,8 @@ class PPOConfig(_Section):
     kl_control: Literal["fixed", "adaptive"] = Field("adaptive", description="Fixed KL coefficient, or the adaptive controller of Ziegler et al. 2019")
     kl_coef: float = Field(0.1, ge=0, description="Initial KL penalty coefficient beta")
     kl_target: float = Field(6.0, gt=0, description="Target sequence-level KL(pi || pi_ref) in nats for the adaptive controller")
-    kl_horizon: int = Field(1000, ge=1, description="Adaptive controller horizon in episodes")
-    kl_estimator: Literal["k1", "k2", "k3"] = Field("k1", description="Per-token KL estimator in the reward penalty (Schulman 2020)")
+    kl_horizon: int = Field(1000, ge=1, description="Adaptive controller horizon in episodes; at least batch_size, so beta moves at most 20% per iteration")
+    kl_estimator: Literal["k1", "k2", "k3"] = Field("k1", description="Per-token KL estimator in the reward penalty (Schulman 2020); objective/kl and the controller always use k1")
     gamma: float = Field(1.0, ge=0, le=1, description="Discount factor")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda")
     clip_range: float = Field(0.2, gt=0, description="PPO ratio clip epsilon")
@@ -95,7 +95,11 @@ class PPOConfig(_Section):
     normalize_reward: bool = Field(True, description="Normalise reward-model scores with running mean/std")
     reward_clip: float = Field(5.0, gt=0, description="Clip normalised scores to [-reward_clip, reward_clip]")
     missing_eos_penalty: float = Field(1.0, ge=0, description="Subtracted from the score of a response that never ends")
-    checkpoint_every: int = Field(20, ge=1, description="Log a full checkpoint every N iterations (and at the end)")
+    ratio_skip_threshold: float = Field(10.0, gt=1, description="Skip a minibatch (and raise a `ratio_explosion` alert) when its mean probability ratio pi/pi_old over response tokens exceeds this (TRL's ratio_threshold)")
+    kl_budget: float | None = Field(12.0, gt=0, description="Largest objective/kl (nats, batch mean) the run may reach; above it `kl_budget_action` happens; None: no budget. Keep it well above kl_target (e.g. 2x): one batch's KL is noisy")
+    kl_budget_action: Literal["warn", "stop", "rollback"] = Field("warn", description="On exceeding kl_budget: warn and go on; stop (final = current policy); or roll back to the best checkpoint within budget and stop")
+    resume_from: str | None = Field(None, description="Resume from an earlier PPO run: its MLflow run id (latest complete checkpoint) or a checkpoint URI (.../checkpoints/step_XXXXX); continues to `steps`, logging at the following step numbers")
+    checkpoint_every: int = Field(20, ge=1, description="Log a full checkpoint every N iterations (and at step 0 and the end)")
     sample_every: int = Field(20, ge=1, description="Log a table of sample responses every N iterations")
 
     @model_validator(mode="after")
@@ -104,6 +108,16 @@ class PPOConfig(_Section):
             raise ValueError(
                 f"ppo.batch_size ({self.batch_size}) must be a multiple of ppo.mini_batch_size "
                 f"({self.mini_batch_size}): change one of them"
+            )
+        if self.kl_horizon < self.batch_size:
+            raise ValueError(
+                f"ppo.kl_horizon ({self.kl_horizon}) must be at least ppo.batch_size ({self.batch_size}), "
+                "else one noisy batch moves beta by more than 20%: raise kl_horizon"
+            )
+        if self.kl_control == "adaptive" and self.kl_budget is not None and self.kl_budget <= self.kl_target:
+            raise ValueError(
+                f"ppo.kl_budget ({self.kl_budget}) must exceed ppo.kl_target ({self.kl_target}), else the controller "
+                "steers into the budget: raise kl_budget (e.g. to 2x kl_target) or set it to null"
             )
         return self
 

@@ -25,3 +25,33 @@ def distinct_n(texts: list[str], n: int) -> float:
         total += len(grams)
         unique.update(grams)
     return len(unique) / total if total else 0.0
+
+
+def mean_and_se(values: list[float]) -> tuple[float, float]:
+    """Sample mean and its standard error (sample std / sqrt(n); 0 for a single value)."""
+    n = len(values)
+    if n == 0:
+        raise ValueError("mean_and_se needs at least one value")
+    mean = sum(values) / n
+    if n == 1:
+        return mean, 0.0
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
+def pearson(x: list[float], y: list[float]) -> float:
+    """Pearson correlation of x and y; 0 when either is constant (no linear relation to see)."""
+    if len(x) != len(y) or len(x) < 2:
+        raise ValueError(f"pearson needs two equal-length lists of >= 2 values, got {len(x)} and {len(y)}")
+    mx, my = sum(x) / len(x), sum(y) / len(y)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxx = sum((a - mx) ** 2 for a in x)
+    syy = sum((b - my) ** 2 for b in y)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else 0.0
+
+
+def win_count(a_scores: list[float], b_scores: list[float]) -> float:
+    """Pairwise wins of a over b by score: 1 per win, 0.5 per tie (the win-rate numerator)."""
+    if len(a_scores) != len(b_scores):
+        raise ValueError(f"win_count needs paired scores, got {len(a_scores)} and {len(b_scores)}")
+    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(a_scores, b_scores))

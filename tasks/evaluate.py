@@ -1,13 +1,33 @@
-"""Evaluation on held-out prompts: the PPO policy against the SFT policy it started from.
+"""Evaluation: choose the PPO checkpoint honestly, diagnose reward hacking, judge it on held-out prompts.
 
-Judged by the gold judge where the data has one (the built-in task), else by the
-reward model. KL is the sequence-level k1 estimate of KL(pi || pi_sft) on the
-policy's own samples, at the sampling temperature used in training.
+The held-out prompts are cut in two (``DiagnosticsConfig.selection_fraction``):
+
+1. selection split: SFT (step 0) and every logged PPO checkpoint are sampled and
+   scored by the proxy (the reward model PPO optimised) and by the selection
+   judge; the judge is the gold judge where the data has one (the built-in task),
+   else a held-out reward model if one is given, else the reward model itself
+   (then the choice rests on the proxy, and the tag ``eval.judge`` says so).
+   Gold and proxy against sqrt(KL) go to ``eval/overoptimization.png``; the
+   checkpoint with the best judge score within the KL budget is chosen, not the last;
+2. test split, untouched by the choice: the chosen checkpoint against SFT and
+   against the current champion (``models:/<registered_model>@champion``, if any):
+   proxy and judge scores, KL, win rates with Wilson intervals, length,
+   distinct-n, end-of-sequence, violation and refusal rates, and a side-by-side
+   sample table ``eval/samples.json``.
+
+Reward-hacking flags (rlhf/hacking.py) of the chosen checkpoint become tags
+``hacking.<flag>``; flags raised at any checkpoint become ``hacking.run.<flag>``.
+KL is the sequence-level k1 estimate of KL(pi || pi_sft) on the policy's own
+samples at the training temperature.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
 import mlflow
 import torch
@@ -22,19 +42,39 @@ from models.reward import score_texts
 from rlhf.config import PipelineConfig
 from rlhf.data.judge import GoldJudge
 from rlhf.data.loading import load_split
+from rlhf.hacking import (
+    FLAGS,
+    CheckpointStats,
+    DiagnosticsConfig,
+    hacking_flags,
+    select_checkpoint,
+    split_for_selection,
+)
+from rlhf.promotion import CHAMPION, registry_aliases
 from rlhf.rl.losses import logprobs_from_logits
-from rlhf.stats import distinct_n, wilson_interval
+from rlhf.stats import distinct_n, mean_and_se, pearson, wilson_interval, win_count
 from rlhf.tracking import download, stage_run
+from rlhf.violations import is_refusal, violations
 from tasks.common import Checkpoint, in_flow_run
 from tasks.ppo import PPOResult
 
 BATCH = 64
+JudgeKind = Literal["gold", "heldout_reward_model", "reward_model"]
+JUDGE_METRIC: dict[str, str | None] = {"gold": "gold_reward_mean", "heldout_reward_model": "heldout_rm_score_mean", "reward_model": None}
+"""Test-split metric of each judge's mean score (the reward model's is eval/rm_score_mean already)."""
 
 
 @dataclass(frozen=True)
 class Evaluation:
+    """The evaluate stage's result: its run, test-split metrics, the chosen checkpoint and its tags."""
+
     run_id: str
     metrics: dict[str, float]
+    checkpoint: Checkpoint
+    """The chosen PPO checkpoint (run id of the PPO stage, artifact URI)."""
+    step: int
+    tags: dict[str, str]
+    """eval.* and hacking.* tags, copied onto the registered version."""
 
 
 @dataclass
@@ -45,20 +85,40 @@ class Samples:
     kl: list[float]
 
 
+@dataclass(frozen=True)
+class Judge:
+    """Scores (prompts, responses) for checkpoint selection and win rates."""
+
+    kind: JudgeKind
+    score: Callable[[list[str], list[str]], list[float]]
+
+
+@dataclass
+class Scored:
+    """One policy's samples on a prompt list with proxy and judge scores."""
+
+    samples: Samples
+    proxy: list[float]
+    judge: list[float]
+
+
 @torch.no_grad()
 def sample_with_kl(policy, ref, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float) -> Samples:
-    """Sample responses in batches; per-response sequence KL(policy || ref) by k1."""
+    """Sample responses in batches; per-response sequence KL(policy || ref) by k1 (0 when ref is None)."""
     out = Samples([], [], [], [])
     for i in range(0, len(prompts), BATCH):
         rollout = sample(policy, tokenizer, prompts[i : i + BATCH], max_new_tokens, temperature)
-        query_len = rollout.query_ids.shape[1]
-        mask = rollout.attention_mask
-        kwargs = dict(input_ids=rollout.input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask))
-        logprobs = [
-            logprobs_from_logits(m(**kwargs).logits[:, query_len - 1 : -1] / temperature, rollout.response_ids)
-            for m in (policy, ref)
-        ]
-        kl = ((logprobs[0] - logprobs[1]) * rollout.response_mask).sum(1)
+        if ref is None:
+            kl = torch.zeros(len(rollout.lengths))
+        else:
+            query_len = rollout.query_ids.shape[1]
+            mask = rollout.attention_mask
+            kwargs = dict(input_ids=rollout.input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask))
+            logprobs = [
+                logprobs_from_logits(m(**kwargs).logits[:, query_len - 1 : -1] / temperature, rollout.response_ids)
+                for m in (policy, ref)
+            ]
+            kl = ((logprobs[0] - logprobs[1]) * rollout.response_mask).sum(1)
         out.responses += decode_responses(tokenizer, rollout)
         out.lengths += rollout.lengths.tolist()
         out.ended += rollout.ended.tolist()
@@ -66,86 +126,289 @@ def sample_with_kl(policy, ref, tokenizer, prompts: list[str], max_new_tokens: i
     return out
 
 
+def make_judge(use_gold_judge: bool, heldout_rm, reward_model, tokenizer) -> Judge:
+    """The gold judge where the data has one, else the held-out reward model, else the reward model."""
+    if use_gold_judge:
+        gold = GoldJudge()
+        return Judge("gold", lambda ps, rs: [gold.score(p, r) for p, r in zip(ps, rs)])
+    model, kind = (heldout_rm, "heldout_reward_model") if heldout_rm is not None else (reward_model, "reward_model")
+    return Judge(kind, lambda ps, rs: score_texts(model, tokenizer, ps, rs).tolist())
+
+
+def score_policy(
+    model, ref, tokenizer, prompts: list[str], reward_model, rm_tokenizer, judge: Judge, cfg: PipelineConfig
+) -> Scored:
+    """Sample (seeded with cfg.seed, so every policy meets the same random numbers) and score."""
+    torch.manual_seed(cfg.seed)
+    samples = sample_with_kl(model, ref, tokenizer, prompts, cfg.eval.max_new_tokens, cfg.eval.temperature)
+    proxy = score_texts(reward_model, rm_tokenizer, prompts, samples.responses).tolist()
+    return Scored(samples, proxy, judge.score(prompts, samples.responses))
+
+
+def checkpoint_stats(step: int, scored: Scored) -> CheckpointStats:
+    """Summary of one checkpoint's selection-split samples for rlhf/hacking.py."""
+    proxy, proxy_se = mean_and_se(scored.proxy)
+    judge, judge_se = mean_and_se(scored.judge)
+    lengths = [float(n) for n in scored.samples.lengths]
+    corr = pearson(scored.proxy, lengths) if len(lengths) > 1 else 0.0
+    return CheckpointStats(
+        step=step, kl=sum(scored.samples.kl) / len(lengths), proxy=proxy, proxy_se=proxy_se,
+        judge=judge, judge_se=judge_se, length=sum(lengths) / len(lengths), reward_length_corr=corr,
+    )
+
+
+def champion_policy_dir(model_name: str) -> tuple[str, Path] | None:
+    """(version, local policy checkpoint) of the registered champion, or None when there is none."""
+    version = registry_aliases(mlflow.MlflowClient(), model_name).get(CHAMPION)
+    if version is None:
+        return None
+    model_dir = download(f"models:/{model_name}/{version}")
+    return version, model_dir / "artifacts" / "policy"
+
+
 def run_evaluate(
     cfg: PipelineConfig, sft: Checkpoint, reward: Checkpoint, ppo: PPOResult, heldout_prompts_path: str,
-    parent_run_id: str, use_gold_judge: bool,
+    parent_run_id: str, use_gold_judge: bool, diagnostics: DiagnosticsConfig = DiagnosticsConfig(),
+    heldout_reward: Checkpoint | None = None,
 ) -> Evaluation:
-    """Compare the final PPO policy with SFT on held-out prompts; log ``eval/*`` and a sample table."""
-    with stage_run(parent_run_id, "evaluate", {"eval.policy_uri": ppo.final.uri}) as run:
-        torch.manual_seed(cfg.seed)
-        sft_dir, policy_dir, rm_dir = (str(download(c.uri)) for c in (sft, ppo.final, reward))
+    """Choose the best PPO checkpoint on the selection split, flag hacking, judge it on the test split."""
+    with stage_run(parent_run_id, "evaluate", {"eval.ppo_run_id": ppo.final.run_id}) as run:
+        sft_dir, rm_dir = str(download(sft.uri)), str(download(reward.uri))
         tokenizer = load_tokenizer(sft_dir)
-        sft_model, policy = load_causal_lm(sft_dir).eval(), load_causal_lm(policy_dir).eval()
+        sft_model = load_causal_lm(sft_dir).eval()
         reward_model = load_reward_model(rm_dir, tokenizer.pad_token_id)
+        heldout_rm = load_reward_model(str(download(heldout_reward.uri)), tokenizer.pad_token_id) if heldout_reward else None
+        judge = make_judge(use_gold_judge, heldout_rm, reward_model, tokenizer)
         heldout = list(load_split(heldout_prompts_path)["prompt"])[: cfg.data.max_heldout_prompts]
-        prompts = [p for p in heldout for _ in range(cfg.eval.samples_per_prompt)]
+        selection_prompts, test_prompts = split_for_selection(heldout, diagnostics.selection_fraction, cfg.seed)
+        mlflow.log_params({
+            "eval.judge": judge.kind, "eval.selection_prompts": len(selection_prompts),
+            "eval.test_prompts": len(test_prompts), **{f"eval.{k}": v for k, v in diagnostics.model_dump().items()},
+        })
 
-        ppo_out = sample_with_kl(policy, sft_model, tokenizer, prompts, cfg.eval.max_new_tokens, cfg.eval.temperature)
-        sft_out = sample_with_kl(sft_model, sft_model, tokenizer, prompts, cfg.eval.max_new_tokens, cfg.eval.temperature)
-        rm_ppo = score_texts(reward_model, tokenizer, prompts, ppo_out.responses)
-        rm_sft = score_texts(reward_model, tokenizer, prompts, sft_out.responses)
+        # 1. Selection split: SFT (step 0) and every checkpoint, proxy and judge against KL.
+        repeat = cfg.eval.samples_per_prompt
+        prompts = [p for p in selection_prompts for _ in range(repeat)]
+        series = [checkpoint_stats(0, score_policy(sft_model, None, tokenizer, prompts, reward_model, tokenizer, judge, cfg))]
+        for step, uri in sorted(ppo.checkpoints.items()):
+            if step == 0:
+                continue  # PPO's step-0 checkpoint is the SFT policy, measured above
+            model = load_causal_lm(str(download(uri))).eval()
+            series.append(checkpoint_stats(step, score_policy(model, sft_model, tokenizer, prompts, reward_model, tokenizer, judge, cfg)))
+            del model
+        flags = hacking_flags(series, diagnostics, judge_is_proxy=judge.kind == "reward_model")
+        for point in series:
+            mlflow.log_metrics(selection_metrics(point, flags[point.step]), step=point.step)
 
-        n = len(prompts)
-        metrics = {
-            "eval/rm_score_mean": rm_ppo.mean().item(),
-            "eval/sft_rm_score_mean": rm_sft.mean().item(),
-            "eval/kl_mean": sum(ppo_out.kl) / n,
-            "eval/response_length_mean": sum(ppo_out.lengths) / n,
-            "eval/sft_response_length_mean": sum(sft_out.lengths) / n,
-            "eval/eos_rate": sum(ppo_out.ended) / n,
-            "eval/distinct_2": distinct_n(ppo_out.responses, 2),
-            "eval/num_samples": float(n),
+        # 2. Choose on the judge within the KL budget; plot gold/proxy against sqrt(KL).
+        # SFT competes only where PPO logged it as its step-0 checkpoint: then "no PPO step helped" can win.
+        kl_budget = diagnostics.kl_budget if diagnostics.kl_budget is not None else cfg.ppo.kl_budget
+        choice = select_checkpoint([p for p in series if p.step in ppo.checkpoints], kl_budget)
+        chosen = Checkpoint(ppo.final.run_id, ppo.checkpoints[choice.step])
+        mlflow.log_figure(plot_overoptimization(series, flags, choice.step, judge.kind, kl_budget), "eval/overoptimization.png")
+        mlflow.log_table(checkpoint_table(series, flags, choice.step), artifact_file="eval/checkpoints.json")
+
+        # 3. Test split: the chosen checkpoint against SFT and the champion.
+        prompts = [p for p in test_prompts for _ in range(repeat)]
+        policy = load_causal_lm(str(download(chosen.uri))).eval()
+        ours = score_policy(policy, sft_model, tokenizer, prompts, reward_model, tokenizer, judge, cfg)
+        base = score_policy(sft_model, None, tokenizer, prompts, reward_model, tokenizer, judge, cfg)
+        champion = champion_policy_dir(cfg.registered_model)
+        theirs = None
+        if champion is not None:
+            champion_model = load_causal_lm(str(champion[1])).eval()
+            theirs = score_policy(champion_model, None, load_tokenizer(str(champion[1])), prompts, reward_model, tokenizer, judge, cfg)
+
+        support_task = cfg.data.source == "builtin"
+        metrics = heldout_metrics(prompts, ours, base, theirs, judge.kind, support_task)
+        chosen_flags, run_flags = flags[choice.step], run_level_flags(flags)
+        metrics.update({
+            "eval/best_checkpoint_step": float(choice.step),
+            "eval/kl_within_budget": float(choice.within_budget),
+            **{f"eval/hacking/{name}": float(raised) for name, raised in chosen_flags.items()},
+        })
+        tags = {
+            "eval.judge": judge.kind,
+            "eval.checkpoint_uri": chosen.uri,
+            "eval.best_checkpoint_step": str(choice.step),
+            "eval.champion_version": champion[0] if champion else "none",
+            **flag_tags(chosen_flags, run_flags),
         }
-        if use_gold_judge:
-            judge = GoldJudge()
-            gold_ppo = [judge.score(p, r) for p, r in zip(prompts, ppo_out.responses)]
-            gold_sft = [judge.score(p, r) for p, r in zip(prompts, sft_out.responses)]
-            wins = sum(judge.prefers(p, a, b) for p, a, b in zip(prompts, ppo_out.responses, sft_out.responses))
-            metrics["eval/gold_reward_mean"] = sum(gold_ppo) / n
-            metrics["eval/sft_gold_reward_mean"] = sum(gold_sft) / n
-        else:
-            gold_ppo = gold_sft = [float("nan")] * n
-            wins = float((rm_ppo > rm_sft).sum() + 0.5 * (rm_ppo == rm_sft).sum())
-        low, high = wilson_interval(wins, n)
-        metrics.update({"eval/win_rate_vs_sft": wins / n, "eval/win_rate_vs_sft_low": low, "eval/win_rate_vs_sft_high": high})
         mlflow.log_metrics(metrics)
-        mlflow.set_tag("eval.judge", "gold" if use_gold_judge else "reward_model")
-        mlflow.log_table(
-            {
-                "prompt": prompts, "sft_response": sft_out.responses, "ppo_response": ppo_out.responses,
-                "sft_gold": gold_sft, "ppo_gold": gold_ppo, "sft_rm": rm_sft.tolist(), "ppo_rm": rm_ppo.tolist(),
-            },
-            artifact_file="eval/samples.json",
-        )
+        mlflow.set_tags(tags)
+        mlflow.log_table(sample_table(prompts, ours, base, theirs, support_task), artifact_file="eval/samples.json")
         if in_flow_run():
-            create_markdown_artifact(format_table(metrics, cfg.ppo.kl_target), key="evaluation", description="Held-out evaluation")
-        return Evaluation(run.info.run_id, metrics)
+            markdown = format_table(metrics, cfg.ppo.kl_target) + "\n\n" + format_checkpoints(series, flags, choice.step)
+            create_markdown_artifact(markdown, key="evaluation", description="Held-out evaluation and checkpoint selection")
+        return Evaluation(run.info.run_id, metrics, chosen, choice.step, tags)
+
+
+def selection_metrics(point: CheckpointStats, flags: dict[str, bool]) -> dict[str, float]:
+    """The per-checkpoint metrics of the selection split (logged with step = PPO step)."""
+    return {
+        "eval/selection/judge_score_mean": point.judge,
+        "eval/selection/rm_score_mean": point.proxy,
+        "eval/selection/kl_mean": point.kl,
+        "eval/selection/response_length_mean": point.length,
+        "eval/selection/reward_length_corr": point.reward_length_corr,
+        **{f"eval/selection/hacking_{name}": float(raised) for name, raised in flags.items()},
+    }
+
+
+def run_level_flags(flags: dict[int, dict[str, bool]]) -> dict[str, list[int]]:
+    """flag -> steps of the checkpoints that raised it (only flags that were computed)."""
+    names = {name for per_step in flags.values() for name in per_step}
+    return {name: [step for step, f in sorted(flags.items()) if f.get(name)] for name in sorted(names)}
+
+
+def flag_tags(chosen: dict[str, bool], run: dict[str, list[int]]) -> dict[str, str]:
+    """hacking.<flag> for the chosen checkpoint, hacking.run.<flag> for any checkpoint; n/a if not computed."""
+    tags = {}
+    for name in FLAGS:
+        tags[f"hacking.{name}"] = str(chosen[name]).lower() if name in chosen else "n/a"
+        tags[f"hacking.run.{name}"] = ("true" if run[name] else "false") if name in run else "n/a"
+    tags["hacking.run.flagged_steps"] = ",".join(str(s) for s in sorted({s for steps in run.values() for s in steps})) or "none"
+    return tags
+
+
+def heldout_metrics(
+    prompts: list[str], ours: Scored, base: Scored, theirs: Scored | None, judge_kind: JudgeKind, support_task: bool
+) -> dict[str, float]:
+    """eval/* on the test split: the chosen policy, SFT, and the champion when there is one."""
+    n = len(prompts)
+    metrics = {
+        "eval/num_samples": float(n),
+        "eval/kl_mean": sum(ours.samples.kl) / n,
+        "eval/distinct_1": distinct_n(ours.samples.responses, 1),
+        "eval/distinct_2": distinct_n(ours.samples.responses, 2),
+    }
+    for prefix, scored in (("eval/", ours), ("eval/sft_", base)):
+        metrics[f"{prefix}rm_score_mean"] = sum(scored.proxy) / n
+        if JUDGE_METRIC[judge_kind]:
+            metrics[f"{prefix}{JUDGE_METRIC[judge_kind]}"] = sum(scored.judge) / n
+        metrics[f"{prefix}response_length_mean"] = sum(scored.samples.lengths) / n
+        metrics[f"{prefix}eos_rate"] = sum(scored.samples.ended) / n
+        metrics[f"{prefix}violation_rate"] = sum(bool(v) for v in violations(prompts, scored.samples.responses, support_task)) / n
+        if support_task:
+            metrics[f"{prefix}refusal_rate"] = sum(is_refusal(r) for r in scored.samples.responses) / n
+    others = [("sft", base)] + ([("champion", theirs)] if theirs is not None else [])
+    for name, other in others:
+        wins = win_count(ours.judge, other.judge)
+        low, high = wilson_interval(wins, n)
+        metrics.update({f"eval/win_rate_vs_{name}": wins / n, f"eval/win_rate_vs_{name}_low": low, f"eval/win_rate_vs_{name}_high": high})
+    return metrics
+
+
+def sample_table(prompts: list[str], ours: Scored, base: Scored, theirs: Scored | None, support_task: bool) -> dict[str, list]:
+    """Side-by-side responses of SFT, champion (if any) and the chosen policy with their scores."""
+    table: dict[str, list] = {"prompt": prompts, "sft_response": base.samples.responses}
+    if theirs is not None:
+        table["champion_response"] = theirs.samples.responses
+    table["policy_response"] = ours.samples.responses
+    table["sft_judge"] = base.judge
+    if theirs is not None:
+        table["champion_judge"] = theirs.judge
+    table.update({
+        "policy_judge": ours.judge, "sft_rm": base.proxy, "policy_rm": ours.proxy,
+        "policy_violations": [",".join(v) for v in violations(prompts, ours.samples.responses, support_task)],
+    })
+    return table
+
+
+def checkpoint_table(series: list[CheckpointStats], flags: dict[int, dict[str, bool]], chosen: int) -> dict[str, list]:
+    """One row per checkpoint (step 0 = SFT): the numbers behind the over-optimisation plot."""
+    return {
+        "step": [p.step for p in series],
+        "kl": [p.kl for p in series],
+        "sqrt_kl": [math.sqrt(max(p.kl, 0.0)) for p in series],
+        "judge": [p.judge for p in series],
+        "rm_score": [p.proxy for p in series],
+        "length": [p.length for p in series],
+        "reward_length_corr": [p.reward_length_corr for p in series],
+        "flags": [",".join(k for k, v in flags[p.step].items() if v) for p in series],
+        "chosen": [p.step == chosen for p in series],
+    }
+
+
+def plot_overoptimization(
+    series: list[CheckpointStats], flags: dict[int, dict[str, bool]], chosen: int, judge_kind: str, kl_budget: float | None
+):
+    """Gold (judge) and proxy reward of every checkpoint against sqrt(KL), as in Gao et al. 2022."""
+    from matplotlib.figure import Figure  # a bare Figure renders with Agg; no pyplot global state
+
+    x = [math.sqrt(max(p.kl, 0.0)) for p in series]
+    fig = Figure(figsize=(7, 4.5), dpi=100)
+    ax = fig.add_subplot()
+    proxy_ax = ax.twinx()
+    ax.plot(x, [p.judge for p in series], "o-", color="tab:green", label=f"{judge_kind} (left)")
+    proxy_ax.plot(x, [p.proxy for p in series], "s--", color="tab:blue", label="proxy reward model (right)")
+    for xi, p in zip(x, series):
+        ax.annotate(str(p.step), (xi, p.judge), textcoords="offset points", xytext=(3, 4), fontsize=7)
+        if any(flags[p.step].values()):
+            ax.plot([xi], [p.judge], "x", color="tab:red", markersize=10, mew=2)
+    best = next(i for i, p in enumerate(series) if p.step == chosen)
+    ax.plot([x[best]], [series[best].judge], "*", color="gold", markeredgecolor="black", markersize=16, label=f"chosen (step {chosen})")
+    if kl_budget is not None:
+        ax.axvline(math.sqrt(kl_budget), color="grey", linestyle=":", label="KL budget")
+    ax.plot([], [], "x", color="tab:red", label="hacking flag")
+    ax.set_xlabel("sqrt(KL(pi || pi_sft)) [sqrt nats]")
+    ax.set_ylabel(f"{judge_kind} score")
+    proxy_ax.set_ylabel("reward-model score")
+    handles = ax.get_legend_handles_labels()[0] + proxy_ax.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, loc="best", fontsize=8)
+    ax.set_title("Over-optimisation: judge and proxy by checkpoint (labels: PPO step)")
+    fig.tight_layout()
+    return fig
 
 
 def format_table(metrics: dict[str, float], kl_target: float) -> str:
-    """Markdown table of the evaluation, PPO beside SFT."""
-    def row(name: str, ppo_key: str, sft_key: str | None) -> str:
-        sft = f"{metrics[sft_key]:.3f}" if sft_key and sft_key in metrics else ""
-        return f"| {name} | {metrics[ppo_key]:.3f} | {sft} |" if ppo_key in metrics else ""
+    """Markdown table of the evaluation: the chosen policy beside SFT."""
+    def row(name: str, key: str) -> str:
+        if key not in metrics:
+            return ""
+        sft_key = key.replace("eval/", "eval/sft_", 1)
+        sft = f"{metrics[sft_key]:.3f}" if sft_key in metrics else ""
+        return f"| {name} | {metrics[key]:.3f} | {sft} |"
+
+    def win(name: str, who: str) -> str:
+        key = f"eval/win_rate_vs_{who}"
+        if key not in metrics:
+            return ""
+        return f"| {name} | {metrics[key]:.3f} ({metrics[key + '_low']:.3f} - {metrics[key + '_high']:.3f}) | |"
 
     lines = [
-        "| metric | PPO | SFT |",
+        "| metric | policy | SFT |",
         "|---|---|---|",
-        row("gold reward (mean)", "eval/gold_reward_mean", "eval/sft_gold_reward_mean"),
-        row("reward-model score (mean)", "eval/rm_score_mean", "eval/sft_rm_score_mean"),
-        row("response length (tokens)", "eval/response_length_mean", "eval/sft_response_length_mean"),
-        row("win rate vs SFT", "eval/win_rate_vs_sft", None),
-        f"| win rate 95% CI | {metrics['eval/win_rate_vs_sft_low']:.3f} - {metrics['eval/win_rate_vs_sft_high']:.3f} | |",
+        f"| chosen checkpoint (PPO step) | {metrics['eval/best_checkpoint_step']:.0f} | |" if "eval/best_checkpoint_step" in metrics else "",
+        row("gold reward (mean)", "eval/gold_reward_mean"),
+        row("reward-model score (mean)", "eval/rm_score_mean"),
+        row("response length (tokens)", "eval/response_length_mean"),
+        win("win rate vs SFT (95% CI)", "sft"),
+        win("win rate vs champion (95% CI)", "champion"),
         f"| KL to SFT (nats, target {kl_target:g}) | {metrics['eval/kl_mean']:.3f} | 0 |",
-        row("EOS rate", "eval/eos_rate", None),
+        row("EOS rate", "eval/eos_rate"),
+        row("violation rate", "eval/violation_rate"),
+        row("refusal rate", "eval/refusal_rate"),
+        row("distinct-2", "eval/distinct_2"),
     ]
     return "\n".join(line for line in lines if line)
+
+
+def format_checkpoints(series: list[CheckpointStats], flags: dict[int, dict[str, bool]], chosen: int) -> str:
+    """Markdown table of the selection split, one row per checkpoint."""
+    lines = ["| step | KL | judge | proxy | length | flags |", "|---|---|---|---|---|---|"]
+    for p in series:
+        raised = ", ".join(k for k, v in flags[p.step].items() if v)
+        mark = " (chosen)" if p.step == chosen else " (SFT)" if p.step == 0 else ""
+        lines.append(f"| {p.step}{mark} | {p.kl:.2f} | {p.judge:.3f} | {p.proxy:.3f} | {p.length:.1f} | {raised} |")
+    return "\n".join(lines)
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_task(
     cfg: PipelineConfig, sft: Checkpoint, reward: Checkpoint, ppo: PPOResult, heldout_prompts_path: str,
-    parent_run_id: str, use_gold_judge: bool,
+    parent_run_id: str, use_gold_judge: bool, diagnostics: DiagnosticsConfig = DiagnosticsConfig(),
+    heldout_reward: Checkpoint | None = None,
 ) -> Evaluation:
-    """Held-out evaluation against SFT."""
-    return run_evaluate(cfg, sft, reward, ppo, heldout_prompts_path, parent_run_id, use_gold_judge)
+    """Checkpoint selection, hacking diagnostics and held-out evaluation against SFT and the champion."""
+    return run_evaluate(cfg, sft, reward, ppo, heldout_prompts_path, parent_run_id, use_gold_judge, diagnostics, heldout_reward)

@@ -1,15 +1,20 @@
-"""Register the PPO policy in the MLflow Model Registry with its lineage and evaluation.
+"""Register the chosen PPO checkpoint in the MLflow Model Registry with its lineage and evaluation.
 
 Each pipeline run adds a version of ``registered_model`` (a pyfunc that serves
-generation). Tags on the version trace it to the pipeline run, the data
-fingerprints and the config hash. Promotion (moving aliases) is flows/promote.py's
-job, after its gates.
+generation) holding the checkpoint the evaluate stage chose, not simply the last.
+Tags on the version trace it to the pipeline run (``lineage.*``: parent run id,
+PPO run and checkpoint, data fingerprints, config hash) and carry the evidence
+promotion gates read: ``eval.*`` metrics, ``hacking.*`` flags and
+``validation.success``. Promotion (gates, then aliases, then ``gate.*`` tags) is
+flows/promote.py's job.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,11 +27,14 @@ from prefect.cache_policies import NO_CACHE
 
 import models
 from rlhf.config import PipelineConfig
+from rlhf.ppo_trainer import OPTIMIZER_FILE, RNG_FILE
 from rlhf.tracking import download, stage_run
 from tasks.evaluate import Evaluation
 from tasks.ppo import PPOResult
 
 SERVING_PARAMS = {"max_new_tokens": 48, "temperature": 1.0}
+TRAINING_ONLY_FILES = (OPTIMIZER_FILE, RNG_FILE, "training_args.bin")
+"""Files that resume or describe training but play no part in serving (not shipped with the model)."""
 PIP_REQUIREMENTS = ["torch==2.13.0", "transformers>=5.0,<6", "safetensors", "pandas"]
 
 
@@ -42,12 +50,50 @@ def config_hash(cfg: PipelineConfig) -> str:
     return hashlib.sha256(json.dumps(cfg.model_dump(), sort_keys=True).encode()).hexdigest()[:16]
 
 
+def validation_status(parent_run_id: str) -> str:
+    """'true'/'false' from the pipeline run's validate stage, or 'missing' when it has none."""
+    client = MlflowClient()
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    runs = client.search_runs(
+        [experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`rlhf.stage` = 'validate'"
+    )
+    return runs[0].data.tags.get("validation.success", "missing") if runs else "missing"
+
+
+def servable_copy(checkpoint_dir: Path) -> Path:
+    """A copy of a checkpoint folder without its training-only state (optimizer, RNG)."""
+    out = Path(tempfile.mkdtemp(prefix="rlhf-servable-")) / "policy"
+    shutil.copytree(checkpoint_dir, out, ignore=shutil.ignore_patterns(*TRAINING_ONLY_FILES))
+    return out
+
+
+def version_tags(
+    cfg: PipelineConfig, ppo: PPOResult, evaluation: Evaluation, fingerprints: dict[str, str], parent_run_id: str,
+    validation: str,
+) -> dict[str, str]:
+    """Lineage, evaluation, hacking and validation tags of a new model version."""
+    return {
+        "lineage.pipeline_run_id": parent_run_id,
+        "lineage.ppo_run_id": evaluation.checkpoint.run_id,
+        "lineage.evaluate_run_id": evaluation.run_id,
+        "lineage.checkpoint_uri": evaluation.checkpoint.uri,
+        "lineage.checkpoint_step": str(evaluation.step),
+        "lineage.final_checkpoint_uri": ppo.final.uri,
+        "lineage.config_hash": config_hash(cfg),
+        **{f"lineage.data.{split}": fp for split, fp in fingerprints.items()},
+        **{k.replace("/", "."): f"{v:.6g}" for k, v in evaluation.metrics.items() if not k.startswith("eval/hacking/")},
+        **evaluation.tags,
+        "validation.success": validation,
+        "promotion.status": "registered",
+    }
+
+
 def run_register(
     cfg: PipelineConfig, ppo: PPOResult, evaluation: Evaluation, fingerprints: dict[str, str], parent_run_id: str
 ) -> RegisteredVersion:
-    """Log the final policy as a pyfunc model and register a new version of it."""
+    """Log the chosen checkpoint as a pyfunc model and register a new version of it."""
     with stage_run(parent_run_id, "register") as run:
-        policy_dir = download(ppo.final.uri)
+        policy_dir = servable_copy(download(evaluation.checkpoint.uri))
         example = pd.DataFrame({"prompt": ["Customer: Where is my lamp?\nAgent:"]})
         info = mlflow.pyfunc.log_model(
             name="policy",
@@ -61,14 +107,7 @@ def run_register(
         )
         version = str(info.registered_model_version)
         client = MlflowClient()
-        tags = {
-            "lineage.pipeline_run_id": parent_run_id,
-            "lineage.ppo_run_id": ppo.final.run_id,
-            "lineage.checkpoint_uri": ppo.final.uri,
-            "lineage.config_hash": config_hash(cfg),
-            **{f"lineage.data.{split}": fp for split, fp in fingerprints.items()},
-            **{k.replace("/", "."): f"{v:.4f}" for k, v in evaluation.metrics.items()},
-        }
+        tags = version_tags(cfg, ppo, evaluation, fingerprints, parent_run_id, validation_status(parent_run_id))
         for key, value in tags.items():
             client.set_model_version_tag(cfg.registered_model, version, key, value)
         mlflow.set_tags({"registry.model": cfg.registered_model, "registry.version": version})
@@ -79,5 +118,5 @@ def run_register(
 def register_task(
     cfg: PipelineConfig, ppo: PPOResult, evaluation: Evaluation, fingerprints: dict[str, str], parent_run_id: str
 ) -> RegisteredVersion:
-    """Register the policy as a new model version."""
+    """Register the chosen checkpoint as a new model version."""
     return run_register(cfg, ppo, evaluation, fingerprints, parent_run_id)

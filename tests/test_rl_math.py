@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rlhf.rl.advantages import compute_gae, masked_mean, masked_var, masked_whiten
-from rlhf.rl.kl import AdaptiveKLController, FixedKLController, kl_per_token, make_kl_controller
+from rlhf.rl.kl import AdaptiveKLController, FixedKLController, kl_mean_upper_bound, kl_per_token, make_kl_controller
 from rlhf.rl.losses import (
     entropy_from_logits,
     explained_variance,
@@ -77,6 +77,31 @@ def test_kl_preserves_shape() -> None:
 def test_kl_unknown_estimator_raises() -> None:
     with pytest.raises(ValueError, match="k1, k2, k3"):
         kl_per_token(t(LOGPROBS), t(REF_LOGPROBS), "k4")  # type: ignore[arg-type]
+
+
+def test_kl_mean_upper_bound_hand_worked() -> None:
+    # [-1, -2, -3]: mean -2, unbiased std 1, stderr 1/sqrt(3) = 0.5773503
+    #   z=2: -2 + 1.1547005 = -0.8452995 (negative beyond noise) ; z=1: -1.4226497
+    seq = t([-1.0, -2.0, -3.0])
+    assert kl_mean_upper_bound(seq) == pytest.approx(-2 + 2 / math.sqrt(3), abs=1e-12)
+    assert kl_mean_upper_bound(seq) == pytest.approx(-0.8452995, abs=1e-7)
+    assert kl_mean_upper_bound(seq, z=1.0) == pytest.approx(-1.4226497, abs=1e-7)
+    # [0.5, -0.5]: mean 0, std sqrt(0.5), stderr 0.5 -> upper bound 1.0 (noise, no alarm)
+    assert kl_mean_upper_bound(t([0.5, -0.5])) == pytest.approx(1.0, abs=1e-12)
+    # one episode: its estimate as is
+    assert kl_mean_upper_bound(t([-0.3])) == pytest.approx(-0.3, abs=1e-12)
+    with pytest.raises(ValueError, match="per-sequence"):
+        kl_mean_upper_bound(torch.zeros(2, 3))
+
+
+def test_adaptive_controller_steers_beta_both_ways_over_steps() -> None:
+    # target 2, horizon 16, batch 16 -> n/H = 1: beta moves by the clipped error itself each step.
+    # KL 4 (error +1 -> +0.2): 0.1 -> 0.12 -> 0.144 ; KL 2.2 (error +0.1): 0.144 * 1.1 = 0.1584
+    # KL 1.0 (error -0.5 -> -0.2): 0.1584 * 0.8 = 0.12672
+    ctl = AdaptiveKLController(value=0.1, target=2.0, horizon=16)
+    for kl, expected in ((4.0, 0.12), (4.0, 0.144), (2.2, 0.1584), (1.0, 0.12672)):
+        ctl.update(current_kl=kl, n_steps=16)
+        assert ctl.value == pytest.approx(expected, abs=1e-12)
 
 
 # ------------------------------------------------------------------------------ KL controllers

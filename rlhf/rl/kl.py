@@ -30,6 +30,24 @@ def kl_per_token(logprobs: Tensor, ref_logprobs: Tensor, estimator: KLEstimator 
     return torch.expm1(-log_ratio) + log_ratio
 
 
+def kl_mean_upper_bound(seq_kl: Tensor, z: float = 2.0) -> float:
+    """Mean + z standard errors of per-sequence KL estimates (one per episode, shape (B,)).
+
+    KL(pi || ref) >= 0, and k1 on samples of pi is unbiased, so a batch mean whose
+    upper bound is still below 0 is not sampling noise: the log-probs are not those of
+    the distribution that sampled (TRL's docs: "negative KL" is a sampling/log-prob mismatch).
+    One episode has no standard error; its estimate is returned as is.
+    """
+    if seq_kl.dim() != 1 or seq_kl.numel() == 0:
+        raise ValueError(f"seq_kl must be a non-empty (B,) tensor of per-sequence KL, got shape {tuple(seq_kl.shape)}")
+    x = seq_kl.detach().to(torch.float64)
+    mean = x.mean().item()
+    if x.numel() == 1:
+        return mean
+    stderr = x.std(unbiased=True).item() / x.numel() ** 0.5
+    return mean + z * stderr
+
+
 @dataclass
 class FixedKLController:
     """Constant KL coefficient beta (Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences")."""

@@ -1,0 +1,105 @@
+"""From a registered policy version to the runs and checkpoints that made it (MLflow registry and tracking).
+
+tasks/register.py tags each version with ``lineage.pipeline_run_id`` and
+``lineage.checkpoint_uri``; the pipeline's parent run has one child run per stage
+tagged ``rlhf.stage`` (sft, reward, ppo, evaluate, register, ...), each with a
+``checkpoint`` artifact folder (PPO: ``checkpoints/step_XXXXX``). The reference
+policy is the SFT checkpoint; the reward model is the reward stage's.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+BASELINE_TAG = "baseline.uri"
+
+
+class LineageError(LookupError):
+    """A model version whose lineage cannot be followed; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """A registered policy version and the runs and checkpoints behind it."""
+
+    model_name: str
+    version: str
+    run_id: str
+    """The version's own run (the register stage), where the baseline is stored."""
+    pipeline_run_id: str
+    stage_runs: dict[str, str]
+    """rlhf.stage -> run id (the latest run of each stage)."""
+    policy_uri: str
+    reference_uri: str
+    reward_model_uri: str
+    ppo_checkpoints: dict[int, str]
+    baseline_uri: str | None
+
+
+def model_version(client: MlflowClient, name: str, version: str | None = None, alias: str | None = None) -> ModelVersion:
+    """A version by number, else by alias; raises naming the fix when neither exists."""
+    try:
+        if version is not None:
+            return client.get_model_version(name, version)
+        if alias is None:
+            raise LineageError("pass a version or an alias of the registered model")
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as e:
+        what = f"version {version}" if version is not None else f"alias {alias!r}"
+        raise LineageError(
+            f"registered model {name!r} has no {what} in {client.tracking_uri}: register a policy with "
+            "the pipeline (and promote it to the alias), or set MonitorConfig.version / alias"
+        ) from e
+
+
+def resolve_lineage(client: MlflowClient, name: str, version: str | None = None, alias: str | None = None) -> Lineage:
+    """Follow a version's lineage tags to its pipeline's stage runs and checkpoints."""
+    mv = model_version(client, name, version, alias)
+    tags = mv.tags or {}
+    missing = [k for k in ("lineage.pipeline_run_id", "lineage.checkpoint_uri") if k not in tags]
+    if missing:
+        raise LineageError(
+            f"{name} version {mv.version} lacks the tags {missing}: register it with tasks/register.py, "
+            "which records the pipeline run and checkpoint it came from"
+        )
+    pipeline_id = tags["lineage.pipeline_run_id"]
+    pipeline = client.get_run(pipeline_id)
+    children = client.search_runs(
+        [pipeline.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{pipeline_id}'",
+        order_by=["attributes.start_time ASC"],
+    )
+    stage_runs, artifact_uris = {}, {}
+    for run in children:  # later runs of a stage (re-runs) win
+        stage = run.data.tags.get("rlhf.stage")
+        if stage:
+            stage_runs[stage] = run.info.run_id
+            artifact_uris[stage] = run.info.artifact_uri
+    for stage in ("sft", "reward"):
+        if stage not in stage_runs:
+            raise LineageError(
+                f"pipeline run {pipeline_id} of {name} version {mv.version} has no child run tagged rlhf.stage={stage}: "
+                "the reference and reward model are found there; re-run the pipeline or log the stage"
+            )
+    checkpoints: dict[int, str] = {}
+    if "ppo" in stage_runs:
+        for item in client.list_artifacts(stage_runs["ppo"], "checkpoints"):
+            match = re.search(r"step_(\d+)$", item.path)
+            if item.is_dir and match:
+                checkpoints[int(match.group(1))] = f"{artifact_uris['ppo']}/{item.path}"
+    return Lineage(
+        model_name=name,
+        version=str(mv.version),
+        run_id=mv.run_id,
+        pipeline_run_id=pipeline_id,
+        stage_runs=stage_runs,
+        policy_uri=tags["lineage.checkpoint_uri"],
+        reference_uri=f"{artifact_uris['sft']}/checkpoint",
+        reward_model_uri=f"{artifact_uris['reward']}/checkpoint",
+        ppo_checkpoints=checkpoints,
+        baseline_uri=tags.get(BASELINE_TAG),
+    )

@@ -1,0 +1,349 @@
+"""Drift monitoring of the champion on one window of production traffic.
+
+``run_monitor`` takes the latest window (or a chosen one) of the traffic glob,
+loads the monitored version's lineage (policy, reference, reward model) and
+baseline, measures the window (rlhf/drift/features.py), tests it against the
+baseline (rlhf/drift/signals.py) and diagnoses any breach (rlhf/drift/diagnosis.py).
+
+MLflow, experiment ``rlhf-monitoring``: one *series* run per model version holds
+every window's ``drift/*`` metrics at step = window index (the time series), and
+one child *window* run per window holds that window's metrics, the diagnosis
+report (``report/diagnosis.md`` + PNG) and the tags ``drift.alert`` and
+``drift.cause``. On a breach the model version gets the tags ``drift.alert``
+(the cause), ``drift.alert_window`` and ``drift.alert_run_id``.
+``raise_alert`` does the Prefect side: an event, a markdown artifact, optionally
+a deployment run.
+"""
+
+from __future__ import annotations
+
+import glob
+import random
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.tracking import MlflowClient
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from models.loading import load_causal_lm, load_reward_model, load_tokenizer
+from rlhf.data.loading import load_standard
+from rlhf.drift.config import MonitorConfig
+from rlhf.drift.diagnosis import Diagnosis, ReportContext, diagnose, inspect_targets, plot_window, render_report
+from rlhf.drift.features import embed_prompts, max_sequence_length, prompt_features, response_features, sample_kl
+from rlhf.drift.lineage import Lineage, LineageError, resolve_lineage
+from rlhf.drift.profile import Baseline
+from rlhf.drift.signals import Signal, WindowFeatures, compute_signals
+from rlhf.tracking import download, setup_experiment
+from tasks.baseline import load_baseline
+from tasks.common import in_flow_run
+
+REPORT_ARTIFACT = "report"
+EXAMPLES = 5
+
+
+@dataclass(frozen=True)
+class TrafficWindow:
+    """One traffic file and its position in the sorted glob (the MLflow step)."""
+
+    path: str
+    index: int
+
+
+@dataclass
+class MonitorModels:
+    """The monitored version's lineage, baseline and loaded models (loaded once, reused across windows)."""
+
+    lineage: Lineage
+    baseline: Baseline
+    tokenizer: PreTrainedTokenizerBase
+    policy: PreTrainedModel
+    reference: PreTrainedModel
+    reward_model: PreTrainedModel
+
+
+@dataclass
+class WindowAnalysis:
+    """Metrics, signals and diagnosis of one window, and the features behind them."""
+
+    metrics: dict[str, float]
+    signals: list[Signal]
+    diagnosis: Diagnosis
+    features: WindowFeatures
+    prompts: list[str]
+    responses: list[str]
+
+
+@dataclass(frozen=True)
+class MonitorResult:
+    """What one monitoring run found, by reference."""
+
+    model_name: str
+    version: str
+    window_path: str
+    window_index: int
+    skipped: bool
+    alert: bool = False
+    cause: str | None = None
+    breached: tuple[str, ...] = ()
+    metrics: dict[str, float] = field(default_factory=dict)
+    run_id: str | None = None
+    series_run_id: str | None = None
+    report_markdown: str = ""
+
+
+def find_window(cfg: MonitorConfig) -> TrafficWindow:
+    """The window to monitor: cfg.window_index of the sorted glob, else the latest."""
+    files = sorted(glob.glob(cfg.traffic))
+    if not files:
+        raise FileNotFoundError(
+            f"no traffic window matches {cfg.traffic!r}: write JSONL windows there (e.g. python -m rlhf.drift.traffic) "
+            "or set MonitorConfig.traffic to their glob"
+        )
+    index = len(files) - 1 if cfg.window_index is None else cfg.window_index
+    if index >= len(files):
+        raise IndexError(f"window_index {index} is past the {len(files)} windows matching {cfg.traffic!r}: use 0..{len(files) - 1}")
+    return TrafficWindow(str(Path(files[index]).resolve()), index)
+
+
+def load_models(cfg: MonitorConfig, client: MlflowClient | None = None) -> MonitorModels:
+    """Resolve the monitored version (alias or number), load its baseline and checkpoints."""
+    client = client or MlflowClient()
+    lineage = resolve_lineage(client, cfg.registered_model, cfg.version, cfg.alias)
+    if lineage.baseline_uri is None:
+        raise LineageError(
+            f"{lineage.model_name} version {lineage.version} has no baseline.uri tag: compute its baseline with "
+            "tasks.baseline.run_baseline (the pipeline does so at registration)"
+        )
+    baseline = load_baseline(lineage.baseline_uri)
+    policy_dir, ref_dir, rm_dir = (str(download(u)) for u in (lineage.policy_uri, lineage.reference_uri, lineage.reward_model_uri))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = load_tokenizer(ref_dir)
+    return MonitorModels(
+        lineage, baseline, tokenizer,
+        load_causal_lm(policy_dir).to(device).eval(), load_causal_lm(ref_dir).to(device).eval(),
+        load_reward_model(rm_dir, tokenizer.pad_token_id).to(device).eval(),
+    )
+
+
+def read_window(path: str, version: str, min_rows: int) -> tuple[list[str], list[str], np.ndarray, int]:
+    """(prompts, responses, feedback values, rows of other versions) of the monitored version's rows."""
+    frame = load_standard(path, "traffic").frame
+    missing = [c for c in ("prompt", "response", "model_version") if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{path}: traffic rows need the columns {missing}: write timestamp, prompt, response, model_version")
+    mine = frame[frame["model_version"].astype(str) == str(version)]
+    if len(mine) < min_rows:
+        raise ValueError(
+            f"{path}: {len(mine)} rows of model_version {version} (of {len(frame)}), fewer than min_rows={min_rows}: "
+            "monitor a longer window, check model_version in the traffic, or lower MonitorConfig.min_rows"
+        )
+    feedback = pd.Series(dtype=float)
+    if "feedback" in mine.columns:
+        raw = mine["feedback"]
+        feedback = pd.to_numeric(raw, errors="coerce")
+        bad = (raw.notna() & feedback.isna()) | (feedback < 0) | (feedback > 1)
+        if bad.any():
+            raise ValueError(
+                f"{path}: {int(bad.sum())} feedback values are not numbers in [0, 1] (first: {raw[bad].iloc[0]!r}): "
+                "write 1 for positive, 0 for negative feedback, or null"
+            )
+    values = feedback.dropna().to_numpy(dtype=np.float64)
+    return mine["prompt"].tolist(), mine["response"].tolist(), values, len(frame) - len(mine)
+
+
+def window_features(
+    models: MonitorModels, prompts: list[str], responses: list[str], feedback: np.ndarray, cfg: MonitorConfig, seed: int
+) -> WindowFeatures:
+    """Measure a window the way the baseline was measured."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    generation = models.baseline.profile["generation"]
+    gold = cfg.use_gold_judge and models.baseline.profile["responses"]["gold"] is not None
+    # 1. prompts: all rows for tokens/intents/lengths, a subset for embeddings and KL
+    embedded = rng.sample(prompts, min(len(prompts), cfg.embedding_rows))
+    features = prompt_features(models.tokenizer, prompts)
+    # KL needs room to generate: prompts longer than the model's context minus the response are left out of it.
+    room = max_sequence_length(models.policy, models.tokenizer) - int(generation["max_new_tokens"])
+    fits = [p for p, n in zip(prompts, features.lengths) if n <= room]
+    if len(fits) < 2:
+        raise ValueError(f"fewer than 2 prompts of the window fit the model's context with a response ({room} tokens)")
+    kl_prompts = rng.sample(fits, min(len(fits), cfg.kl_prompts))
+    scored = sorted(rng.sample(range(len(prompts)), min(len(prompts), cfg.scored_rows)))
+    _, kl = sample_kl(models.policy, models.reference, models.tokenizer, kl_prompts,
+                      int(generation["max_new_tokens"]), float(generation["temperature"]), cfg.batch_size)
+    return WindowFeatures(
+        prompts=features,
+        embeddings=embed_prompts(models.reference, models.tokenizer, embedded, cfg.batch_size),
+        # 2. served responses: reward-model scores, lengths, NLL under the champion, rates, gold
+        responses=response_features(models.policy, models.reward_model, models.tokenizer, [prompts[j] for j in scored],
+                                    [responses[j] for j in scored], gold, cfg.batch_size),
+        kl=kl,
+        feedback=feedback,
+        scored=scored,
+    )
+
+
+def analyze_window(
+    models: MonitorModels, prompts: list[str], responses: list[str], feedback: np.ndarray, cfg: MonitorConfig,
+    seed: int,
+) -> WindowAnalysis:
+    """Features, drift metrics, signals and diagnosis of one window (no MLflow, no Prefect)."""
+    features = window_features(models, prompts, responses, feedback, cfg, seed)
+    metrics, signals = compute_signals(models.baseline, features, cfg.thresholds, cfg.mmd_permutations, seed)
+    return WindowAnalysis(metrics, signals, diagnose(signals), features, prompts, responses)
+
+
+def examples(analysis: WindowAnalysis, baseline: Baseline) -> dict[str, list[tuple[str, str, str]]]:
+    """The rows that show each kind of drift best, for the report."""
+    f, p, r = analysis.features, analysis.prompts, analysis.responses
+    seen = set(baseline.profile["prompts"]["intent_counts"]) - {"other"}
+    out: dict[str, list[tuple[str, str, str]]] = {}
+    unusual = [j for j, intent in enumerate(f.prompts.intents) if intent not in seen]
+    out["Prompts with an intent unknown or unseen at baseline"] = [(p[j], r[j], f.prompts.intents[j]) for j in unusual[:EXAMPLES]]
+    out["Longest prompts"] = [(p[j], r[j], f"{int(f.prompts.lengths[j])} tokens") for j in np.argsort(-f.prompts.lengths)[:EXAMPLES]]
+    row = f.scored  # response-side features are of these rows
+    if f.responses.gold is not None:
+        rm, gold = f.responses.rm_scores, f.responses.gold
+        gap = (rm - rm.mean()) / max(rm.std(), 1e-8) - (gold - gold.mean()) / max(gold.std(), 1e-8)
+        out["Reward model most above the gold judge"] = [
+            (p[row[j]], r[row[j]], f"rm {rm[j]:.2f}, gold {gold[j]:.2f}") for j in np.argsort(-gap)[:EXAMPLES]
+        ]
+    nll = np.where(np.isfinite(f.responses.nll), f.responses.nll, -np.inf)
+    out["Responses least like the champion (highest NLL)"] = [
+        (p[row[j]], r[row[j]], f"{f.responses.nll[j]:.2f} nats/token") for j in np.argsort(-nll)[:EXAMPLES]
+    ]
+    return out
+
+
+def series_run(client: MlflowClient, experiment_id: str, lineage: Lineage) -> str:
+    """The per-version monitoring run holding the drift/* time series (created on first use)."""
+    key = f"{lineage.model_name}/{lineage.version}"
+    found = client.search_runs([experiment_id], f"tags.`drift.series` = '{key}'", max_results=1)
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(
+        experiment_id, run_name=f"monitor-{lineage.model_name}-v{lineage.version}",
+        tags={"drift.series": key, "registered_model": lineage.model_name, "model_version": lineage.version,
+              "lineage.pipeline_run_id": lineage.pipeline_run_id},
+    )
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+def already_monitored(client: MlflowClient, experiment_id: str, series_id: str, window: TrafficWindow) -> bool:
+    """Whether a window run of this series exists for this file and index."""
+    runs = client.search_runs(
+        [experiment_id],
+        f"tags.`mlflow.parentRunId` = '{series_id}' and tags.`drift.window_index` = '{window.index}'",
+    )
+    return any(r.data.tags.get("drift.window_file") == window.path for r in runs)
+
+
+def run_monitor(cfg: MonitorConfig, models: MonitorModels | None = None) -> MonitorResult:
+    """Monitor one window: measure, test, diagnose, log to MLflow, flag the run and the model version on a breach."""
+    window = find_window(cfg)
+    experiment_id = setup_experiment(cfg.experiment)
+    client = MlflowClient()
+    models = models or load_models(cfg, client)
+    lineage = models.lineage
+    series_id = series_run(client, experiment_id, lineage)
+    if not cfg.force and already_monitored(client, experiment_id, series_id, window):
+        return MonitorResult(lineage.model_name, lineage.version, window.path, window.index, skipped=True,
+                             series_run_id=series_id)
+    # 1. measure and test
+    prompts, responses, feedback, other = read_window(window.path, lineage.version, cfg.min_rows)
+    analysis = analyze_window(models, prompts, responses, feedback, cfg, cfg.seed + window.index)
+    metrics = {**analysis.metrics, "drift/rows_other_versions": float(other)}
+    diagnosis = analysis.diagnosis
+    alert = diagnosis.cause is not None
+    # 2. the time series on the version's series run
+    for key, value in metrics.items():
+        client.log_metric(series_id, key, value, step=window.index)
+    # 3. the window run: metrics, tags, report
+    tags = {
+        "registered_model": lineage.model_name, "model_version": lineage.version,
+        "drift.window_index": str(window.index), "drift.window_file": window.path,
+        "drift.alert": str(alert).lower(), "drift.cause": diagnosis.cause or "none",
+        "drift.breached": ",".join(diagnosis.breached) or "none",
+    }
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"window-{window.index:04d}", parent_run_id=series_id,
+                          nested=True, tags=tags) as run:
+        mlflow.log_metrics(metrics, step=window.index)
+        markdown = write_report(analysis, models, window, run.info.run_id, metrics)
+    # 4. flag the model version
+    if alert:
+        for key, value in {"drift.alert": diagnosis.cause, "drift.alert_window": str(window.index),
+                           "drift.alert_run_id": run.info.run_id}.items():
+            client.set_model_version_tag(lineage.model_name, lineage.version, key, value)
+    return MonitorResult(
+        lineage.model_name, lineage.version, window.path, window.index, skipped=False, alert=alert,
+        cause=diagnosis.cause, breached=diagnosis.breached, metrics=metrics, run_id=run.info.run_id,
+        series_run_id=series_id, report_markdown=markdown,
+    )
+
+
+def write_report(analysis: WindowAnalysis, models: MonitorModels, window: TrafficWindow, run_id: str,
+                 metrics: dict[str, float]) -> str:
+    """Render the report and its plots, log them under report/ of the active run; returns the markdown."""
+    lineage = models.lineage
+    with tempfile.TemporaryDirectory(prefix="rlhf-drift-report-") as tmp:
+        plots = plot_window(models.baseline, analysis.features, tmp)
+        ctx = ReportContext(
+            lineage.model_name, lineage.version, window.index, window.path, run_id,
+            inspect=inspect_targets(analysis.diagnosis.cause, lineage) if analysis.diagnosis.cause else [],
+            examples=examples(analysis, models.baseline) if analysis.diagnosis.cause else {},
+            plots=[p.name for p in plots],
+        )
+        markdown = render_report(analysis.diagnosis, analysis.signals, metrics, ctx)
+        (Path(tmp) / "diagnosis.md").write_text(markdown)
+        mlflow.log_artifacts(tmp, REPORT_ARTIFACT)
+    return markdown
+
+
+@task(name="monitor-window", cache_policy=NO_CACHE)
+def monitor_task(cfg: MonitorConfig) -> MonitorResult:
+    """Drift monitoring of the latest traffic window."""
+    return run_monitor(cfg)
+
+
+def raise_alert(cfg: MonitorConfig, result: MonitorResult) -> dict[str, str]:
+    """Prefect side of an alert: an event, a markdown artifact, optionally a deployment run; returns their ids."""
+    from prefect.artifacts import create_markdown_artifact
+    from prefect.deployments import run_deployment
+    from prefect.events import emit_event
+
+    out: dict[str, str] = {}
+    event = emit_event(
+        event="rlhf.drift.alert",
+        resource={"prefect.resource.id": f"mlflow.model-version.{result.model_name}.{result.version}",
+                  "prefect.resource.name": f"{result.model_name} v{result.version}"},
+        payload={"cause": result.cause, "breached": list(result.breached), "window_index": result.window_index,
+                 "window_file": result.window_path, "mlflow_run_id": result.run_id},
+    )
+    if event is not None:
+        out["event_id"] = str(event.id)
+    if in_flow_run():
+        out["artifact_id"] = str(create_markdown_artifact(
+            result.report_markdown, key="drift-report", description=f"Drift alert: {result.cause}"
+        ))
+    if cfg.trigger_deployment:
+        flow_run = run_deployment(cfg.trigger_deployment, timeout=0, tags=["drift-alert"])
+        out["triggered_flow_run_id"] = str(flow_run.id)
+    if result.run_id:
+        client = MlflowClient()
+        for key, value in out.items():
+            client.set_tag(result.run_id, f"drift.{key}", value)
+    return out
+
+
+@task(name="drift-alert", cache_policy=NO_CACHE)
+def alert_task(cfg: MonitorConfig, result: MonitorResult) -> dict[str, str]:
+    """Emit the drift alert."""
+    return raise_alert(cfg, result)
