@@ -12,7 +12,6 @@ from pathlib import Path
 
 import mlflow
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 from transformers.trainer_callback import ProgressCallback
 from trl import RewardConfig as TRLRewardConfig
 from trl import RewardTrainer
@@ -24,6 +23,7 @@ from rlhf.data.loading import load_split
 from rlhf.hf_logging import MlflowStepLogger
 from rlhf.progress import TrainerProgress
 from rlhf.tracking import download, flatten, log_checkpoint, stage_run
+from tasks.caching import RETRY_DELAYS_S, retry_on_tracking_error, stage_cache
 from tasks.common import Checkpoint, trainer_precision_args
 
 
@@ -78,7 +78,10 @@ def heldout_accuracy(model, tokenizer, heldout_path: str) -> tuple[float, float]
     return (chosen > rejected).float().mean().item(), (chosen - rejected).mean().item()
 
 
-@task(name="reward-model", cache_policy=NO_CACHE)
+@task(
+    name="reward-model", cache_policy=stage_cache("reward-model"), persist_result=True,
+    retries=len(RETRY_DELAYS_S), retry_delay_seconds=RETRY_DELAYS_S, retry_condition_fn=retry_on_tracking_error,
+)
 def reward_task(
     cfg: PipelineConfig, sft: Checkpoint, preferences_path: str, heldout_path: str, parent_run_id: str
 ) -> Checkpoint:

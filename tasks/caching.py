@@ -1,0 +1,204 @@
+"""Stage caching and retries: an unchanged stage is not redone, a lost connection is retried.
+
+The cache key of a stage (``StageCache``) is a hash of what its result depends on:
+
+- the config sections the stage reads (``STAGE_SECTIONS``), never the whole config,
+  so changing ``ppo.steps`` does not redo SFT;
+- the content of its input files and folders (data splits, the base model), not
+  their paths: each pipeline run writes its data under outputs/<parent run id>/;
+- its upstream references (the SFT and reward ``Checkpoint``: run id and URI), so a
+  re-trained SFT model re-runs everything downstream;
+- the source of the stage's modules (``STAGE_CODE``) and the torch/transformers/trl
+  versions, plus Prefect's TASK_SOURCE of the task itself;
+- the tracking store, so a cached reference always points into the store in use.
+
+The MLflow parent run id and the output folder are left out: both change with every
+flow run. Results persist in Prefect's result storage (``PREFECT_LOCAL_STORAGE_PATH``,
+by default ``$PREFECT_HOME/storage``). A cached result holds references only; before
+a flow uses one, ``missing_references`` checks that its runs, artifacts and files
+still exist, and ``call_stage`` re-runs the stage (refreshing the cache) when not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect.cache_policies import TASK_SOURCE, CachePolicy
+from prefect.context import TaskRunContext
+
+from rlhf.integrity import fingerprint, fingerprint_path
+from tasks.common import Checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+EXCLUDED_INPUTS = frozenset({"parent_run_id", "out_dir"})
+"""Task inputs that change with every flow run without changing the result."""
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "validate-data": ("seed", "data", "validation", "model"),
+    "sft": ("seed", "model", "sft"),
+    "reward-model": ("seed", "model", "reward"),
+    "ppo": ("seed", "ppo"),
+}
+STAGE_CODE: dict[str, tuple[str, ...]] = {
+    "validate-data": ("tasks/validate.py", "rlhf/validation", "rlhf/data", "rlhf/config.py"),
+    "sft": ("tasks/sft.py", "models", "rlhf/hf_logging.py", "rlhf/data/loading.py"),
+    "reward-model": ("tasks/reward.py", "models", "rlhf/hf_logging.py", "rlhf/data/loading.py"),
+    "ppo": ("tasks/ppo.py", "rlhf/ppo_trainer.py", "rlhf/rl", "models", "rlhf/data/judge.py", "rlhf/data/support.py"),
+}
+RETRY_DELAYS_S = [10, 60]
+"""Prefect retries of a stage whose tracking-store connection failed (after MLflow's own HTTP retries)."""
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def code_fingerprint(paths: tuple[str, ...]) -> str:
+    """Hash of the .py sources under the given project paths (files or packages)."""
+    files: list[Path] = []
+    for rel in paths:
+        p = ROOT / rel
+        files += sorted(p.rglob("*.py")) if p.is_dir() else [p]
+    return fingerprint([[f.relative_to(ROOT).as_posix(), f.read_text()] for f in files if f.exists()])
+
+
+def _library_versions() -> dict[str, str]:
+    import torch
+    import transformers
+    import trl
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__}
+
+
+def _store_identity() -> str:
+    """The tracking URI with a relative sqlite path made absolute (the same file from any folder)."""
+    from rlhf.tracking import tracking_uri
+
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    return uri
+
+
+def canonical(value: Any, sections: tuple[str, ...] = ()) -> Any:
+    """A JSON-able stand-in for one task input: config sections, file contents, references."""
+    from rlhf.config import PipelineConfig
+
+    if isinstance(value, PipelineConfig):
+        dump = value.model_dump()
+        return {name: dump[name] for name in sections}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {"type": type(value).__name__, **{k: canonical(v) for k, v in dataclasses.asdict(value).items()}}
+    if hasattr(value, "model_dump"):
+        return value.model_dump()
+    if isinstance(value, Mapping):
+        return {str(k): canonical(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [canonical(v) for v in value]
+    if isinstance(value, str) and not _URI.match(value) and os.path.exists(value):
+        return {"content": fingerprint_path(value)}  # a local file or folder: its content, not its path
+    return value
+
+
+@dataclass
+class StageCache(CachePolicy):
+    """Cache key of one pipeline stage (see the module docstring)."""
+
+    stage: str = ""
+
+    def compute_key(
+        self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
+    ) -> str | None:
+        sections = STAGE_SECTIONS[self.stage]
+        key = {
+            "stage": self.stage,
+            "inputs": {k: canonical(v, sections) for k, v in sorted(inputs.items()) if k not in EXCLUDED_INPUTS},
+            "code": code_fingerprint(STAGE_CODE[self.stage]),
+            "libraries": _library_versions(),
+            "store": _store_identity(),
+        }
+        return f"rlhf-{self.stage}-{fingerprint(key)}"
+
+
+def stage_cache(stage: str) -> CachePolicy:
+    """The cache policy of a stage task: StageCache + Prefect's TASK_SOURCE."""
+    return StageCache(stage=stage) + TASK_SOURCE
+
+
+def retry_on_tracking_error(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect retry condition: retry only when the tracking store's connection failed."""
+    from rlhf.tracking import is_transient_tracking_error
+
+    exc = state.data if isinstance(state.data, BaseException) else state.result(raise_on_failure=False)
+    return isinstance(exc, BaseException) and is_transient_tracking_error(exc)
+
+
+# -- cached results -------------------------------------------------------------------------
+def missing_references(result: Any) -> list[str]:
+    """What a (cached) stage result points to that no longer exists: runs, artifacts, local files."""
+    from mlflow.artifacts import list_artifacts
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    missing: list[str] = []
+    client = MlflowClient()
+
+    def uri_exists(uri: str) -> bool:
+        try:
+            return bool(list_artifacts(artifact_uri=uri))
+        except (MlflowException, OSError):
+            return False
+
+    def walk(value: Any) -> None:
+        if isinstance(value, Checkpoint):
+            try:
+                run = client.get_run(value.run_id)
+                alive = run.info.lifecycle_stage == "active"
+            except MlflowException:
+                alive = False
+            if not alive:
+                missing.append(f"MLflow run {value.run_id}")
+            elif not uri_exists(value.uri):
+                missing.append(value.uri)
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            for f in dataclasses.fields(value):
+                walk(getattr(value, f.name))
+        elif isinstance(value, Mapping):
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                walk(v)
+        elif isinstance(value, str) and _URI.match(value) and "/artifacts/" in value:
+            if not uri_exists(value):
+                missing.append(value)
+        elif isinstance(value, str) and os.path.isabs(value) and not os.path.exists(value):
+            missing.append(value)
+
+    walk(result)
+    return missing
+
+
+def call_stage(stage_task: Any, *args: Any, **kwargs: Any) -> tuple[Any, bool]:
+    """Run a cached stage task; (result, whether it came from the cache).
+
+    A cached result whose references are gone (a deleted run, a cleaned outputs/
+    folder, another tracking store) is not used: the stage runs again and refreshes
+    the cache.
+    """
+    from prefect import get_run_logger
+
+    state = stage_task(*args, return_state=True, **kwargs)
+    result = state.result()
+    if state.name != "Cached":
+        return result, False
+    missing = missing_references(result)
+    if not missing:
+        return result, True
+    get_run_logger().warning(
+        "cached result of %s points to what no longer exists (%s): running the stage again",
+        stage_task.name, ", ".join(missing[:3]),
+    )
+    return stage_task.with_options(refresh_cache=True)(*args, **kwargs), False
