@@ -34,7 +34,19 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--config", help="YAML config file whose validation thresholds to use")
     validate.add_argument("--tokenizer", help="tokenizer name or path for the token-length bounds (skipped without)")
     validate.add_argument("--report-dir", help="also write the GX result (JSON) and Data Docs (HTML) here")
+    stage = sub.add_parser(
+        "train-stage", help="one process of a training stage started by torchrun/accelerate launch (rlhf/launch.py)"
+    )
+    stage.add_argument("stage", choices=["sft", "reward", "ppo"])
+    stage.add_argument("spec", help="JSON file written by rlhf.launch.launch_stage")
+    stage.add_argument("result", help="where rank 0 writes the stage's result (JSON)")
     return parser
+
+
+def cmd_train_stage(args: argparse.Namespace) -> int:
+    from rlhf.launch import run_stage_worker
+
+    return run_stage_worker(args.stage, args.spec, args.result)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -80,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.validate import ValidationFailed
 
     try:
-        return {"run": cmd_run, "validate": cmd_validate}[args.command](args)
+        return {"run": cmd_run, "validate": cmd_validate, "train-stage": cmd_train_stage}[args.command](args)
     except (ConfigError, DataError, ValidationFailed) as e:
         print(f"rlhf: error: {e}", file=sys.stderr)
         return 2

@@ -55,6 +55,11 @@ class ValidationConfig(_Section):
 class ModelConfig(_Section):
     base_model: str = Field("builtin:tiny-gpt2", description="Hugging Face name or local path of the base causal LM; 'builtin:tiny-gpt2' or 'builtin:tiny-llama' for the embedded default")
     trust_remote_code: bool = Field(False, description="Run model code shipped with a Hub checkpoint (off unless you trust it)")
+    lora_r: int = Field(0, ge=0, description="LoRA rank for SFT and reward-model training (peft); 0 trains every weight. Each stage merges its adapters into the checkpoint it logs, so later stages load a plain model")
+    lora_alpha: int = Field(16, ge=1, description="LoRA scaling alpha (the update is scaled by alpha / r)")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA branch")
+    lora_target_modules: str = Field("all-linear", description="Modules that get adapters: 'all-linear', or comma-separated module names (e.g. 'q_proj,v_proj' for Llama/Qwen, 'c_attn' for GPT-2)")
+
 
 
 class SFTConfig(_Section):
@@ -128,6 +133,11 @@ class EvalConfig(_Section):
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (same as PPO's, so KL is comparable)")
 
 
+class DistributedConfig(_Section):
+    num_processes: int = Field(1, ge=1, description="Training processes for the SFT, reward-model and PPO stages: 1 trains in the flow's own process; more launches them on this machine with torchrun (DDP: gloo on CPUs, NCCL with one GPU per process). Batch sizes stay global and must be multiples of it")
+    accelerate_config: str | None = Field(None, description="An `accelerate config` file for the SFT and reward-model stages (FSDP, DeepSpeed, mixed precision); they are then started with `accelerate launch --config_file`. PPO's own loop always runs DDP")
+
+
 class PipelineConfig(_Section):
     experiment: str = Field("rlhf", description="MLflow experiment name")
     registered_model: str = Field("rlhf-policy", description="MLflow registered model for the policy")
@@ -140,6 +150,20 @@ class PipelineConfig(_Section):
     reward: RewardConfig = RewardConfig()
     ppo: PPOConfig = PPOConfig()
     eval: EvalConfig = EvalConfig()
+    distributed: DistributedConfig = DistributedConfig()
+
+    @model_validator(mode="after")
+    def _check_global_batches(self) -> "PipelineConfig":
+        n = self.distributed.num_processes
+        for name, value in (("sft.batch_size", self.sft.batch_size), ("reward.batch_size", self.reward.batch_size),
+                            ("ppo.batch_size", self.ppo.batch_size), ("ppo.mini_batch_size", self.ppo.mini_batch_size)):
+            if value % n:
+                raise ValueError(
+                    f"{name} ({value}) must be a multiple of distributed.num_processes ({n}): batch sizes are "
+                    "global and each process takes an equal share; change one of them"
+                )
+        return self
+
 
 
 class ConfigError(ValueError):

@@ -21,6 +21,8 @@ class MlflowStepLogger(TrainerCallback):
         self.history: list[dict[str, float]] = []
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero:
+            return  # several training processes: only rank 0 logs
         metrics = {}
         for key, value in (logs or {}).items():
             if isinstance(value, (int, float)) and math.isfinite(value) and not key.startswith("train_"):

@@ -12,6 +12,14 @@ reference and the values, 3. score with the reward model, 4. monitor (non-finite
 guard, KL budget, negative KL), 5. per-token rewards, 6. GAE and whitening,
 7. clipped PPO updates over minibatches, 8. KL controller.
 
+Several processes (DDP, rlhf/distributed.py): every process draws the same global batch
+of prompts and samples responses for its own shard; the rollouts are gathered, each
+process scores its shard and the numbers are gathered again, so steps 4-6 and 8 (monitor,
+reward normaliser, GAE, whitening, KL controller) run on the whole batch and every
+process holds the same state. In step 7 each process takes its share of every global
+minibatch, weights its loss by its share of the minibatch's tokens, and DDP averages the
+gradients: the update is the single-process update of the same global batch.
+
 Monitoring acts, it does not only log: a non-finite score, loss, gradient or
 parameter restores the last good state (policy, value head, optimizer, reward
 normaliser) and skips the update; a minibatch whose probability ratio explodes is
@@ -32,6 +40,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from models.generation import Rollout, decode_responses, sample
@@ -39,6 +48,7 @@ from models.loading import load_causal_lm
 from models.policy import PolicyWithValueHead, position_ids_from_mask
 from models.reward import score_token_ids
 from rlhf.config import PPOConfig
+from rlhf.distributed import Shard, all_gather_rows, all_reduce_sum, check_divisible
 from rlhf.rl.advantages import compute_gae, masked_mean, masked_whiten
 from rlhf.rl.kl import kl_mean_upper_bound, kl_per_token, make_kl_controller
 from rlhf.rl.losses import entropy_from_logits, explained_variance, logprobs_from_logits, policy_loss, value_loss
@@ -198,6 +208,15 @@ class PPOTrainer:
         self.data_generator = torch.Generator().manual_seed(seed)
         self.order = torch.randperm(len(prompts), generator=self.data_generator).tolist()
         self.cursor = 0
+        self.seed = seed
+        # This process's share of each batch; DDP averages the gradients when there are several.
+        self.shard = Shard.of(cfg.batch_size, "ppo.batch_size")
+        check_divisible("ppo.mini_batch_size", cfg.mini_batch_size, self.shard.world)
+        self.minibatch_rows = Shard(self.shard.rank, self.shard.world, cfg.mini_batch_size).rows
+        self.train_policy: torch.nn.Module = policy
+        if self.shard.world > 1:
+            device = next(policy.parameters()).device
+            self.train_policy = DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None)
         torch.manual_seed(seed)
 
     # -- data ---------------------------------------------------------------------------
@@ -222,7 +241,7 @@ class PPOTrainer:
 
         # 1. Generate one response per prompt with the current policy.
         prompts = self.next_prompts()
-        rollout = sample(self.policy.lm, self.tokenizer, prompts, cfg.max_new_tokens, cfg.temperature)
+        rollout = self.generate(prompts)
         texts = decode_responses(self.tokenizer, rollout)
         t1 = time.perf_counter()
 
@@ -231,19 +250,22 @@ class PPOTrainer:
         input_ids, attention_mask = rollout.input_ids, rollout.attention_mask  # (B, P+R)
         mask = rollout.response_mask.float()  # (B, R)
         real = mask.bool()
+        mine = self.shard.rows  # this process's rows (every row on a single process)
         with torch.no_grad():
-            logits, values = self.policy(input_ids, attention_mask)
-            logprobs, _ = response_logprobs(logits, rollout.response_ids, query_len, cfg.temperature)
-            values = values[:, query_len - 1 : -1] * mask  # (B, R): V(s_t) before action t
+            logits, values = self.policy(input_ids[mine], attention_mask[mine])
+            logprobs, _ = response_logprobs(logits, rollout.response_ids[mine], query_len, cfg.temperature)
+            values = values[:, query_len - 1 : -1] * mask[mine]  # (B, R): V(s_t) before action t
             ref_logits = self.ref_model(
-                input_ids=input_ids, attention_mask=attention_mask,
-                position_ids=position_ids_from_mask(attention_mask), use_cache=False,
+                input_ids=input_ids[mine], attention_mask=attention_mask[mine],
+                position_ids=position_ids_from_mask(attention_mask[mine]), use_cache=False,
             ).logits
-            ref_logprobs, _ = response_logprobs(ref_logits, rollout.response_ids, query_len, cfg.temperature)
+            ref_logprobs, _ = response_logprobs(ref_logits, rollout.response_ids[mine], query_len, cfg.temperature)
 
             # 3. Score the whole response once; penalise responses that never end.
-            scores = score_token_ids(self.reward_model, input_ids, attention_mask, self.tokenizer.pad_token_id)
-            scores = scores - cfg.missing_eos_penalty * (~rollout.ended).float()  # (B,)
+            scores = score_token_ids(self.reward_model, input_ids[mine], attention_mask[mine], self.tokenizer.pad_token_id)
+            scores = scores - cfg.missing_eos_penalty * (~rollout.ended[mine]).float()  # (B,)
+        # Several processes: each now holds the whole batch's numbers (identity on one process).
+        logprobs, ref_logprobs, values, scores = (all_gather_rows(t) for t in (logprobs, ref_logprobs, values, scores))
         t2 = time.perf_counter()
 
         kl = torch.where(real, logprobs - ref_logprobs, torch.zeros_like(logprobs))  # (B, R) k1
@@ -327,6 +349,27 @@ class PPOTrainer:
         ]
         return StepResult(metrics, alerts, samples, stop)
 
+    def generate(self, prompts: list[str]) -> Rollout:
+        """One response per prompt of the global batch; the same Rollout on every process.
+
+        On one process: one ``sample`` call on the global RNG. On several, each samples its
+        shard under a seed of (run seed, step, rank), so a resumed run samples the same,
+        and the shards are gathered (prompts left-padded, responses right-padded).
+        """
+        cfg = self.cfg
+        if self.shard.world == 1:
+            return sample(self.policy.lm, self.tokenizer, prompts, cfg.max_new_tokens, cfg.temperature)
+        device = next(self.policy.parameters()).device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(hash((self.seed, self.step_count, self.shard.rank)) & 0xFFFF_FFFF)
+            local = sample(self.policy.lm, self.tokenizer, prompts[self.shard.rows], cfg.max_new_tokens, cfg.temperature)
+        pad = self.tokenizer.pad_token_id
+        return Rollout(
+            all_gather_rows(local.query_ids, pad, left=True), all_gather_rows(local.query_mask, 0, left=True),
+            all_gather_rows(local.response_ids, pad), all_gather_rows(local.response_mask, 0),
+            all_gather_rows(local.ended),
+        )
+
     def _monitor(self, step: int, finite: bool, seq_kl: torch.Tensor) -> tuple[list[Alert], bool]:
         """Alerts for this iteration's rollout, and whether the KL budget asks to stop."""
         cfg = self.cfg
@@ -369,9 +412,9 @@ class PPOTrainer:
             order = torch.randperm(cfg.batch_size)
             for start in range(0, cfg.batch_size, cfg.mini_batch_size):
                 # a. Forward the minibatch; losses against the rollout's log-probs and values.
-                idx = order[start : start + cfg.mini_batch_size]
+                idx = order[start : start + cfg.mini_batch_size][self.minibatch_rows]  # this process's share
                 m = mask[idx]
-                logits, values = self.policy(input_ids[idx], attention_mask[idx])
+                logits, values = self.train_policy(input_ids[idx], attention_mask[idx])
                 logprobs, response_logits = response_logprobs(
                     logits, rollout.response_ids[idx], query_len, cfg.temperature
                 )
@@ -382,10 +425,10 @@ class PPOTrainer:
                 loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * entropy
 
                 # b. Guards: a non-finite loss ends the update (the caller restores); an exploding ratio skips.
-                if not torch.isfinite(loss):
-                    return totals, skipped, peak_ratio, False
                 # The mean ratio, as TRL's `ratio_threshold`: the max over tokens is routinely large on rare tokens.
-                batch_ratio = pg_stats["ratio_mean"].item()
+                finite, batch_ratio, weight = self._global_minibatch(loss, pg_stats["ratio_mean"], m)
+                if not finite:
+                    return totals, skipped, peak_ratio, False
                 peak_ratio = max(peak_ratio, batch_ratio)
                 if batch_ratio > cfg.ratio_skip_threshold:
                     skipped += 1
@@ -393,7 +436,7 @@ class PPOTrainer:
 
                 # c. Clipped gradient step; a non-finite gradient norm would write NaN into the weights.
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss * weight if self.shard.world > 1 else loss).backward()  # DDP averages the gradients
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
                 if not torch.isfinite(grad_norm):
                     return totals, skipped, peak_ratio, False
@@ -409,9 +452,27 @@ class PPOTrainer:
                     "value/clipfrac_avg": vf_stats["clipfrac"].item(),
                     "policy/grad_norm": grad_norm.item(),
                 }.items():
-                    totals[key] = totals.get(key, 0.0) + value
+                    totals[key] = totals.get(key, 0.0) + value * weight
+        if self.shard.world > 1:  # token-weighted means over the processes: the global minibatch's statistics
+            sums = all_reduce_sum(list(totals.values()), next(self.policy.parameters()).device)
+            totals = {k: v / self.shard.world for k, v in zip(totals, sums)}
         out = {k: v / applied for k, v in totals.items()} if applied else {}
         return out, skipped, peak_ratio, True
+
+    def _global_minibatch(self, loss: torch.Tensor, ratio_mean: torch.Tensor, mask: torch.Tensor) -> tuple[bool, float, float]:
+        """(loss finite everywhere, mean ratio over the global minibatch, loss weight of this process).
+
+        Several processes agree on both guards, so all skip or step together. The weight is
+        this process's share of the minibatch's tokens times the number of processes: DDP's
+        mean of the weighted per-process token means is the token mean over the whole minibatch.
+        """
+        if self.shard.world == 1:
+            return bool(torch.isfinite(loss)), ratio_mean.item(), 1.0
+        tokens = mask.sum().item()
+        finite, ratio_sum, total = all_reduce_sum(
+            [float(torch.isfinite(loss)), ratio_mean.item() * tokens, tokens], next(self.policy.parameters()).device
+        )
+        return finite == self.shard.world, ratio_sum / total, tokens * self.shard.world / total
 
     # -- rollback -------------------------------------------------------------------------
     def best_checkpoint_step(self, checkpoint_steps: list[int]) -> int:
@@ -419,6 +480,39 @@ class PPOTrainer:
         if self.cfg.kl_budget is None:
             raise ValueError("choosing a checkpoint within the KL budget needs ppo.kl_budget: set it")
         return best_checkpoint_step(checkpoint_steps, self.history, self.cfg.kl_budget)
+
+    # -- several processes -----------------------------------------------------------------
+    def sync_from_main(self) -> None:
+        """Copy rank 0's whole state to the other processes (a no-op on one process).
+
+        Weights, optimizer, KL controller, normaliser, data cursor, history and RNG: a run
+        that resumed from a checkpoint loaded it on rank 0 only. Call it on every process
+        before the first step.
+        """
+        if self.shard.world == 1:
+            return
+        import torch.distributed as dist
+
+        with torch.no_grad():
+            for param in self.policy.parameters():
+                dist.broadcast(param.data, src=0)
+        state = [{
+            "optimizer": self.optimizer.state_dict(), "step": self.step_count, "cursor": self.cursor,
+            "order": self.order, "kl_controller": self.kl_ctl.state_dict(), "reward_moments": self.moments.state_dict(),
+            "nan_skips": self.nan_skips, "history": self.history, "rng": torch.get_rng_state(),
+            "data_rng": self.data_generator.get_state(),
+        } if self.shard.rank == 0 else None]
+        dist.broadcast_object_list(state, src=0)
+        if self.shard.rank != 0:
+            main = state[0]
+            self.optimizer.load_state_dict(main["optimizer"])
+            self.step_count, self.cursor, self.order = main["step"], main["cursor"], list(main["order"])
+            self.kl_ctl.load_state_dict(main["kl_controller"])
+            self.moments.load_state_dict(main["reward_moments"])
+            self.nan_skips, self.history = main["nan_skips"], dict(main["history"])
+            torch.set_rng_state(main["rng"])
+            self.data_generator.set_state(main["data_rng"])
+        self.last_good.save()
 
     # -- checkpoints ----------------------------------------------------------------------
     def save_checkpoint(self, out_dir: str | Path) -> Path:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlflow
@@ -35,6 +35,9 @@ from models.policy import PolicyWithValueHead
 from rlhf.config import PipelineConfig
 from rlhf.data.judge import GoldJudge
 from rlhf.data.loading import load_split
+from rlhf.distributed import device as distributed_device
+from rlhf.distributed import is_distributed, is_main_process
+from rlhf.launch import launch_stage
 from rlhf.ppo_trainer import ALERT_KINDS, CHECKPOINT_FILES, Alert, PPOTrainer, StepResult
 from rlhf.tracking import download, flatten, log_checkpoint, stage_run
 from tasks.common import Checkpoint, in_flow_run
@@ -77,21 +80,14 @@ def run_ppo(
 ) -> PPOResult:
     """Run PPO up to cfg.ppo.steps from SFT (or from `resume_from`, default cfg.ppo.resume_from); log everything."""
     resume_from = resume_from or cfg.ppo.resume_from
+    if cfg.distributed.num_processes > 1 and not is_distributed():  # start the processes; rank 0 comes back here
+        args = {"sft": asdict(sft), "reward": asdict(reward), "prompts_path": prompts_path,
+                "parent_run_id": parent_run_id, "gold_judge": gold_judge, "resume_from": resume_from}
+        return ppo_result_from_json(launch_stage("ppo", cfg, None, args))
     with stage_run(parent_run_id, "ppo", flatten({"ppo": cfg.ppo.model_dump()})) as run:
         inputs = {"sft_run_id": sft.run_id, "reward_run_id": reward.run_id}
         mlflow.log_params({**inputs, "sft_uri": sft.uri, "reward_uri": reward.uri})
-        sft_dir, rm_dir = str(download(sft.uri)), str(download(reward.uri))
-        tokenizer = load_tokenizer(sft_dir)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        torch.manual_seed(cfg.seed)  # the value head's initialisation belongs to the seeded run
-        policy = PolicyWithValueHead(load_causal_lm(sft_dir)).to(device)
-        ref_model = load_causal_lm(sft_dir).to(device)
-        reward_model = load_reward_model(rm_dir, tokenizer.pad_token_id).to(device)
-        prompts = list(load_split(prompts_path)["prompt"])
-        trainer = PPOTrainer(
-            cfg.ppo, policy, ref_model, reward_model, tokenizer, prompts, cfg.seed,
-            gold_scorer=GoldJudge().score if gold_judge else None,
-        )
+        trainer = build_trainer(cfg, sft, reward, prompts_path, gold_judge)
         checkpoints: dict[int, str] = {}
         if resume_from:
             point = resume(trainer, resume_from, inputs)
@@ -100,6 +96,7 @@ def run_ppo(
                 "ppo.resumed_from_run": point.run_id, "ppo.resumed_from_checkpoint": point.uri,
                 "ppo.resumed_at_step": str(point.step),
             })
+        trainer.sync_from_main()  # several processes: rank 0's (resumed) state everywhere
         alerts: list[Alert] = []
         result: StepResult | None = None
         with tempfile.TemporaryDirectory(prefix="rlhf-ppo-") as tmp:
@@ -147,6 +144,49 @@ def run_ppo(
         return PPOResult(
             Checkpoint(run.info.run_id, checkpoints[final_step]), checkpoints, tuple(alerts), stopped_at, rolled_back_to
         )
+
+
+def build_trainer(cfg: PipelineConfig, sft: Checkpoint, reward: Checkpoint, prompts_path: str, gold_judge: bool) -> PPOTrainer:
+    """The trainer on the SFT policy (fresh value head, seeded), the frozen reference and the reward model."""
+    sft_dir, rm_dir = str(download(sft.uri)), str(download(reward.uri))
+    tokenizer = load_tokenizer(sft_dir)
+    device = distributed_device()
+    torch.manual_seed(cfg.seed)  # the value head's initialisation belongs to the seeded run
+    policy = PolicyWithValueHead(load_causal_lm(sft_dir)).to(device)
+    ref_model = load_causal_lm(sft_dir).to(device)
+    reward_model = load_reward_model(rm_dir, tokenizer.pad_token_id).to(device)
+    prompts = list(load_split(prompts_path)["prompt"])
+    return PPOTrainer(
+        cfg.ppo, policy, ref_model, reward_model, tokenizer, prompts, cfg.seed,
+        gold_scorer=GoldJudge().score if gold_judge else None,
+    )
+
+
+# -- several processes (rlhf/launch.py) -----------------------------------------------------
+def train_ppo_worker(
+    cfg: PipelineConfig, sft: dict, reward: dict, prompts_path: str, parent_run_id: str, gold_judge: bool,
+    resume_from: str | None,
+) -> dict | None:
+    """One of several PPO processes. Rank 0 runs the whole stage (MLflow, checkpoints, alerts);
+    the others build the same trainer, take rank 0's state and step with it until it stops."""
+    sft_ckpt, reward_ckpt = Checkpoint(**sft), Checkpoint(**reward)
+    if is_main_process():
+        return asdict(run_ppo(cfg, sft_ckpt, reward_ckpt, prompts_path, parent_run_id, gold_judge, resume_from))
+    trainer = build_trainer(cfg, sft_ckpt, reward_ckpt, prompts_path, gold_judge)
+    trainer.sync_from_main()
+    for _ in range(trainer.step_count, cfg.ppo.steps):
+        if trainer.step().stop:  # computed from the whole batch: every process stops at the same step
+            break
+    return None
+
+
+def ppo_result_from_json(data: dict) -> PPOResult:
+    """The PPOResult rank 0 wrote (dataclasses.asdict, through JSON)."""
+    return PPOResult(
+        final=Checkpoint(**data["final"]), checkpoints={int(k): v for k, v in data["checkpoints"].items()},
+        alerts=tuple(Alert(**a) for a in data["alerts"]), stopped_at=data["stopped_at"],
+        rolled_back_to=data["rolled_back_to"],
+    )
 
 
 # -- checkpoints and resume ---------------------------------------------------------------

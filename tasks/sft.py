@@ -76,10 +76,13 @@ def train_sft(cfg: PipelineConfig, base_model: str, sft_path: str) -> str | None
         )
         trainer.remove_callback(ProgressCallback)  # TrainerProgress replaces its bar and log prints
         trainer.train()
+        out = Path(tmp) / "checkpoint"
+        if cfg.model.lora_r and is_main_process():
+            save_merged(trainer.model, out)
+        elif not cfg.model.lora_r:
+            trainer.save_model(str(out))  # every process calls it: under FSDP it gathers the full weights
         if not is_main_process():
             return None
-        out = Path(tmp) / "checkpoint"
-        save_merged(trainer.model, out)
         tokenizer.save_pretrained(out)
         uri = log_checkpoint(out, "checkpoint")
     losses = [h["sft/loss"] for h in logger.history if "sft/loss" in h]
