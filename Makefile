@@ -45,7 +45,7 @@ clean:  ## Remove run outputs and local stores (keeps .venv)
 RLHF_PREFECT_PORT ?= 4200
 RLHF_MLFLOW_PORT ?= 5000
 
-.PHONY: serve stop install-browser
+.PHONY: serve stop install-browser install-postgres
 
 serve: install  ## Prefect and MLflow servers on 127.0.0.1, the work pool, every deployment, a worker
 	RLHF_BIN=$(BIN) RLHF_PREFECT_PORT=$(RLHF_PREFECT_PORT) RLHF_MLFLOW_PORT=$(RLHF_MLFLOW_PORT) bash scripts/serve.sh
@@ -55,3 +55,6 @@ stop:  ## Stop what `make serve` started (by the PIDs in .serve/)
 
 install-browser: install  ## Debian's chromium and Playwright for Python, for tests/test_browser_ui.py (needs root)
 	RLHF_BIN=$(BIN) bash scripts/install-chromium.sh
+
+install-postgres: install  ## Debian's PostgreSQL and psycopg, for tests/test_mlflow_postgres.py (needs root)
+	RLHF_BIN=$(BIN) bash scripts/install-postgres.sh
