@@ -58,3 +58,27 @@ install-browser: install  ## Debian's chromium and Playwright for Python, for te
 
 install-postgres: install  ## Debian's PostgreSQL and psycopg, for tests/test_mlflow_postgres.py (needs root)
 	RLHF_BIN=$(BIN) bash scripts/install-postgres.sh
+
+# --- Benchmarks (docs/benchmarks.md): figures, never timed tests; results in bench/results/ ---
+BENCH := PYTHONPATH=$(CURDIR):$(CURDIR)/bench $(BIN)/python
+
+.PHONY: bench bench-ppo bench-pipeline bench-demo bench-growth bench-validation
+
+bench: bench-ppo bench-pipeline bench-demo bench-growth  ## Every benchmark below, one after another (an hour or more on 2 CPUs)
+
+bench-ppo: install  ## Our PPO vs TRL 1.12's PPOTrainer: episodes/s, tokens/s, reward gain (creates bench/.venv-trl12)
+	$(BENCH) bench/bench_ppo.py $(BENCH_ARGS)
+
+bench-pipeline: install  ## Full flow vs the same stage functions called bare: Prefect + MLflow overhead
+	$(BENCH) bench/bench_pipeline.py $(BENCH_ARGS)
+
+bench-demo: install  ## `rlhf run` at the default config: per-stage wall time, peak RSS, PPO time split
+	$(BENCH) bench/bench_demo.py $(BENCH_ARGS)
+
+bench-growth: install  ## PPO step time vs batch and length; validation and monitoring rows/s vs rows
+	$(BENCH) bench/bench_growth.py ppo
+	$(BENCH) bench/bench_growth.py validation
+	$(BENCH) bench/bench_growth.py monitor
+
+bench-validation: install  ## Validating 10,000 preference rows (issue 3)
+	$(BENCH) bench/bench_validation.py --repeats 5
