@@ -18,7 +18,9 @@ from models.loading import resolve_base_model
 from rlhf.config import PipelineConfig
 from rlhf.data.loading import resolve_data_paths
 from rlhf.env import quiet_defaults
-from rlhf.tracking import flatten, setup_experiment
+from rlhf.security import mask_secrets
+from rlhf.tracking import check_tracking_store, flatten, log_params, setup_experiment
+from tasks.caching import call_stage
 from tasks.evaluate import evaluate_task, format_table
 from tasks.ppo import ppo_task
 from tasks.register import config_hash, register_task
@@ -41,30 +43,46 @@ def rlhf_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineResult:
     """Align the base model with the preference data and register the policy."""
     quiet_defaults()
     logger = get_run_logger()
+    check_tracking_store()  # fail before any training when the store is unreachable
     experiment_id = setup_experiment(config.experiment)
     flow_run = FlowRunContext.get().flow_run
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"pipeline-{flow_run.name}") as parent:
         parent_id = parent.info.run_id
-        mlflow.log_params(flatten(config.model_dump()))
-        mlflow.log_text(yaml.safe_dump(config.model_dump(), sort_keys=False), "config.yaml")
+        log_params(flatten(config.model_dump()))
+        mlflow.log_text(yaml.safe_dump(mask_secrets(config.model_dump()), sort_keys=False), "config.yaml")
         mlflow.set_tags({"prefect.flow_run_id": str(flow_run.id), "config_hash": config_hash(config)})
-        run_dir = Path(config.output_dir) / parent_id
+        run_dir = Path(config.output_dir).resolve() / parent_id
         logger.info("MLflow parent run %s, outputs in %s", parent_id, run_dir)
 
+        # Stages whose inputs and code are unchanged come from Prefect's cache (tasks/caching.py).
         paths = resolve_data_paths(config.data, run_dir, config.seed)
         base_model = resolve_base_model(config.model.base_model, Path(config.output_dir) / "base-models", config.seed)
-        data = validate_task(config, paths, str(run_dir / "validated"), parent_id, tokenizer_path=base_model)
+        data, cached_validate = call_stage(
+            validate_task, config, paths, str(run_dir / "validated"), parent_id, tokenizer_path=base_model
+        )
         mlflow.set_tags({f"data.fingerprint.{split}": fp for split, fp in data.fingerprints.items()})
+        mlflow.set_tag("validation.success", "true")  # validate_task returns only when every check passed
 
-        sft = sft_task(config, base_model, data.paths["sft"], parent_id)
-        reward = reward_task(config, sft, data.paths["preferences"], data.paths["preferences_heldout"], parent_id)
-        ppo = ppo_task(config, sft, reward, data.paths["prompts"], parent_id)
+        sft, cached_sft = call_stage(sft_task, config, base_model, data.paths["sft"], parent_id)
+        reward, cached_reward = call_stage(
+            reward_task, config, sft, data.paths["preferences"], data.paths["preferences_heldout"], parent_id
+        )
+        ppo, cached_ppo = call_stage(ppo_task, config, sft, reward, data.paths["prompts"], parent_id)
+        cached = [name for name, hit in (("validate", cached_validate), ("sft", cached_sft), ("reward", cached_reward),
+                                         ("ppo", cached_ppo)) if hit]
+        mlflow.set_tags({
+            "rlhf.cached_stages": ",".join(cached) or "none",
+            "rlhf.stage_runs": f"sft={sft.run_id},reward={reward.run_id},ppo={ppo.final.run_id}",
+        })
+        if cached:
+            logger.info("Unchanged inputs and code: reused the results of %s", ", ".join(cached))
         evaluation = evaluate_task(
             config, sft, reward, ppo, data.paths["heldout_prompts"], parent_id,
             use_gold_judge=config.data.source == "builtin",
         )
         mlflow.log_metrics(evaluation.metrics)
         version = register_task(config, ppo, evaluation, data.fingerprints, parent_id)
+        mlflow.set_tags({"registry.version": version.version, "registry.reused": str(version.reused).lower()})
         logger.info("Evaluation on held-out prompts:\n%s", format_table(evaluation.metrics, config.ppo.kl_target))
         return PipelineResult(parent_id, version.model_uri, evaluation.metrics)
 

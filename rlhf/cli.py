@@ -61,6 +61,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     if cfg.data.source != "builtin":  # fail on a bad data path before the flow starts
         resolve_data_paths(cfg.data, cfg.output_dir, cfg.seed)
+    from rlhf.tracking import check_tracking_store
+
+    check_tracking_store()  # and on an unreachable tracking store, before Prefect starts
 
     from flows.pipeline import rlhf_pipeline
 
@@ -89,11 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     quiet_defaults()
     from rlhf.config import ConfigError
     from rlhf.data.loading import DataError
+    from rlhf.integrity import CheckpointCorrupted
+    from rlhf.tracking import TrackingUnavailable
     from tasks.validate import ValidationFailed
 
     try:
         return {"run": cmd_run, "validate": cmd_validate, "train-stage": cmd_train_stage}[args.command](args)
-    except (ConfigError, DataError, ValidationFailed) as e:
+    except (ConfigError, DataError, ValidationFailed, TrackingUnavailable, CheckpointCorrupted) as e:
         print(f"rlhf: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -39,6 +39,7 @@ class ValidationConfig(_Section):
     max_duplicate_fraction: float = Field(0.01, ge=0, le=1, description="Largest share of SFT demonstrations or preference pairs that repeat an earlier row (a pair with chosen/rejected swapped counts as a repeat); PPO prompts may repeat freely")
     max_leaked_fraction: float = Field(0.0, ge=0, le=1, description="Largest share of a training split (sft, preferences, prompts) whose prompts also occur in a held-out split (heldout_prompts, preferences_heldout)")
     max_row_bytes: int = Field(1_000_000, ge=1024, description="Longest line/row of a data file in bytes; a longer one is rejected before parsing (usually a broken export)")
+    max_file_bytes: int = Field(2_000_000_000, ge=1024, description="Largest data file in bytes; a bigger one is rejected before it is read (split it, or raise this)")
     max_examples: int = Field(3, ge=1, description="Example rows quoted per failed check in error messages")
 
     @model_validator(mode="after")
@@ -104,6 +105,7 @@ class PPOConfig(_Section):
     kl_budget: float | None = Field(12.0, gt=0, description="Largest objective/kl (nats, batch mean) the run may reach; above it `kl_budget_action` happens; None: no budget. Keep it well above kl_target (e.g. 2x): one batch's KL is noisy")
     kl_budget_action: Literal["warn", "stop", "rollback"] = Field("warn", description="On exceeding kl_budget: warn and go on; stop (final = current policy); or roll back to the best checkpoint within budget and stop")
     resume_from: str | None = Field(None, description="Resume from an earlier PPO run: its MLflow run id (latest complete checkpoint) or a checkpoint URI (.../checkpoints/step_XXXXX); continues to `steps`, logging at the following step numbers")
+    auto_resume: bool = Field(True, description="Without resume_from: continue an interrupted PPO run with the same inputs (killed, failed, or a lost tracking connection) from its latest good checkpoint instead of starting afresh")
     checkpoint_every: int = Field(20, ge=1, description="Log a full checkpoint every N iterations (and at step 0 and the end)")
     sample_every: int = Field(20, ge=1, description="Log a table of sample responses every N iterations")
 

@@ -52,6 +52,7 @@ from rlhf.hacking import (
 )
 from rlhf.promotion import CHAMPION, registry_aliases
 from rlhf.rl.losses import logprobs_from_logits
+from rlhf.security import redact_columns
 from rlhf.stats import distinct_n, mean_and_se, pearson, wilson_interval, win_count
 from rlhf.tracking import download, stage_run
 from rlhf.violations import is_refusal, violations
@@ -236,7 +237,8 @@ def run_evaluate(
         }
         mlflow.log_metrics(metrics)
         mlflow.set_tags(tags)
-        mlflow.log_table(sample_table(prompts, ours, base, theirs, support_task), artifact_file="eval/samples.json")
+        table = redact_columns(sample_table(prompts, ours, base, theirs, support_task))  # no PII in logged samples
+        mlflow.log_table(table, artifact_file="eval/samples.json")
         if in_flow_run():
             markdown = format_table(metrics, cfg.ppo.kl_target) + "\n\n" + format_checkpoints(series, flags, choice.step)
             create_markdown_artifact(markdown, key="evaluation", description="Held-out evaluation and checkpoint selection")

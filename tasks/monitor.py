@@ -40,6 +40,7 @@ from rlhf.drift.features import embed_prompts, max_sequence_length, prompt_featu
 from rlhf.drift.lineage import Lineage, LineageError, resolve_lineage
 from rlhf.drift.profile import Baseline
 from rlhf.drift.signals import Signal, WindowFeatures, compute_signals
+from rlhf.security import redact_text
 from rlhf.tracking import download, setup_experiment
 from tasks.baseline import load_baseline
 from tasks.common import in_flow_run
@@ -222,6 +223,13 @@ def examples(analysis: WindowAnalysis, baseline: Baseline) -> dict[str, list[tup
     return out
 
 
+def redacted(rows_by_title: dict[str, list[tuple[str, str, str]]]) -> dict[str, list[tuple[str, str, str]]]:
+    """Report examples with e-mail, phone and card numbers in prompts and responses redacted (traffic is user data)."""
+    return {
+        title: [(redact_text(p), redact_text(r), note) for p, r, note in rows] for title, rows in rows_by_title.items()
+    }
+
+
 def series_run(client: MlflowClient, experiment_id: str, lineage: Lineage) -> str:
     """The per-version monitoring run holding the drift/* time series (created on first use)."""
     key = f"{lineage.model_name}/{lineage.version}"
@@ -298,7 +306,7 @@ def write_report(analysis: WindowAnalysis, models: MonitorModels, window: Traffi
         ctx = ReportContext(
             lineage.model_name, lineage.version, window.index, window.path, run_id,
             inspect=inspect_targets(analysis.diagnosis.cause, lineage) if analysis.diagnosis.cause else [],
-            examples=examples(analysis, models.baseline) if analysis.diagnosis.cause else {},
+            examples=redacted(examples(analysis, models.baseline)) if analysis.diagnosis.cause else {},
             plots=[p.name for p in plots],
         )
         markdown = render_report(analysis.diagnosis, analysis.signals, metrics, ctx)

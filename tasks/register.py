@@ -7,6 +7,12 @@ PPO run and checkpoint, data fingerprints, config hash) and carry the evidence
 promotion gates read: ``eval.*`` metrics, ``hacking.*`` flags and
 ``validation.success``. Promotion (gates, then aliases, then ``gate.*`` tags) is
 flows/promote.py's job.
+
+Registration is idempotent: a checkpoint already registered under the model (same
+``lineage.checkpoint_uri`` and config hash: a re-run whose stages all came from the
+cache, or a Prefect retry after a lost connection) returns the existing version
+instead of adding a duplicate. The tags are written with the version in one call,
+so a version is never visible without its lineage.
 """
 
 from __future__ import annotations
@@ -20,21 +26,27 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
+from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_logger
 
 import models
 from rlhf.config import PipelineConfig
+from rlhf.drift.lineage import BASELINE_TAG
+from rlhf.integrity import MANIFEST
 from rlhf.ppo_trainer import OPTIMIZER_FILE, RNG_FILE
 from rlhf.tracking import download, stage_run
+from tasks.caching import RETRY_DELAYS_S, retry_on_tracking_error
 from tasks.evaluate import Evaluation
 from tasks.ppo import PPOResult
 
 SERVING_PARAMS = {"max_new_tokens": 48, "temperature": 1.0}
-TRAINING_ONLY_FILES = (OPTIMIZER_FILE, RNG_FILE, "training_args.bin")
-"""Files that resume or describe training but play no part in serving (not shipped with the model)."""
+TRAINING_ONLY_FILES = (OPTIMIZER_FILE, RNG_FILE, "training_args.bin", MANIFEST)
+"""Files that resume or describe training but play no part in serving (not shipped with the model).
+The checkpoint's manifest lists the training-only files too; the logged model has MLflow's own layout."""
 PIP_REQUIREMENTS = ["torch==2.13.0", "transformers>=5.0,<6", "safetensors", "pandas"]
 
 
@@ -43,6 +55,10 @@ class RegisteredVersion:
     name: str
     version: str
     model_uri: str
+    reused: bool = False
+    """True when the checkpoint was already registered and that version is returned."""
+    baseline_uri: str | None = None
+    """The version's drift baseline, when it has one already (a reused version)."""
 
 
 def config_hash(cfg: PipelineConfig) -> str:
@@ -51,13 +67,31 @@ def config_hash(cfg: PipelineConfig) -> str:
 
 
 def validation_status(parent_run_id: str) -> str:
-    """'true'/'false' from the pipeline run's validate stage, or 'missing' when it has none."""
+    """'true'/'false' from the pipeline run's validate stage (or the parent's tag when it came from the cache)."""
     client = MlflowClient()
-    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    parent = client.get_run(parent_run_id)
     runs = client.search_runs(
-        [experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`rlhf.stage` = 'validate'"
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`rlhf.stage` = 'validate'"
     )
-    return runs[0].data.tags.get("validation.success", "missing") if runs else "missing"
+    if runs:
+        return runs[0].data.tags.get("validation.success", "missing")
+    return parent.data.tags.get("validation.success", "missing")
+
+
+def registered_version(name: str, checkpoint_uri: str, cfg_hash: str) -> RegisteredVersion | None:
+    """The version of `name` that already holds this checkpoint (same config hash), if any."""
+    client = MlflowClient()
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    for v in sorted(versions, key=lambda v: int(v.version)):
+        tags = v.tags or {}
+        if tags.get("lineage.checkpoint_uri") == checkpoint_uri and tags.get("lineage.config_hash") == cfg_hash:
+            return RegisteredVersion(name, str(v.version), f"models:/{name}/{v.version}", True, tags.get(BASELINE_TAG))
+    return None
 
 
 def servable_copy(checkpoint_dir: Path) -> Path:
@@ -91,7 +125,14 @@ def version_tags(
 def run_register(
     cfg: PipelineConfig, ppo: PPOResult, evaluation: Evaluation, fingerprints: dict[str, str], parent_run_id: str
 ) -> RegisteredVersion:
-    """Log the chosen checkpoint as a pyfunc model and register a new version of it."""
+    """Log the chosen checkpoint as a pyfunc model and register a new version of it (or return the one holding it)."""
+    existing = registered_version(cfg.registered_model, evaluation.checkpoint.uri, config_hash(cfg))
+    if existing is not None:
+        get_logger(__name__).info(
+            "%s version %s already holds checkpoint %s: not registering a duplicate",
+            existing.name, existing.version, evaluation.checkpoint.uri,
+        )
+        return existing
     with stage_run(parent_run_id, "register") as run:
         policy_dir = servable_copy(download(evaluation.checkpoint.uri))
         example = pd.DataFrame({"prompt": ["Customer: Where is my lamp?\nAgent:"]})
@@ -103,18 +144,18 @@ def run_register(
             pip_requirements=PIP_REQUIREMENTS,
             signature=infer_signature(example, pd.DataFrame({"response": ["..."]}), params=SERVING_PARAMS),
             input_example=(example, SERVING_PARAMS),
-            registered_model_name=cfg.registered_model,
         )
-        version = str(info.registered_model_version)
-        client = MlflowClient()
         tags = version_tags(cfg, ppo, evaluation, fingerprints, parent_run_id, validation_status(parent_run_id))
-        for key, value in tags.items():
-            client.set_model_version_tag(cfg.registered_model, version, key, value)
+        # The version number is taken in the registry's transaction: concurrent pipelines get distinct ones.
+        version = str(mlflow.register_model(info.model_uri, cfg.registered_model, tags=tags).version)
         mlflow.set_tags({"registry.model": cfg.registered_model, "registry.version": version})
         return RegisteredVersion(cfg.registered_model, version, f"models:/{cfg.registered_model}/{version}")
 
 
-@task(name="register", cache_policy=NO_CACHE)
+@task(
+    name="register", cache_policy=NO_CACHE,
+    retries=len(RETRY_DELAYS_S), retry_delay_seconds=RETRY_DELAYS_S, retry_condition_fn=retry_on_tracking_error,
+)
 def register_task(
     cfg: PipelineConfig, ppo: PPOResult, evaluation: Evaluation, fingerprints: dict[str, str], parent_run_id: str
 ) -> RegisteredVersion:

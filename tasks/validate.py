@@ -22,7 +22,6 @@ import mlflow
 import numpy as np
 import pandas as pd
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from rlhf.config import PipelineConfig, ValidationConfig
 from rlhf.data.formats import DataKind
@@ -30,6 +29,7 @@ from rlhf.data.loading import DataError, LoadedData, load_standard
 from rlhf.tracking import flatten, stage_run
 from rlhf.validation import checks
 from rlhf.validation.suite import TEXT_COLUMNS, CheckFailure, data_docs_html, failures, is_text, run_suite
+from tasks.caching import RETRY_DELAYS_S, retry_on_tracking_error, stage_cache
 
 __all__ = [
     "DataKind", "SPLIT_KINDS", "ValidatedData", "ValidationFailed", "ValidationReport",
@@ -175,7 +175,7 @@ def validate_frame(
 
 def validate_file(path: str, kind: DataKind, cfg: ValidationConfig, tokenizer: Any = None) -> ValidationReport:
     """Validate one file (for `rlhf validate`); raises DataError for a malformed file."""
-    return validate_frame(load_standard(path, kind, cfg.max_row_bytes), kind, cfg, tokenizer)
+    return validate_frame(load_standard(path, kind, cfg.max_row_bytes, cfg.max_file_bytes), kind, cfg, tokenizer)
 
 
 def run_validation(
@@ -198,7 +198,7 @@ def run_validation(
         loaded: dict[str, LoadedData] = {}
         for split, path in paths.items():
             try:
-                loaded[split] = load_standard(path, SPLIT_KINDS[split], vcfg.max_row_bytes)
+                loaded[split] = load_standard(path, SPLIT_KINDS[split], vcfg.max_row_bytes, vcfg.max_file_bytes)
             except DataError as e:
                 errors.append(f"{split}: malformed file: {e}")
         # 2. Held-out prompts, for the leakage check of the training splits.
@@ -281,7 +281,10 @@ def _publish_prefect_table(reports: dict[str, ValidationReport], errors: list[st
         create_table_artifact(table=table, key="validation-summary", description="Validated data splits")
 
 
-@task(name="validate-data", cache_policy=NO_CACHE)
+@task(
+    name="validate-data", cache_policy=stage_cache("validate-data"), persist_result=True,
+    retries=len(RETRY_DELAYS_S), retry_delay_seconds=RETRY_DELAYS_S, retry_condition_fn=retry_on_tracking_error,
+)
 def validate_task(
     cfg: PipelineConfig, paths: dict[str, str], out_dir: str, parent_run_id: str, tokenizer_path: str | None = None
 ) -> ValidatedData:

@@ -38,6 +38,7 @@ from rlhf.data.formats import (
 SPLITS = tuple(FILES)
 EXTENSION_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 DEFAULT_MAX_ROW_BYTES = 1_000_000
+DEFAULT_MAX_FILE_BYTES = 2_000_000_000
 _MB = 1_000_000
 
 
@@ -86,9 +87,11 @@ def resolve_data_paths(cfg: DataConfig, out_dir: str | Path, seed: int) -> dict[
     return paths
 
 
-def load_split(path: str, max_row_bytes: int = DEFAULT_MAX_ROW_BYTES) -> datasets.Dataset:
+def load_split(
+    path: str, max_row_bytes: int = DEFAULT_MAX_ROW_BYTES, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+) -> datasets.Dataset:
     """One split as a `datasets.Dataset` (local file by extension, else a Hub dataset's train split)."""
-    return _load(path, max_row_bytes)[0]
+    return _load(path, max_row_bytes, max_file_bytes)[0]
 
 
 @dataclass(frozen=True)
@@ -103,13 +106,15 @@ class LoadedData:
     """The file's own columns and their types, for messages about missing ones."""
 
 
-def load_standard(path: str, kind: DataKind, max_row_bytes: int = DEFAULT_MAX_ROW_BYTES) -> LoadedData:
+def load_standard(
+    path: str, kind: DataKind, max_row_bytes: int = DEFAULT_MAX_ROW_BYTES, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+) -> LoadedData:
     """A file of any accepted format as the kind's standard string columns (see formats.py).
 
     Columns the kind does not use are dropped; missing ones are left for the
     validation suite to report.
     """
-    dataset, info = _load(path, max_row_bytes)
+    dataset, info = _load(path, max_row_bytes, max_file_bytes)
     columns = {name: _feature_type(feature) for name, feature in dataset.features.items()}
     fmt = detect_format(columns, kind)
     if fmt == "trl":
@@ -123,7 +128,9 @@ def load_standard(path: str, kind: DataKind, max_row_bytes: int = DEFAULT_MAX_RO
     return LoadedData(frame, info, fmt, columns)
 
 
-def inspect_file(path: str, max_row_bytes: int = DEFAULT_MAX_ROW_BYTES) -> SourceInfo:
+def inspect_file(
+    path: str, max_row_bytes: int = DEFAULT_MAX_ROW_BYTES, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+) -> SourceInfo:
     """Check a local file is readable as its extension says; raise DataError naming line and fix."""
     p = Path(path)
     suffix = p.suffix.lower()
@@ -137,6 +144,11 @@ def inspect_file(path: str, max_row_bytes: int = DEFAULT_MAX_ROW_BYTES) -> Sourc
     size = p.stat().st_size
     if size == 0:
         raise DataError(f"{path}: the file is empty (0 bytes). Fix: export the data again, or point at the right file")
+    if size > max_file_bytes:
+        raise DataError(
+            f"{path}: the file is {_size(size)}, over the {_size(max_file_bytes)} limit (validation.max_file_bytes), "
+            "so it is not read. Fix: split it or sample the rows you need, or raise validation.max_file_bytes"
+        )
     with p.open("rb") as f:
         head = f.read(4096)
     _check_magic(path, suffix, head)
@@ -152,7 +164,7 @@ def inspect_file(path: str, max_row_bytes: int = DEFAULT_MAX_ROW_BYTES) -> Sourc
 # --- loading --------------------------------------------------------------------------------------
 
 
-def _load(path: str, max_row_bytes: int) -> tuple[datasets.Dataset, SourceInfo]:
+def _load(path: str, max_row_bytes: int, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> tuple[datasets.Dataset, SourceInfo]:
     p = Path(path)
     if not p.exists():
         if p.suffix or path.startswith((".", "/", "~")):
@@ -164,7 +176,7 @@ def _load(path: str, max_row_bytes: int) -> tuple[datasets.Dataset, SourceInfo]:
                 f"{path}: not a local file, and loading it as a Hub dataset failed ({_first_line(e)}). "
                 "Fix: check the name and that this machine reaches the Hub, or download it and pass the file"
             ) from e
-    info = inspect_file(path, max_row_bytes)
+    info = inspect_file(path, max_row_bytes, max_file_bytes)
     kwargs: dict = {}
     if info.file_type == "csv":
         # Text stays text: "NA" or "1" in a prompt must not become null or an int.
@@ -459,6 +471,8 @@ def _csv_header(path: str) -> list[str]:
 
 
 def _size(n: int) -> str:
+    if n >= 1000 * _MB:
+        return f"{n / (1000 * _MB):.1f} GB"
     return f"{n / _MB:.1f} MB" if n >= 100_000 else f"{n / 1000:.1f} kB"
 
 
