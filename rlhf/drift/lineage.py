@@ -79,6 +79,13 @@ def resolve_lineage(client: MlflowClient, name: str, version: str | None = None,
         if stage:
             stage_runs[stage] = run.info.run_id
             artifact_uris[stage] = run.info.artifact_uri
+    # Stages the pipeline reused from Prefect's cache ran under an earlier pipeline run; flows/pipeline.py
+    # names the runs it used in the tag rlhf.stage_runs ("sft=<id>,reward=<id>,ppo=<id>").
+    for item in pipeline.data.tags.get("rlhf.stage_runs", "").split(","):
+        stage, _, run_id = item.partition("=")
+        if run_id and stage not in stage_runs:
+            stage_runs[stage] = run_id
+            artifact_uris[stage] = client.get_run(run_id).info.artifact_uri
     for stage in ("sft", "reward"):
         if stage not in stage_runs:
             raise LineageError(
