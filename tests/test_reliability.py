@@ -585,7 +585,7 @@ def test_pipeline_killed_in_ppo_resumes_caches_and_runs_concurrently(prefect_har
     assert client.get_run(killed["ppo"].info.run_id).info.status == "KILLED"
     assert client.get_run(killed_parent.info.run_id).info.status == "KILLED"
     versions = client.search_model_versions("name = 'rlhf-policy'")
-    assert [v.version for v in versions] == ["1"] and versions[0].tags["validation.success"] == "true"
+    assert [str(v.version) for v in versions] == ["1"] and versions[0].tags["validation.success"] == "true"
 
     # 3. Run C, unchanged: every training stage cached, the same version returned, none added.
     with temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: storage}):
@@ -604,7 +604,7 @@ def test_pipeline_killed_in_ppo_resumes_caches_and_runs_concurrently(prefect_har
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.communicate(timeout=60)
-    versions = {v.version: v for v in client.search_model_versions("name = 'rlhf-policy'")}
+    versions = {str(v.version): v for v in client.search_model_versions("name = 'rlhf-policy'")}
     assert sorted(versions) == ["1", "2", "3"]
     assert sorted(o["model_uri"] for o in outcomes.values()) == ["models:/rlhf-policy/2", "models:/rlhf-policy/3"]
     for lr, outcome in outcomes.items():
