@@ -25,7 +25,7 @@ from pathlib import Path
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="outputs/overoptimization", help="working folder (MLflow store, caches, summary)")
-    parser.add_argument("--sft-steps", type=int, default=300, help="the default sft.max_steps")
+    parser.add_argument("--sft-steps", type=int, default=150, help="the default sft.max_steps")
     parser.add_argument("--reward-steps", type=int, default=250, help="the default reward.max_steps")
     parser.add_argument("--ppo-steps", type=int, default=80, help="PPO iterations with the KL penalty off")
     parser.add_argument("--checkpoint-every", type=int, default=5, help="log a checkpoint every N iterations")

@@ -1,7 +1,8 @@
-"""The training pipeline: validate -> SFT -> reward model -> PPO -> evaluate -> register.
+"""The training pipeline: validate -> SFT -> reward model -> PPO -> evaluate -> register -> baseline.
 
 Wiring only: each stage is a task in tasks/, and stages hand each other MLflow
-references. One MLflow parent run spans the flow run; each stage opens a child run.
+references. One MLflow parent run spans the flow run; each stage opens a child run. The
+registered version gets its drift-monitoring baseline (tasks/baseline.py) last.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from rlhf.data.loading import resolve_data_paths
 from rlhf.env import quiet_defaults
 from rlhf.security import mask_secrets
 from rlhf.tracking import check_tracking_store, flatten, log_params, setup_experiment
+from tasks.baseline import baseline_task
 from tasks.caching import call_stage
 from tasks.evaluate import evaluate_task, format_table
 from tasks.ppo import ppo_task
@@ -83,6 +85,11 @@ def rlhf_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineResult:
         mlflow.log_metrics(evaluation.metrics)
         version = register_task(config, ppo, evaluation, data.fingerprints, parent_id)
         mlflow.set_tags({"registry.version": version.version, "registry.reused": str(version.reused).lower()})
+        if version.baseline_uri is None:  # a version reused from an earlier run keeps its baseline
+            baseline_task(
+                config, version.name, version.version, [data.paths["heldout_prompts"], data.paths["prompts"]],
+                config.baseline,
+            )
         logger.info("Evaluation on held-out prompts:\n%s", format_table(evaluation.metrics, config.ppo.kl_target))
         return PipelineResult(parent_id, version.model_uri, evaluation.metrics)
 

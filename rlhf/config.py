@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from rlhf.drift.config import BaselineConfig
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -60,7 +62,6 @@ class ModelConfig(_Section):
     lora_alpha: int = Field(16, ge=1, description="LoRA scaling alpha (the update is scaled by alpha / r)")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA branch")
     lora_target_modules: str = Field("all-linear", description="Modules that get adapters: 'all-linear', or comma-separated module names (e.g. 'q_proj,v_proj' for Llama/Qwen, 'c_attn' for GPT-2)")
-
 
 
 class SFTConfig(_Section):
@@ -152,6 +153,7 @@ class PipelineConfig(_Section):
     reward: RewardConfig = RewardConfig()
     ppo: PPOConfig = PPOConfig()
     eval: EvalConfig = EvalConfig()
+    baseline: BaselineConfig = BaselineConfig()
     distributed: DistributedConfig = DistributedConfig()
 
     @model_validator(mode="after")
@@ -165,7 +167,6 @@ class PipelineConfig(_Section):
                     "global and each process takes an equal share; change one of them"
                 )
         return self
-
 
 
 class ConfigError(ValueError):

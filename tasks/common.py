@@ -19,10 +19,3 @@ def trainer_precision_args() -> dict[str, bool]:
 
     on_gpu = torch.cuda.is_available()
     return {"use_cpu": not on_gpu, "bf16": on_gpu and torch.cuda.is_bf16_supported()}
-
-
-def in_flow_run() -> bool:
-    """Whether we run inside a Prefect flow run (artifacts need one)."""
-    from prefect.context import FlowRunContext
-
-    return FlowRunContext.get() is not None

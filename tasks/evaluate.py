@@ -56,7 +56,8 @@ from rlhf.security import redact_columns
 from rlhf.stats import distinct_n, mean_and_se, pearson, wilson_interval, win_count
 from rlhf.tracking import download, stage_run
 from rlhf.violations import is_refusal, violations
-from tasks.common import Checkpoint, in_flow_run
+from rlhf.progress import in_prefect_run
+from tasks.common import Checkpoint
 from tasks.ppo import PPOResult
 
 BATCH = 64
@@ -127,6 +128,11 @@ def sample_with_kl(policy, ref, tokenizer, prompts: list[str], max_new_tokens: i
     return out
 
 
+def load_policy(path: str, device: str):
+    """A causal LM checkpoint on the device, in eval mode."""
+    return load_causal_lm(path).to(device).eval()
+
+
 def make_judge(use_gold_judge: bool, heldout_rm, reward_model, tokenizer) -> Judge:
     """The gold judge where the data has one, else the held-out reward model, else the reward model."""
     if use_gold_judge:
@@ -174,16 +180,19 @@ def run_evaluate(
 ) -> Evaluation:
     """Choose the best PPO checkpoint on the selection split, flag hacking, judge it on the test split."""
     with stage_run(parent_run_id, "evaluate", {"eval.ppo_run_id": ppo.final.run_id}) as run:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
         sft_dir, rm_dir = str(download(sft.uri)), str(download(reward.uri))
         tokenizer = load_tokenizer(sft_dir)
-        sft_model = load_causal_lm(sft_dir).eval()
-        reward_model = load_reward_model(rm_dir, tokenizer.pad_token_id)
-        heldout_rm = load_reward_model(str(download(heldout_reward.uri)), tokenizer.pad_token_id) if heldout_reward else None
+        sft_model = load_policy(sft_dir, device)
+        reward_model = load_reward_model(rm_dir, tokenizer.pad_token_id).to(device)
+        heldout_rm = (
+            load_reward_model(str(download(heldout_reward.uri)), tokenizer.pad_token_id).to(device) if heldout_reward else None
+        )
         judge = make_judge(use_gold_judge, heldout_rm, reward_model, tokenizer)
         heldout = list(load_split(heldout_prompts_path)["prompt"])[: cfg.data.max_heldout_prompts]
         selection_prompts, test_prompts = split_for_selection(heldout, diagnostics.selection_fraction, cfg.seed)
         mlflow.log_params({
-            "eval.judge": judge.kind, "eval.selection_prompts": len(selection_prompts),
+            "eval.selection_prompts": len(selection_prompts),
             "eval.test_prompts": len(test_prompts), **{f"eval.{k}": v for k, v in diagnostics.model_dump().items()},
         })
 
@@ -194,7 +203,7 @@ def run_evaluate(
         for step, uri in sorted(ppo.checkpoints.items()):
             if step == 0:
                 continue  # PPO's step-0 checkpoint is the SFT policy, measured above
-            model = load_causal_lm(str(download(uri))).eval()
+            model = load_policy(str(download(uri)), device)
             series.append(checkpoint_stats(step, score_policy(model, sft_model, tokenizer, prompts, reward_model, tokenizer, judge, cfg)))
             del model
         flags = hacking_flags(series, diagnostics, judge_is_proxy=judge.kind == "reward_model")
@@ -211,13 +220,13 @@ def run_evaluate(
 
         # 3. Test split: the chosen checkpoint against SFT and the champion.
         prompts = [p for p in test_prompts for _ in range(repeat)]
-        policy = load_causal_lm(str(download(chosen.uri))).eval()
+        policy = load_policy(str(download(chosen.uri)), device)
         ours = score_policy(policy, sft_model, tokenizer, prompts, reward_model, tokenizer, judge, cfg)
         base = score_policy(sft_model, None, tokenizer, prompts, reward_model, tokenizer, judge, cfg)
         champion = champion_policy_dir(cfg.registered_model)
         theirs = None
         if champion is not None:
-            champion_model = load_causal_lm(str(champion[1])).eval()
+            champion_model = load_policy(str(champion[1]), device)
             theirs = score_policy(champion_model, None, load_tokenizer(str(champion[1])), prompts, reward_model, tokenizer, judge, cfg)
 
         support_task = cfg.data.source == "builtin"
@@ -239,7 +248,7 @@ def run_evaluate(
         mlflow.set_tags(tags)
         table = redact_columns(sample_table(prompts, ours, base, theirs, support_task))  # no PII in logged samples
         mlflow.log_table(table, artifact_file="eval/samples.json")
-        if in_flow_run():
+        if in_prefect_run():
             markdown = format_table(metrics, cfg.ppo.kl_target) + "\n\n" + format_checkpoints(series, flags, choice.step)
             create_markdown_artifact(markdown, key="evaluation", description="Held-out evaluation and checkpoint selection")
         return Evaluation(run.info.run_id, metrics, chosen, choice.step, tags)

@@ -43,7 +43,7 @@ from rlhf.drift.signals import Signal, WindowFeatures, compute_signals
 from rlhf.security import redact_text
 from rlhf.tracking import download, setup_experiment
 from tasks.baseline import load_baseline
-from tasks.common import in_flow_run
+from rlhf.progress import in_prefect_run
 
 REPORT_ARTIFACT = "report"
 EXAMPLES = 5
@@ -337,7 +337,7 @@ def raise_alert(cfg: MonitorConfig, result: MonitorResult) -> dict[str, str]:
     )
     if event is not None:
         out["event_id"] = str(event.id)
-    if in_flow_run():
+    if in_prefect_run():
         out["artifact_id"] = str(create_markdown_artifact(
             result.report_markdown, key="drift-report", description=f"Drift alert: {result.cause}"
         ))

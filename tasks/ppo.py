@@ -45,7 +45,6 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from tqdm.auto import tqdm
 
 from models.loading import load_causal_lm, load_reward_model, load_tokenizer
 from models.policy import PolicyWithValueHead
@@ -60,7 +59,8 @@ from rlhf.ppo_trainer import ALERT_KINDS, CHECKPOINT_FILES, Alert, PPOTrainer, S
 from rlhf.security import redact_rows
 from rlhf.tracking import download, flatten, log_checkpoint, log_params, stage_run
 from tasks.caching import RETRY_DELAYS_S, retry_on_tracking_error, stage_cache
-from tasks.common import Checkpoint, in_flow_run
+from rlhf.progress import StageProgress, in_prefect_run
+from tasks.common import Checkpoint
 
 RUN_FILE = "mlflow_run.json"
 """Written into each logged checkpoint: the run that logged it (resume copies that run's metrics)."""
@@ -182,8 +182,8 @@ def run_ppo(
 
             if trainer.step_count == 0:
                 save()  # step 0: the SFT policy with a fresh value head, the fallback of a rollback
-            progress = tqdm(range(trainer.step_count, cfg.ppo.steps), desc="ppo", unit="step")
-            for _ in progress:
+            progress = StageProgress("ppo", total=cfg.ppo.steps, initial=trainer.step_count)
+            for _ in range(trainer.step_count, cfg.ppo.steps):
                 # 1. One iteration; its metrics and alerts go to MLflow at the iteration's step.
                 result = trainer.step()
                 step = trainer.step_count
@@ -191,7 +191,7 @@ def run_ppo(
                 mlflow.set_tag("ppo.heartbeat", str(int(time.time())))
                 publish_alerts(result.alerts)
                 alerts += result.alerts
-                progress.set_postfix(
+                progress.update(
                     kl=f"{result.metrics['objective/kl']:.2f}", score=f"{result.metrics['objective/scores']:.2f}",
                     beta=f"{result.metrics['objective/kl_coef']:.3f}",
                 )
@@ -204,6 +204,7 @@ def run_ppo(
                     save()
                 if result.stop:
                     break
+            progress.close()
 
         # 3. A stop by the KL budget: the final policy is the current one, or the best within budget.
         stopped_at = trainer.step_count if result is not None and result.stop else None
@@ -479,7 +480,7 @@ def publish_alerts(alerts: list[Alert]) -> None:
     """Each alert as the MLflow tag `ppo.alert.<kind>` (latest message) and, in a flow run, a Prefect artifact."""
     for alert in alerts:
         mlflow.set_tag(f"ppo.alert.{alert.kind}", f"step {alert.step}: {alert.message}")
-        if in_flow_run():
+        if in_prefect_run():
             create_markdown_artifact(
                 f"**PPO alert `{alert.kind}`** at step {alert.step}, action `{alert.action}`\n\n{alert.message}\n\n"
                 "What to do: docs/runbook.md",
@@ -495,13 +496,13 @@ def log_samples(rows: list[dict], step: int) -> None:
     rows = redact_rows(rows)  # prompts and responses may carry e-mail, phone or card numbers
     columns = {key: [row[key] for row in rows] for key in rows[0]}
     mlflow.log_table(columns, artifact_file=f"samples/step_{step:05d}.json")
-    if in_flow_run():
+    if in_prefect_run():
         create_table_artifact(rows, key="ppo-samples", description=f"PPO sample responses at step {step}")
 
 
 def publish_summary(alerts: list[Alert], final_uri: str, stopped_at: int | None, rolled_back_to: int | None) -> None:
     """In a flow run: the alert table and a markdown summary of how the stage ended."""
-    if not in_flow_run():
+    if not in_prefect_run():
         return
     if alerts:
         create_table_artifact(

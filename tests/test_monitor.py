@@ -154,7 +154,7 @@ def champion(tiny_stack, tmp_path_factory):
         models.policy, models.reward_model, models.tokenizer, clean_size=300, drift_size=120, seed=1,
         kinds=("clean", "new_intent", "degraded_policy"),
     )
-    yield types.SimpleNamespace(root=root, uri=uri, version=mv.version, register_run_id=register.info.run_id,
+    yield types.SimpleNamespace(root=root, uri=uri, version=str(mv.version), register_run_id=register.info.run_id,
                                 sft_uri=uris["sft"], baseline_uri=baseline_uri, cfg=cfg, models=models, pools=pools)
     os.chdir(cwd)
     if old_uri is None:

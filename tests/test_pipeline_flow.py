@@ -52,6 +52,9 @@ def test_pipeline_tracks_six_stages_and_registers_the_policy(prefect_harness, ml
     assert [str(v.version) for v in versions] == ["1"]
     assert versions[0].tags["lineage.pipeline_run_id"] == result.parent_run_id
     assert result.model_uri == "models:/rlhf-policy/1"
+    # The drift baseline is stored with the version, in the register run that logged it.
+    assert versions[0].tags["baseline.uri"] == f"runs:/{by_stage['register'].info.run_id}/baseline"
+    assert client.list_artifacts(by_stage["register"].info.run_id, "baseline")
 
 
 @pytest.mark.slow
