@@ -612,7 +612,7 @@ def test_pipeline_killed_in_ppo_resumes_caches_and_runs_concurrently(prefect_har
         assert parent.data.tags["rlhf.cached_stages"] == "validate,sft,reward"
         children = stage_children(outcome["parent"])
         ppo_run = children["ppo"][0]
-        assert ppo_run.data.params["ppo.learning_rate"] == lr and "ppo.resumed_from_run" not in ppo_run.data.tags
+        assert float(ppo_run.data.params["ppo.learning_rate"]) == float(lr) and "ppo.resumed_from_run" not in ppo_run.data.tags
         version = versions[outcome["model_uri"].rsplit("/", 1)[1]]
         # no crossed artifacts: the version's lineage, run and weights are this pipeline run's own
         assert version.tags["lineage.pipeline_run_id"] == outcome["parent"]
