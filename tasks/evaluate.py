@@ -348,7 +348,7 @@ def plot_overoptimization(
     from matplotlib.figure import Figure  # a bare Figure renders with Agg; no pyplot global state
 
     x = [math.sqrt(max(p.kl, 0.0)) for p in series]
-    fig = Figure(figsize=(7, 4.5), dpi=100)
+    fig = Figure(figsize=(7, 5), dpi=100)
     ax = fig.add_subplot()
     proxy_ax = ax.twinx()
     ax.plot(x, [p.judge for p in series], "o-", color="tab:green", label=f"{judge_kind} (left)")
@@ -366,7 +366,8 @@ def plot_overoptimization(
     ax.set_ylabel(f"{judge_kind} score")
     proxy_ax.set_ylabel("reward-model score")
     handles = ax.get_legend_handles_labels()[0] + proxy_ax.get_legend_handles_labels()[0]
-    ax.legend(handles=handles, loc="best", fontsize=8)
+    # Below the axes: inside, the twin axis's points would draw over it.
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncols=3, fontsize=8, frameon=False)
     ax.set_title("Over-optimisation: judge and proxy by checkpoint (labels: PPO step)")
     fig.tight_layout()
     return fig
