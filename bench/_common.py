@@ -113,3 +113,23 @@ def git_commit() -> str:
         return head + ("+dirty" if dirty else "")
     except OSError:
         return "unknown"
+
+
+WARM_UP_FLOW = "from prefect import flow\n@flow(name='bench-warm-up')\ndef warm_up():\n    return 1\nwarm_up()\n"
+
+
+def warm_prefect_home(prefect_home: Path, python: str = sys.executable, attempts: int = 3) -> float:
+    """Create PREFECT_HOME's database with one trivial flow run (retried); returns the seconds it took.
+
+    On a busy machine the first temporary server of a fresh PREFECT_HOME (database
+    creation and migrations) can exceed PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS;
+    the benchmarks measure later runs against a warm home, as repeated `rlhf run`s see.
+    """
+    prefect_home.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    for attempt in range(attempts):
+        proc = subprocess.run([python, "-c", WARM_UP_FLOW], env=offline_env(PREFECT_HOME=str(prefect_home)),
+                              capture_output=True, text=True)
+        if proc.returncode == 0:
+            return time.perf_counter() - t0
+    raise RuntimeError(f"warm-up flow failed {attempts} times in {prefect_home}:\n{proc.stderr[-2000:]}")

@@ -28,7 +28,7 @@ import threading
 import time
 from pathlib import Path
 
-from _common import ROOT, WORK, git_commit, loadavg, machine, offline_env, summary, versions, write_result
+from _common import ROOT, WORK, git_commit, loadavg, machine, offline_env, summary, versions, warm_prefect_home, write_result
 
 PPO_TIMING = ("timing/generation_s", "timing/scoring_s", "timing/update_s", "timing/step_s")
 
@@ -93,6 +93,7 @@ def run_once(args: argparse.Namespace, folder: Path) -> dict:
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
+    warm_up_s = warm_prefect_home(folder / ".prefect")  # see warm_prefect_home: a fresh home can time out here
     env = offline_env(PREFECT_HOME=str(folder / ".prefect"))
     env.pop("MLFLOW_TRACKING_URI", None)  # the default store: mlflow.db in the run folder, as `make demo`
     cmd = [str(ROOT / ".venv" / "bin" / "rlhf"), "run", *[x for item in args.set for x in ("--set", item)]]
@@ -111,7 +112,7 @@ def run_once(args: argparse.Namespace, folder: Path) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"rlhf run failed ({proc.returncode}): see {folder}/stderr.log")
     result = {
-        "wall_s": wall_s, "load_before": load_before, "load_after": loadavg(),
+        "wall_s": wall_s, "prefect_home_warm_up_s": warm_up_s, "load_before": load_before, "load_after": loadavg(),
         "peak_rss_largest_process_mb": usage.ru_maxrss / 1024,  # Linux: kilobytes
         "peak_rss_tree_sampled_mb": rss.get("tree_peak", 0) / 2**20,
         "peak_rss_main_sampled_mb": rss.get("main_peak", 0) / 2**20,

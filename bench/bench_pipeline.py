@@ -36,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import ROOT, WORK, git_commit, loadavg, machine, offline_env, summary, versions, write_result
+from _common import ROOT, WORK, git_commit, loadavg, machine, offline_env, summary, versions, warm_prefect_home, write_result
 
 
 # -- worker: one run in this process -------------------------------------------------------
@@ -124,6 +124,7 @@ def run_one(mode: str, args: argparse.Namespace, work: Path, index: int) -> dict
         raise RuntimeError(f"{mode} run failed ({proc.returncode}), see {folder}/stderr.log:\n{proc.stderr[-3000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result.update(process_s=process_s, load_before=load_before, load_after=loadavg())
+    (folder / "result.json").write_text(json.dumps(result, indent=2))  # kept even if a later run fails
     print(f"  {mode:4s} #{index}: call {result['wall_s']:.1f} s (MLflow {result['mlflow_s']:.1f} s), "
           f"process {process_s:.1f} s, load {load_before[0]:.1f}", flush=True)
     if not args.keep:
@@ -147,6 +148,8 @@ def main() -> None:
 
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
+    warm_up_s = warm_prefect_home(work / "prefect-home")
+    print(f"PREFECT_HOME warmed up in {warm_up_s:.0f} s", flush=True)
     runs: dict[str, list[dict]] = {"flow": [], "bare": []}
     for i in range(args.repeats):
         for mode in (["flow", "bare"] if i % 2 == 0 else ["bare", "flow"]):
@@ -167,7 +170,7 @@ def main() -> None:
     result = {
         "machine": machine(), "commit": git_commit(), "load_at_end": loadavg(),
         "versions": versions("prefect", "mlflow", "torch", "transformers", "trl"),
-        "config": args.config, "overrides": args.set, "repeats": args.repeats,
+        "config": args.config, "overrides": args.set, "repeats": args.repeats, "prefect_home_warm_up_s": warm_up_s,
         "summary": {k: summary([p[k] for p in pairs]) for k in keys},
         "flow_mlflow_s": summary([r["mlflow_s"] for r in runs["flow"]]),
         "stages": {

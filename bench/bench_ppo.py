@@ -74,6 +74,7 @@ def run_worker(impl: str, python: Path, paths: dict[str, str], args: argparse.Na
         raise RuntimeError(f"{impl} worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result.update(process_s=time.perf_counter() - t0, load_before=load_before, load_after=loadavg())
+    (out / "result.json").write_text(json.dumps(result, indent=2))  # kept even if a later run fails
     print(f"  {impl:5s} seed {seed}: {result['episodes_per_s']:.2f} episodes/s, {result['tokens_per_s']:.0f} tokens/s, "
           f"loop {result['wall_s']:.1f} s, load {load_before[0]:.1f}", flush=True)
     return result
@@ -126,9 +127,22 @@ def main() -> None:
     parser.add_argument("--eval-samples", type=int, default=2, help="responses per held-out prompt in the evaluation")
     parser.add_argument("--sft-steps", type=int, default=120)
     parser.add_argument("--reward-steps", type=int, default=160)
+    parser.add_argument("--evaluate-only", action="store_true",
+                        help="only score the final policies already under <work>/runs/*/policy (bench/results/ppo-eval-*.json)")
     args = parser.parse_args()
 
     work = Path(args.work).resolve()
+    if args.evaluate_only:
+        paths = ensure_models(work, args.sft_steps, args.reward_steps)
+        policies = {"sft": paths["sft"], **{d.name: str(d / "policy") for d in sorted((work / "runs").glob("*")) if (d / "policy").exists()}}
+        scores = evaluate(policies, paths, args.response_length, args.eval_samples, seed=1234)
+        gains = {k: {"rm_gain": v["rm_score"] - scores["sft"]["rm_score"], "gold_gain": v["gold_score"] - scores["sft"]["gold_score"]}
+                 for k, v in scores.items() if k != "sft"}
+        path = write_result("ppo-eval", {"machine": machine(), "commit": git_commit(), "load_at_end": loadavg(),
+                                         "scores": scores, "gains": gains, "eval_samples": args.eval_samples})
+        print(json.dumps({"scores": scores, "gains": gains}, indent=2))
+        print(f"wrote {path}")
+        return
     trl_python = ensure_trl_venv()
     paths = ensure_models(work, args.sft_steps, args.reward_steps)
     print(f"models: {Path(paths['sft']).parent}, TRL venv: {TRL_VENV}", flush=True)
