@@ -54,9 +54,14 @@ def missing_browser() -> str | None:
     return None
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser_page() -> Iterator:
-    """A headless Chromium page (1440x900); skips, or fails in CI, when the browser is missing."""
+    """A headless Chromium page (1440x900); skips, or fails in CI, when the browser is missing.
+
+    Module-scoped on purpose: while Playwright's sync API is open, its event loop counts as
+    running in the main thread, and Prefect's sync-or-async calls (``to_deployment``,
+    ``resume_flow_run``) in later tests would return coroutines instead of running.
+    """
     reason = missing_browser()
     if reason:
         if browser_required():

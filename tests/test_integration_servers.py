@@ -113,9 +113,10 @@ def test_schedules_created_future_runs(live_servers: LiveServers):  # noqa: F811
             "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}},
             "sort": "EXPECTED_START_TIME_ASC",
         })
-        starts = [datetime.fromisoformat(r["expected_start_time"]) for r in runs]
-        assert len(starts) >= 3, f"{name}: {len(starts)} scheduled runs"
-        assert all(start > now for start in starts)
+        # A run that came due while the servers were up stays Scheduled (late) when no worker
+        # polls its queue, so only the future ones are counted.
+        starts = [s for r in runs if (s := datetime.fromisoformat(r["expected_start_time"])) > now]
+        assert len(starts) >= 3, f"{name}: {len(starts)} scheduled runs in the future of {len(runs)}"
         if name == "rlhf-pipeline":  # Mondays 02:00 UTC, one week apart
             assert all(s.weekday() == 0 and (s.hour, s.minute) == (2, 0) for s in starts)
             assert starts[1] - starts[0] == timedelta(days=7)

@@ -224,7 +224,7 @@ def test_drift_monitor_flow_logs_series_flags_version_and_alerts(champion, prefe
     def retrain() -> None:
         """Stands in for the training deployment."""
 
-    retrain.to_deployment(name="test").apply()
+    retrain.to_deployment(name="test", _sync=True).apply()
     traffic.write_windows(champion.root / "traffic", ["clean", "new_intent"], champion.pools, n_rows=300,
                           model_version=champion.version)
     first = drift_monitor(champion.cfg.model_copy(update={"window_index": 0}))
