@@ -53,10 +53,10 @@ serve: install  ## Prefect and MLflow servers on 127.0.0.1, the work pool, every
 stop:  ## Stop what `make serve` started (by the PIDs in .serve/)
 	bash scripts/stop.sh
 
-install-browser: install  ## Debian's chromium and Playwright for Python, for tests/test_browser_ui.py (needs root)
+install-browser: install  ## Debian's chromium and Playwright for Python, for tests/integration/test_browser_ui.py (needs root)
 	RLHF_BIN=$(BIN) bash scripts/install-chromium.sh
 
-install-postgres: install  ## Debian's PostgreSQL and psycopg, for tests/test_mlflow_postgres.py (needs root)
+install-postgres: install  ## Debian's PostgreSQL and psycopg, for tests/integration/test_mlflow_postgres.py (needs root)
 	RLHF_BIN=$(BIN) bash scripts/install-postgres.sh
 
 # --- Benchmarks (docs/benchmarks.md): figures, never timed tests; results in bench/results/ ---

@@ -28,7 +28,18 @@ import threading
 import time
 from pathlib import Path
 
-from _common import ROOT, WORK, git_commit, loadavg, machine, offline_env, summary, versions, warm_prefect_home, write_result
+from _common import (
+    ROOT,
+    WORK,
+    git_commit,
+    loadavg,
+    machine,
+    offline_env,
+    summary,
+    versions,
+    warm_prefect_home,
+    write_result,
+)
 
 PPO_TIMING = ("timing/generation_s", "timing/scoring_s", "timing/update_s", "timing/step_s")
 

@@ -6,7 +6,7 @@ monitoring rows per second against data size.
     PYTHONPATH=. .venv/bin/python bench/bench_growth.py monitor [--rows 1000,10000,50000]
                                                                         (or: make bench-growth)
 
-ppo: our PPOTrainer (rlhf/ppo_trainer.py) on the bench SFT/reward models
+ppo: our PPOTrainer (rlhf/ppo/trainer.py) on the bench SFT/reward models
 (bench/ppo_models.py), one fresh trainer per setting: one warm-up step, then
 --steps timed steps; median step time, its split (the trainer's timing/* metrics)
 and the mean response length actually sampled (the SFT policy often ends before
@@ -16,7 +16,7 @@ validation: ``tasks.validate.validate_file`` on N built-in preference rows, one
 cold call (first in the process) then --repeats warm calls per size.
 
 monitor: the monitor's two data-size-dependent steps on one window of N traffic
-rows (rlhf.drift.traffic, kind `clean`): ``tasks.monitor.read_window`` (JSONL
+rows (rlhf.builtin.traffic, kind `clean`): ``tasks.monitor.read_window`` (JSONL
 loading and checks) and ``tasks.monitor.analyze_window`` (features, drift tests,
 diagnosis; the model-bound parts use a bounded subsample: embedding_rows,
 kl_prompts, scored_rows of MonitorConfig). The monitored model and its baseline
@@ -46,7 +46,7 @@ def ints(text: str) -> list[int]:
 
 def ppo_growth(args: argparse.Namespace) -> dict:
     paths = ensure_models(Path(args.work))
-    from rlhf.env import quiet_defaults
+    from rlhf.infra.env import quiet_defaults
 
     quiet_defaults()
     import torch
@@ -54,7 +54,7 @@ def ppo_growth(args: argparse.Namespace) -> dict:
     from models.loading import load_causal_lm, load_reward_model, load_tokenizer
     from models.policy import PolicyWithValueHead
     from rlhf.config import PPOConfig
-    from rlhf.ppo_trainer import PPOTrainer
+    from rlhf.ppo.trainer import PPOTrainer
 
     tokenizer = load_tokenizer(paths["sft"])
     ref_model = load_causal_lm(paths["sft"])
@@ -90,11 +90,11 @@ def ppo_growth(args: argparse.Namespace) -> dict:
 
 
 def validation_growth(args: argparse.Namespace) -> dict:
-    from rlhf.env import quiet_defaults
+    from rlhf.infra.env import quiet_defaults
 
     quiet_defaults()
+    from rlhf.builtin.dataset import BuiltinSizes, build_builtin_rows
     from rlhf.config import ValidationConfig
-    from rlhf.data.builtin import BuiltinSizes, build_builtin_rows
     from tasks.validate import validate_file
 
     cfg = ValidationConfig()
@@ -126,14 +126,14 @@ def validation_growth(args: argparse.Namespace) -> dict:
 
 def monitor_growth(args: argparse.Namespace) -> dict:
     paths = ensure_models(Path(args.work))
-    from rlhf.env import quiet_defaults
+    from rlhf.infra.env import quiet_defaults
 
     quiet_defaults()
     import numpy as np
 
     from models.loading import load_causal_lm, load_reward_model, load_tokenizer
-    from rlhf.drift import traffic
-    from rlhf.drift.config import BaselineConfig, MonitorConfig
+    from rlhf.builtin import traffic
+    from rlhf.config import BaselineConfig, MonitorConfig
     from rlhf.drift.lineage import Lineage
     from tasks import monitor
     from tasks.baseline import compute_baseline

@@ -35,14 +35,14 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     os.chdir(work)
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work}/mlflow.db")
-    from rlhf.env import quiet_defaults
+    from rlhf.infra.env import quiet_defaults
 
     quiet_defaults()
     import torch
     from mlflow.tracking import MlflowClient
 
-    from rlhf.drift import traffic
-    from rlhf.drift.config import MonitorConfig
+    from rlhf.builtin import traffic
+    from rlhf.config import MonitorConfig
     from rlhf.drift.lineage import model_version
     from tasks import monitor
 

@@ -51,7 +51,18 @@ import time
 import urllib.request
 from pathlib import Path
 
-from _common import ROOT, WORK, git_commit, loadavg, machine, offline_env, summary, versions, warm_prefect_home, write_result
+from _common import (
+    ROOT,
+    WORK,
+    git_commit,
+    loadavg,
+    machine,
+    offline_env,
+    summary,
+    versions,
+    warm_prefect_home,
+    write_result,
+)
 
 
 # -- worker: one run in this process -------------------------------------------------------
@@ -80,7 +91,7 @@ def bare_pipeline():
 
 def worker(mode: str, config: str | None, overrides: list[str]) -> None:
     t_import = time.perf_counter()
-    from rlhf.env import quiet_defaults
+    from rlhf.infra.env import quiet_defaults
 
     quiet_defaults()
     import _mlflow_timer

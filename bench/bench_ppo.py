@@ -82,7 +82,7 @@ def run_worker(impl: str, python: Path, paths: dict[str, str], args: argparse.Na
 
 def evaluate(policy_dirs: dict[str, str], paths: dict[str, str], response_length: int, samples: int, seed: int) -> dict:
     """Mean reward-model and gold-judge score of each policy on the held-out prompts."""
-    from rlhf.env import quiet_defaults
+    from rlhf.infra.env import quiet_defaults
 
     quiet_defaults()
     import torch
@@ -90,7 +90,7 @@ def evaluate(policy_dirs: dict[str, str], paths: dict[str, str], response_length
     from models.generation import decode_responses, sample
     from models.loading import load_causal_lm, load_reward_model, load_tokenizer
     from models.reward import score_token_ids
-    from rlhf.data.judge import GoldJudge
+    from rlhf.builtin.judge import GoldJudge
 
     tokenizer = load_tokenizer(paths["sft"])
     reward_model = load_reward_model(paths["reward"], tokenizer.pad_token_id).eval()

@@ -27,8 +27,8 @@ def main() -> None:
     args = parser.parse_args()
 
     t0 = time.perf_counter()
+    from rlhf.builtin.dataset import BuiltinSizes, build_builtin_rows
     from rlhf.config import ValidationConfig
-    from rlhf.data.builtin import BuiltinSizes, build_builtin_rows
     from tasks.validate import validate_file
 
     tokenizer = None

@@ -39,11 +39,11 @@ def build_champion(work: Path, ppo_steps: int, seed: int = 0) -> None:
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from models.loading import resolve_base_model
+    from rlhf.builtin.model import resolve_base_model
+    from rlhf.builtin.task import resolve_data_paths
     from rlhf.config import load_config
-    from rlhf.data.loading import resolve_data_paths
     from rlhf.drift.lineage import BASELINE_TAG
-    from rlhf.tracking import setup_experiment, stage_run
+    from rlhf.infra.tracking import setup_experiment, stage_run
     from tasks.baseline import run_baseline
     from tasks.ppo import PPOResult, run_ppo
     from tasks.reward import run_reward
@@ -92,13 +92,13 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     os.chdir(work)
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work}/mlflow.db")
-    from rlhf.env import quiet_defaults
+    from rlhf.infra.env import quiet_defaults
 
     quiet_defaults()
     import torch
 
-    from rlhf.drift import traffic
-    from rlhf.drift.config import MonitorConfig
+    from rlhf.builtin import traffic
+    from rlhf.config import MonitorConfig
     from tasks.monitor import analyze_window, load_models
 
     if args.threads:

@@ -40,16 +40,18 @@ def main() -> None:
     os.chdir(out)
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{out}/mlflow.db"
 
-    from rlhf.env import quiet_defaults
+    from rlhf.infra.env import quiet_defaults
 
     quiet_defaults()
     import mlflow
 
-    from models.loading import load_causal_lm, load_reward_model, load_tokenizer, resolve_base_model
-    from rlhf.config import load_config
-    from rlhf.data.loading import load_split, resolve_data_paths
-    from rlhf.hacking import DiagnosticsConfig, split_for_selection
-    from rlhf.tracking import download, setup_experiment
+    from models.loading import load_causal_lm, load_reward_model, load_tokenizer
+    from rlhf.builtin.model import resolve_base_model
+    from rlhf.builtin.task import SUPPORT_TASK, resolve_data_paths
+    from rlhf.config import DiagnosticsConfig, load_config
+    from rlhf.data.loading import load_split
+    from rlhf.evaluation.hacking import split_for_selection
+    from rlhf.infra.tracking import download, setup_experiment
     from tasks.common import Checkpoint
     from tasks.evaluate import make_judge, run_evaluate, score_policy
     from tasks.ppo import PPOResult, run_ppo
@@ -105,7 +107,7 @@ def main() -> None:
     tokenizer = load_tokenizer(str(download(sft.uri)))
     sft_model = load_causal_lm(str(download(sft.uri))).eval()
     reward_model = load_reward_model(str(download(reward.uri)), tokenizer.pad_token_id)
-    judge = make_judge(True, None, reward_model, tokenizer)
+    judge = make_judge(SUPPORT_TASK, None, reward_model, tokenizer)
     heldout = list(load_split(paths["heldout_prompts"])["prompt"])[: cfg.data.max_heldout_prompts]
     _, test_prompts = split_for_selection(heldout, diagnostics.selection_fraction, cfg.seed)
     prompts = [p for p in test_prompts for _ in range(cfg.eval.samples_per_prompt)]

@@ -43,15 +43,15 @@ def ensure_models(work: Path, sft_steps: int = 120, reward_steps: int = 160, see
     cwd = os.getcwd()
     os.chdir(work)  # MLflow's local artifact folder is created beside the working folder
     try:
-        from rlhf.env import quiet_defaults
+        from rlhf.infra.env import quiet_defaults
 
         quiet_defaults()
         import mlflow
 
-        from models.loading import resolve_base_model
+        from rlhf.builtin.model import resolve_base_model
+        from rlhf.builtin.task import resolve_data_paths
         from rlhf.config import load_config
-        from rlhf.data.loading import resolve_data_paths
-        from rlhf.tracking import download, setup_experiment
+        from rlhf.infra.tracking import download, setup_experiment
         from tasks.reward import run_reward
         from tasks.sft import run_sft
 

@@ -1,4 +1,4 @@
-"""One timed PPO run of the project's trainer (rlhf/ppo_trainer.py); run by bench/bench_ppo.py.
+"""One timed PPO run of the project's trainer (rlhf/ppo/trainer.py); run by bench/bench_ppo.py.
 
     PYTHONPATH=. python bench/ppo_ours_worker.py --models outputs/bench/ppo/models --prompts P \
         --steps 30 --batch-size 32 --mini-batch-size 16 --epochs 2 --response-length 48 --seed 0 \
@@ -37,7 +37,7 @@ def main() -> None:
     args = parser.parse_args()
 
     t_import = time.perf_counter()
-    from rlhf.env import quiet_defaults
+    from rlhf.infra.env import quiet_defaults
 
     quiet_defaults()
     import torch
@@ -45,7 +45,7 @@ def main() -> None:
     from models.loading import load_causal_lm, load_reward_model, load_tokenizer
     from models.policy import PolicyWithValueHead
     from rlhf.config import PPOConfig
-    from rlhf.ppo_trainer import PPOTrainer
+    from rlhf.ppo.trainer import PPOTrainer
 
     import_s = time.perf_counter() - t_import
     t_load = time.perf_counter()

@@ -13,7 +13,7 @@ import os
 
 from prefect import flow, get_run_logger
 
-from rlhf.drift.config import MonitorConfig
+from rlhf.config import MonitorConfig
 from tasks.monitor import MonitorResult, alert_task, monitor_task
 
 

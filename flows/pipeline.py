@@ -15,14 +15,15 @@ import yaml
 from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
 
-from models.loading import resolve_base_model
+from rlhf.builtin.model import resolve_base_model
+from rlhf.builtin.task import resolve_data_paths
 from rlhf.config import PipelineConfig
-from rlhf.data.loading import resolve_data_paths
-from rlhf.env import quiet_defaults
-from rlhf.security import mask_secrets
-from rlhf.tracking import check_tracking_store, flatten, log_params, setup_experiment
+from rlhf.infra.env import quiet_defaults
+from rlhf.infra.security import mask_secrets
+from rlhf.infra.tracking import check_tracking_store, flatten, log_params, setup_experiment
 from tasks.baseline import baseline_task
 from tasks.caching import call_stage
+from tasks.common import PPO, REWARD, SFT, VALIDATE
 from tasks.evaluate import evaluate_task, format_table
 from tasks.ppo import ppo_task
 from tasks.register import config_hash, register_task
@@ -70,18 +71,15 @@ def rlhf_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineResult:
             reward_task, config, sft, data.paths["preferences"], data.paths["preferences_heldout"], parent_id
         )
         ppo, cached_ppo = call_stage(ppo_task, config, sft, reward, data.paths["prompts"], parent_id)
-        cached = [name for name, hit in (("validate", cached_validate), ("sft", cached_sft), ("reward", cached_reward),
-                                         ("ppo", cached_ppo)) if hit]
+        hits = ((VALIDATE, cached_validate), (SFT, cached_sft), (REWARD, cached_reward), (PPO, cached_ppo))
+        cached = [name for name, hit in hits if hit]
         mlflow.set_tags({
             "rlhf.cached_stages": ",".join(cached) or "none",
-            "rlhf.stage_runs": f"sft={sft.run_id},reward={reward.run_id},ppo={ppo.final.run_id}",
+            "rlhf.stage_runs": f"{SFT}={sft.run_id},{REWARD}={reward.run_id},{PPO}={ppo.final.run_id}",
         })
         if cached:
             logger.info("Unchanged inputs and code: reused the results of %s", ", ".join(cached))
-        evaluation = evaluate_task(
-            config, sft, reward, ppo, data.paths["heldout_prompts"], parent_id,
-            use_gold_judge=config.data.source == "builtin",
-        )
+        evaluation = evaluate_task(config, sft, reward, ppo, data.paths["heldout_prompts"], parent_id)
         mlflow.log_metrics(evaluation.metrics)
         version = register_task(config, ppo, evaluation, data.fingerprints, parent_id)
         mlflow.set_tags({"registry.version": version.version, "registry.reused": str(version.reused).lower()})

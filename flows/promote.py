@@ -1,6 +1,6 @@
 """Promotion and rollback flows: registry aliases move only after the gates pass.
 
-Wiring only: the gates, the alias moves and the lock live in rlhf/promotion.py.
+Wiring only: the gates, the alias moves and the lock live in rlhf/registry/promotion.py.
 
 - ``promote(model_name, version, config)``: gates on the version's tags; pass ->
   alias ``challenger``, an optional human approval (the flow pauses with a form in
@@ -19,9 +19,10 @@ from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 from pydantic import Field
 
-from rlhf.promotion import (
+from rlhf.config import PromotionConfig
+from rlhf.infra.tracking import tracking_uri
+from rlhf.registry.promotion import (
     Approval,
-    PromotionConfig,
     PromotionOutcome,
     RollbackOutcome,
     lock_path,
@@ -29,7 +30,6 @@ from rlhf.promotion import (
     resolve_version,
     rollback_champion,
 )
-from rlhf.tracking import tracking_uri
 
 
 class ApprovalInput(RunInput):

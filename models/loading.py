@@ -1,7 +1,7 @@
 """Load tokenizers and models by Hugging Face name or local path.
 
-``builtin:tiny-gpt2`` and ``builtin:tiny-llama`` name the embedded defaults; they
-are built on first use into a cache folder and then loaded like any checkpoint.
+The embedded defaults (``builtin:tiny-gpt2``, ``builtin:tiny-llama``) are built into a
+folder by ``rlhf.builtin.model.resolve_base_model`` and then loaded like any checkpoint.
 Remote code is never run unless the config asks for it (``trust_remote_code``), and
 weights load from safetensors only: a pickled ``pytorch_model.bin`` can run code when
 unpickled, so a folder that has only those is refused with the conversion to do.
@@ -19,30 +19,6 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
-
-BUILTIN_PREFIX = "builtin:"
-BUILTIN_ARCHS = {"builtin:tiny-gpt2": "gpt2", "builtin:tiny-llama": "llama"}
-
-
-def resolve_base_model(name_or_path: str, cache_dir: str | Path, seed: int = 0) -> str:
-    """A from_pretrained-able name or path; builds the embedded default when asked for."""
-    if not name_or_path.startswith(BUILTIN_PREFIX):
-        return name_or_path
-    if name_or_path not in BUILTIN_ARCHS:
-        raise ValueError(
-            f"unknown built-in model {name_or_path!r}: use one of {sorted(BUILTIN_ARCHS)} "
-            "or a Hugging Face model name or local path"
-        )
-    from models.tiny import build_tiny_checkpoint
-    from rlhf.data.builtin import build_builtin_rows
-
-    out = Path(cache_dir) / f"{name_or_path.removeprefix(BUILTIN_PREFIX)}-seed{seed}"
-    if not (out / "config.json").exists():
-        rows = build_builtin_rows(seed)
-        corpus = [r["prompt"] + r["completion"] for r in rows["sft"]]
-        corpus += [r["prompt"] + r["chosen"] + r["rejected"] for r in rows["preferences"]]
-        build_tiny_checkpoint(out, corpus, arch=BUILTIN_ARCHS[name_or_path], seed=seed)  # type: ignore[arg-type]
-    return str(out)
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:

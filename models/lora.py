@@ -10,23 +10,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from peft import LoraConfig, TaskType
 from transformers import PreTrainedModel
 
-from rlhf.config import ModelConfig
 
-
-def lora_config(cfg: ModelConfig, task: Literal["causal_lm", "seq_cls"]):
-    """The peft LoraConfig for ``cfg`` (None when ``lora_r`` is 0: train every weight)."""
-    if cfg.lora_r == 0:
+def lora_config(
+    r: int, alpha: int, dropout: float, target_modules: str, task: Literal["causal_lm", "seq_cls"]
+) -> LoraConfig | None:
+    """The peft LoraConfig (None when ``r`` is 0: train every weight); arguments as in ``model.lora_*``."""
+    if r == 0:
         return None
-    from peft import LoraConfig, TaskType
-
-    targets = cfg.lora_target_modules.strip()
+    targets = target_modules.strip()
     modules: str | list[str] = targets if targets == "all-linear" else [m.strip() for m in targets.split(",") if m.strip()]
     if not modules:
         raise ValueError("model.lora_target_modules is empty: use 'all-linear' or module names such as 'q_proj,v_proj'")
     return LoraConfig(
-        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=modules,
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules,
         task_type=TaskType.CAUSAL_LM if task == "causal_lm" else TaskType.SEQ_CLS,
     )
 

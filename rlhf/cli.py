@@ -1,15 +1,19 @@
-"""`rlhf`: the command-line entry point (run the pipeline, validate data).
+"""`rlhf`: the command-line entry point, the top layer (run the pipeline, validate data,
+one process of a launched training stage).
 
 Errors the user can fix are printed as one line naming the fix, with exit status 2;
-anything else is a bug and keeps its traceback.
+anything else is a bug and keeps its traceback. Commands import what they run inside
+their function, so `rlhf --help` answers without loading torch, Prefect or MLflow.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
-from rlhf.env import quiet_defaults
+from rlhf.config import ConfigError
+from rlhf.infra.env import quiet_defaults
 
 UI_HINT = """\
 Open the results:
@@ -35,23 +39,66 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--tokenizer", help="tokenizer name or path for the token-length bounds (skipped without)")
     validate.add_argument("--report-dir", help="also write the GX result (JSON) and Data Docs (HTML) here")
     stage = sub.add_parser(
-        "train-stage", help="one process of a training stage started by torchrun/accelerate launch (rlhf/launch.py)"
+        "train-stage", help="one process of a training stage started by torchrun/accelerate launch (tasks/launch.py)"
     )
     stage.add_argument("stage", choices=["sft", "reward", "ppo"])
-    stage.add_argument("spec", help="JSON file written by rlhf.launch.launch_stage")
+    stage.add_argument("spec", help="JSON file written by tasks.launch.launch_stage")
     stage.add_argument("result", help="where rank 0 writes the stage's result (JSON)")
     return parser
 
 
-def cmd_train_stage(args: argparse.Namespace) -> int:
-    from rlhf.launch import run_stage_worker
+def run_stage(stage: str, spec: dict[str, Any]) -> Any:
+    """Run a training stage from its launch spec in this process of the group; rank 0 logs
+    (into ``spec['run_id']`` when set; PPO opens its own run). The stages' functions are
+    imported here, at the top layer, so tasks/launch.py never imports what it launches."""
+    from contextlib import nullcontext
 
-    return run_stage_worker(args.stage, args.spec, args.result)
+    import mlflow
+
+    from rlhf.config import PipelineConfig
+    from rlhf.infra import distributed
+    from tasks.ppo import train_ppo_worker
+    from tasks.reward import train_reward
+    from tasks.sft import train_sft
+
+    stage_function = {"sft": train_sft, "reward": train_reward, "ppo": train_ppo_worker}[stage]
+    cfg = PipelineConfig.model_validate(spec["config"])
+    mlflow.set_tracking_uri(spec["tracking_uri"])
+    logs_here = distributed.is_main_process() and spec["run_id"]
+    with mlflow.start_run(run_id=spec["run_id"]) if logs_here else nullcontext():
+        return stage_function(cfg, **spec["args"])
+
+
+def cmd_train_stage(args: argparse.Namespace) -> int:
+    """One process of a launched training stage: join the group, run the stage, rank 0 writes the result."""
+    import json
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from rlhf.infra import distributed
+
+    if not distributed.launched_by_torchrun():
+        raise ConfigError(
+            "rlhf train-stage runs inside a launcher with WORLD_SIZE > 1: set distributed.num_processes and "
+            "let `rlhf run` start it, or start it with torchrun / accelerate launch"
+        )
+    spec = json.loads(Path(args.spec).read_text())
+    distributed.init_process_group()
+    try:
+        out = run_stage(args.stage, spec)
+        if distributed.is_main_process():
+            Path(args.result).write_text(json.dumps(out))
+        distributed.barrier()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from rlhf.builtin.task import resolve_data_paths
     from rlhf.config import load_config
-    from rlhf.data.loading import resolve_data_paths
 
     overrides = list(args.overrides)
     if args.data:
@@ -59,14 +106,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.base_model:
         overrides.append(f"model.base_model={args.base_model}")
     cfg = load_config(args.config, overrides)
-    if cfg.data.source != "builtin":  # fail on a bad data path before the flow starts
+    if not cfg.data.is_builtin:  # fail on a bad data path before the flow starts
         resolve_data_paths(cfg.data, cfg.output_dir, cfg.seed)
-    from rlhf.tracking import check_tracking_store
+    from rlhf.infra.tracking import check_tracking_store
 
     check_tracking_store()  # and on an unreachable tracking store, before Prefect starts
 
     from flows.pipeline import rlhf_pipeline
-
     from tasks.evaluate import format_table
 
     result = rlhf_pipeline(cfg)
@@ -90,10 +136,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_defaults()
-    from rlhf.config import ConfigError
     from rlhf.data.loading import DataError
-    from rlhf.integrity import CheckpointCorrupted
-    from rlhf.tracking import TrackingUnavailable
+    from rlhf.infra.integrity import CheckpointCorrupted
+    from rlhf.infra.tracking import TrackingUnavailable
     from tasks.validate import ValidationFailed
 
     try:

@@ -1,6 +1,10 @@
 """Pipeline configuration: frozen pydantic models whose defaults run the demo on a CPU.
 
-Every field has a one-line description (the Prefect UI renders them as a form).
+One tree: every section (data, training, evaluation diagnostics, promotion gates,
+drift baseline and monitoring) hangs off ``PipelineConfig``, so ``--set
+section.field=value`` reaches all of them; the monitor and promote flows take their
+own section as their parameter. Every field has a one-line description (the Prefect
+UI renders them as a form), and each default is written once, here.
 ``load_config`` reads a YAML file and applies ``section.field=value`` overrides;
 unknown keys raise with the list of valid ones.
 """
@@ -12,8 +16,6 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-from rlhf.drift.config import BaselineConfig
 
 
 class _Section(BaseModel):
@@ -28,6 +30,11 @@ class DataConfig(_Section):
     prompts_path: str | None = Field(None, description="PPO training prompts (prompt)")
     heldout_prompts_path: str | None = Field(None, description="Held-out evaluation prompts (prompt)")
     max_heldout_prompts: int = Field(128, ge=1, description="Evaluation uses at most this many held-out prompts")
+
+    @property
+    def is_builtin(self) -> bool:
+        """The embedded support task (its gold judge and task checks apply)."""
+        return self.source == "builtin"
 
 
 class ValidationConfig(_Section):
@@ -141,6 +148,84 @@ class DistributedConfig(_Section):
     accelerate_config: str | None = Field(None, description="An `accelerate config` file for the SFT and reward-model stages (FSDP, DeepSpeed, mixed precision); they are then started with `accelerate launch --config_file`. PPO's own loop always runs DDP")
 
 
+class BaselineConfig(_Section):
+    max_prompts: int = Field(1000, ge=2, description="Prompts profiled (tokens, intents, lengths), a seeded sample of the evaluation and PPO prompts")
+    embedding_rows: int = Field(500, ge=2, description="Of those, prompts embedded for the MMD test")
+    responses: int = Field(512, ge=2, description="Of those, prompts the policy answers (reward scores, lengths, NLL, KL, rates, gold)")
+    batch_size: int = Field(64, ge=1, description="Sequences per forward pass or generation batch")
+
+
+class DriftThresholds(_Section):
+    alpha: float = Field(0.001, gt=0, lt=1, description="Significance level of every two-sample test; a signal breaches only when its p-value is below it and its effect crosses the threshold")
+    prompt_token_js: float = Field(0.02, gt=0, le=1, description="Jensen-Shannon divergence (bits) of the prompt token distribution from the baseline's")
+    prompt_intent_psi: float = Field(0.1, gt=0, description="Population stability index of the prompt intent distribution (0.1 = moderate shift)")
+    prompt_mmd2: float = Field(0.01, gt=0, description="Unbiased MMD^2 (RBF kernel, baseline bandwidth) of prompt embeddings")
+    prompt_length_ks: float = Field(0.1, gt=0, le=1, description="Kolmogorov-Smirnov statistic of prompt lengths (tokens)")
+    kl_live_delta: float = Field(1.0, gt=0, description="Absolute change in nats of the mean sequence KL(champion || reference) on live prompts against the baseline's")
+    rm_score_ks: float = Field(0.1, gt=0, le=1, description="Kolmogorov-Smirnov statistic of reward-model scores of served responses")
+    response_length_ks: float = Field(0.1, gt=0, le=1, description="Kolmogorov-Smirnov statistic of response lengths (tokens)")
+    response_nll_ks: float = Field(0.1, gt=0, le=1, description="Kolmogorov-Smirnov statistic of served responses' mean per-token NLL under the champion (are they what the champion would say?)")
+    refusal_rate_delta: float = Field(0.05, gt=0, le=1, description="Absolute change of the refusal rate")
+    violation_rate_delta: float = Field(0.05, gt=0, le=1, description="Absolute change of the policy-violation rate")
+    gold_reward_drop: float = Field(0.2, gt=0, description="Fall of the mean gold-judge reward below the baseline's (built-in task)")
+    feedback_rate_drop: float = Field(0.1, gt=0, le=1, description="Fall of the positive user-feedback rate below the baseline's")
+    rm_gold_gap: float = Field(0.5, gt=0, description="Reward-model blind spot: how far (in baseline standard deviations) the reward-model score's shift exceeds the gold (or feedback) shift")
+
+
+class MonitorConfig(_Section):
+    experiment: str = Field("rlhf-monitoring", description="MLflow experiment of the monitoring runs")
+    registered_model: str = Field("rlhf-policy", description="Registered policy model to monitor")
+    alias: str = Field("champion", description="Registry alias of the version to monitor (ignored when `version` is set)")
+    version: str | None = Field(None, description="Monitor this model version instead of the alias's")
+    traffic: str = Field("traffic/window_*.jsonl", description="Glob of production-traffic windows (JSONL: timestamp, prompt, response, model_version, optional feedback); sorted names give the window order")
+    window_index: int | None = Field(None, ge=0, description="Monitor this window (0-based position in the sorted glob) instead of the latest")
+    force: bool = Field(False, description="Monitor the window again even if a monitoring run for it exists")
+    min_rows: int = Field(100, ge=10, description="Fewest rows of the monitored version a window needs; smaller windows raise")
+    use_gold_judge: bool = Field(True, description="Score served responses with the built-in gold judge (the built-in support task only)")
+    thresholds: DriftThresholds = DriftThresholds()
+    kl_prompts: int = Field(64, ge=2, description="Live prompts on which the champion is sampled for KL(champion || reference)")
+    embedding_rows: int = Field(500, ge=10, description="Window prompts embedded for the MMD test (a random subset)")
+    scored_rows: int = Field(2000, ge=10, description="Window rows whose responses are scored (reward model, NLL under the champion, rates, gold): a random subset of larger windows; prompt tokens, intents and lengths use every row")
+    mmd_permutations: int = Field(1000, ge=20, description="Permutations of the MMD test (the smallest p-value is 1 / (permutations + 1), so it must be below thresholds.alpha)")
+    batch_size: int = Field(64, ge=1, description="Sequences per forward pass when scoring")
+    seed: int = Field(0, description="Seed of subsampling, sampling and permutations (plus the window index)")
+    report_dir: str = Field("outputs/monitoring", description="Local folder for diagnosis reports before they are logged")
+    trigger_deployment: str | None = Field(None, description="On an alert, start this Prefect deployment ('flow-name/deployment-name', e.g. the training pipeline's)")
+
+    @model_validator(mode="after")
+    def _check_alpha(self) -> "MonitorConfig":
+        if 1.0 / (self.mmd_permutations + 1) >= self.thresholds.alpha:
+            raise ValueError(
+                f"mmd_permutations ({self.mmd_permutations}) cannot reach p < thresholds.alpha "
+                f"({self.thresholds.alpha}): use at least {int(1 / self.thresholds.alpha)} permutations or raise alpha"
+            )
+        return self
+
+
+class DiagnosticsConfig(_Section):
+    """Checkpoint selection and reward-hacking thresholds of the evaluate stage."""
+
+    selection_fraction: float = Field(0.5, gt=0, lt=1, description="Share of the held-out prompts used to choose the checkpoint; the rest is the untouched test split of the final evaluation")
+    kl_budget: float | None = Field(None, gt=0, description="Largest mean sequence KL(pi || pi_sft) in nats a chosen checkpoint may have (measured on the selection split); None: ppo.kl_budget, the budget PPO trained under")
+    divergence_z: float = Field(2.0, gt=0, description="Standard errors by which proxy must rise and gold fall before proxy_gold_divergence is flagged")
+    max_length_ratio: float = Field(1.5, gt=1, description="Mean response length over SFT's above which length_drift is flagged")
+    max_reward_length_corr: float = Field(0.5, gt=0, le=1, description="Pearson r of proxy score and response length above which, with a proxy gain over SFT, reward_length_correlation is flagged")
+
+
+class PromotionConfig(_Section):
+    """The promotion gates and how promotion waits for locks and reviewers."""
+
+    min_win_rate_vs_champion_low: float = Field(0.5, ge=0, lt=1, description="The 95% Wilson lower bound of the win rate against the current champion must exceed this (waived while there is no champion)")
+    min_win_rate_vs_sft_low: float = Field(0.5, ge=0, lt=1, description="The 95% Wilson lower bound of the win rate against the SFT policy must exceed this")
+    max_kl: float = Field(12.0, gt=0, description="Largest held-out KL(pi || pi_sft) in nats a promoted version may have (default: the default ppo.kl_budget)")
+    block_on_run_flags: bool = Field(False, description="Also block on hacking flags raised at other checkpoints of the same PPO run (hacking.run.*), not only at the registered one")
+    require_validation: bool = Field(True, description="Require the pipeline run's data validation to have passed (tag validation.success=true)")
+    require_approval: bool = Field(False, description="Pause the promotion flow for a human approval in the Prefect UI before moving the champion")
+    approval_timeout_s: int = Field(3600, ge=1, description="Seconds to wait for the approval before the flow run fails (the version stays challenger)")
+    lock_timeout_s: float = Field(120.0, gt=0, description="Seconds to wait for another promotion or rollback of the same model to finish")
+    lock_dir: str | None = Field(None, description="Folder for the promotion lock file; defaults to the local store's folder, required for a remote tracking server (a folder every promoter shares)")
+
+
 class PipelineConfig(_Section):
     experiment: str = Field("rlhf", description="MLflow experiment name")
     registered_model: str = Field("rlhf-policy", description="MLflow registered model for the policy")
@@ -153,7 +238,10 @@ class PipelineConfig(_Section):
     reward: RewardConfig = RewardConfig()
     ppo: PPOConfig = PPOConfig()
     eval: EvalConfig = EvalConfig()
+    diagnostics: DiagnosticsConfig = DiagnosticsConfig()
     baseline: BaselineConfig = BaselineConfig()
+    promotion: PromotionConfig = PromotionConfig()
+    monitor: MonitorConfig = MonitorConfig()
     distributed: DistributedConfig = DistributedConfig()
 
     @model_validator(mode="after")

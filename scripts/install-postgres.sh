@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# PostgreSQL prerequisites for an MLflow tracking server on PostgreSQL (tests/test_mlflow_postgres.py,
+# PostgreSQL prerequisites for an MLflow tracking server on PostgreSQL (tests/integration/test_mlflow_postgres.py,
 # docs/deployments.md): Debian's server package (apt) and the psycopg 3 driver (pip, the `postgres`
 # extra of pyproject.toml). Idempotent: installs only what is missing. Needs root for apt-get
 # (CI has it). The Python bin folder comes from RLHF_BIN (default .venv/bin).

@@ -14,7 +14,6 @@ from __future__ import annotations
 import random
 import tempfile
 
-import mlflow
 import torch
 from mlflow.tracking import MlflowClient
 from prefect import task
@@ -22,13 +21,16 @@ from prefect.cache_policies import NO_CACHE
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from models.loading import load_causal_lm, load_reward_model, load_tokenizer
-from rlhf.config import PipelineConfig
+from rlhf.builtin.task import task_knowledge
+from rlhf.config import BaselineConfig, PipelineConfig
 from rlhf.data.loading import load_split
-from rlhf.drift.config import BaselineConfig
 from rlhf.drift.features import embed_prompts, prompt_features, response_features, sample_kl
 from rlhf.drift.lineage import BASELINE_TAG, resolve_lineage
 from rlhf.drift.profile import Baseline, build_profile
-from rlhf.tracking import download
+from rlhf.evaluation.task import TaskKnowledge
+from rlhf.infra.distributed import device as distributed_device
+from rlhf.infra.tracking import download
+from tasks.common import BASELINE
 
 BASELINE_ARTIFACT = "baseline"
 
@@ -36,7 +38,7 @@ BASELINE_ARTIFACT = "baseline"
 def compute_baseline(
     policy: PreTrainedModel, reference: PreTrainedModel, reward_model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase, prompts: list[str], cfg: BaselineConfig = BaselineConfig(),
-    max_new_tokens: int = 48, temperature: float = 1.0, gold_judge: bool = True, seed: int = 0,
+    max_new_tokens: int = 48, temperature: float = 1.0, task: TaskKnowledge | None = None, seed: int = 0,
     models: dict[str, str] | None = None,
 ) -> Baseline:
     """Profile the policy on a seeded sample of prompts (see the module docstring)."""
@@ -46,16 +48,17 @@ def compute_baseline(
     prompts = rng.sample(prompts, min(len(prompts), cfg.max_prompts))
     torch.manual_seed(seed)
     # 1. prompt side: tokens, intents, lengths of every sampled prompt; embeddings of a subset
-    features = prompt_features(tokenizer, prompts)
+    features = prompt_features(tokenizer, prompts, task)
     embeddings = embed_prompts(reference, tokenizer, prompts[: cfg.embedding_rows], cfg.batch_size)
     # 2. the policy's own answers and their KL to the reference
     answered = prompts[: cfg.responses]
     responses, kl = sample_kl(policy, reference, tokenizer, answered, max_new_tokens, temperature, cfg.batch_size)
     # 3. what the monitor compares windows with: scores, lengths, NLL, rates, gold
-    scored = response_features(policy, reward_model, tokenizer, answered, responses, gold_judge, cfg.batch_size)
+    scored = response_features(policy, reward_model, tokenizer, answered, responses, task, cfg.batch_size)
     return build_profile(
         features, embeddings, scored, kl, models or {},
         {"max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed},
+        task.feedback_probability if task else None,
     )
 
 
@@ -73,11 +76,6 @@ def log_baseline(baseline: Baseline, model_name: str, version: str) -> str:
     return uri
 
 
-def load_baseline(uri: str) -> Baseline:
-    """The baseline at a ``runs:/<run>/baseline`` (or any artifact) URI."""
-    return Baseline.load(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tempfile.mkdtemp(prefix="rlhf-baseline-")))
-
-
 def read_prompts(paths: list[str]) -> list[str]:
     """The prompts of the given files, repeats kept (they are part of the distribution production will show)."""
     return [prompt for path in paths for prompt in load_split(path)["prompt"]]
@@ -91,19 +89,19 @@ def run_baseline(
     lineage = resolve_lineage(MlflowClient(), model_name, version)
     policy_dir, ref_dir, rm_dir = (str(download(u)) for u in (lineage.policy_uri, lineage.reference_uri, lineage.reward_model_uri))
     tokenizer = load_tokenizer(ref_dir)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = distributed_device()
     baseline = compute_baseline(
         load_causal_lm(policy_dir).to(device).eval(), load_causal_lm(ref_dir).to(device).eval(),
         load_reward_model(rm_dir, tokenizer.pad_token_id).to(device).eval(), tokenizer,
         read_prompts(prompt_paths), baseline_cfg,
         max_new_tokens=cfg.ppo.max_new_tokens, temperature=cfg.ppo.temperature,
-        gold_judge=cfg.data.source == "builtin", seed=cfg.seed,
+        task=task_knowledge(cfg.data), seed=cfg.seed,
         models={"policy": lineage.policy_uri, "reference": lineage.reference_uri, "reward_model": lineage.reward_model_uri},
     )
     return log_baseline(baseline, model_name, version)
 
 
-@task(name="baseline", cache_policy=NO_CACHE)
+@task(name=BASELINE, cache_policy=NO_CACHE)
 def baseline_task(
     cfg: PipelineConfig, model_name: str, version: str, prompt_paths: list[str],
     baseline_cfg: BaselineConfig = BaselineConfig(),

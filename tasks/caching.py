@@ -8,8 +8,9 @@ The cache key of a stage (``StageCache``) is a hash of what its result depends o
   their paths: each pipeline run writes its data under outputs/<parent run id>/;
 - its upstream references (the SFT and reward ``Checkpoint``: run id and URI), so a
   re-trained SFT model re-runs everything downstream;
-- the source of the stage's modules (``STAGE_CODE``) and the torch/transformers/trl
-  versions, plus Prefect's TASK_SOURCE of the task itself;
+- the source of every project file the stage's module imports, directly or not (its
+  import closure: an edit anywhere the stage reaches invalidates it, and nowhere else),
+  the torch/transformers/trl versions, and Prefect's TASK_SOURCE of the task itself;
 - the tracking store, so a cached reference always points into the store in use.
 
 The MLflow parent run id and the output folder are left out: both change with every
@@ -21,6 +22,7 @@ still exist, and ``call_stage`` re-runs the stage (refreshing the cache) when no
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import os
 import re
@@ -32,36 +34,67 @@ from typing import Any
 from prefect.cache_policies import TASK_SOURCE, CachePolicy
 from prefect.context import TaskRunContext
 
-from rlhf.integrity import fingerprint, fingerprint_path
-from tasks.common import Checkpoint
+from rlhf.config import PipelineConfig
+from rlhf.infra.integrity import fingerprint, fingerprint_path
+from rlhf.infra.tracking import tracking_uri
+from tasks.common import PPO, REWARD, SFT, VALIDATE, Checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 EXCLUDED_INPUTS = frozenset({"parent_run_id", "out_dir"})
 """Task inputs that change with every flow run without changing the result."""
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
-    "validate-data": ("seed", "data", "validation", "model"),
-    "sft": ("seed", "model", "sft"),
-    "reward-model": ("seed", "model", "reward"),
-    "ppo": ("seed", "ppo"),
+    VALIDATE: ("seed", "data", "validation", "model"),
+    SFT: ("seed", "model", "sft"),
+    REWARD: ("seed", "model", "reward"),
+    PPO: ("seed", "data", "ppo"),
 }
-STAGE_CODE: dict[str, tuple[str, ...]] = {
-    "validate-data": ("tasks/validate.py", "rlhf/validation", "rlhf/data", "rlhf/config.py"),
-    "sft": ("tasks/sft.py", "models", "rlhf/hf_logging.py", "rlhf/data/loading.py"),
-    "reward-model": ("tasks/reward.py", "models", "rlhf/hf_logging.py", "rlhf/data/loading.py"),
-    "ppo": ("tasks/ppo.py", "rlhf/ppo_trainer.py", "rlhf/rl", "models", "rlhf/data/judge.py", "rlhf/data/support.py"),
-}
-RETRY_DELAYS_S = [10, 60]
-"""Prefect retries of a stage whose tracking-store connection failed (after MLflow's own HTTP retries)."""
+"""The config sections each cached stage reads (PPO: data, for the task's gold judge)."""
+PROJECT_PACKAGES = ("rlhf", "tasks", "models", "flows")
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
-def code_fingerprint(paths: tuple[str, ...]) -> str:
-    """Hash of the .py sources under the given project paths (files or packages)."""
-    files: list[Path] = []
-    for rel in paths:
-        p = ROOT / rel
-        files += sorted(p.rglob("*.py")) if p.is_dir() else [p]
-    return fingerprint([[f.relative_to(ROOT).as_posix(), f.read_text()] for f in files if f.exists()])
+def module_file(module: str) -> Path | None:
+    """The project source file of a dotted module name (None outside the project)."""
+    if module.split(".")[0] not in PROJECT_PACKAGES:
+        return None
+    base = ROOT.joinpath(*module.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Dotted names of every module a source file imports, at any depth of the file (module and
+    function level), including each ``from package import name`` as a possible submodule."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            out.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            out.add(node.module)
+            out.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return out
+
+
+def import_closure(module: str) -> list[Path]:
+    """Every project source file ``module`` runs: itself, what it imports, and so on (with the
+    packages' ``__init__`` files), sorted."""
+    seen: set[Path] = set()
+    todo = [module]
+    while todo:
+        parts = todo.pop().split(".")
+        for i in range(1, len(parts) + 1):  # importing a.b.c runs a/__init__ and a/b/__init__ too
+            path = module_file(".".join(parts[:i]))
+            if path is not None and path not in seen:
+                seen.add(path)
+                todo.extend(imported_modules(path))
+    return sorted(seen)
+
+
+def code_fingerprint(module: str) -> str:
+    """Hash of the source of every project file in ``module``'s import closure."""
+    return fingerprint([[f.relative_to(ROOT).as_posix(), f.read_text(encoding="utf-8")] for f in import_closure(module)])
 
 
 def _library_versions() -> dict[str, str]:
@@ -74,8 +107,6 @@ def _library_versions() -> dict[str, str]:
 
 def _store_identity() -> str:
     """The tracking URI with a relative sqlite path made absolute (the same file from any folder)."""
-    from rlhf.tracking import tracking_uri
-
     uri = tracking_uri()
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
@@ -84,8 +115,6 @@ def _store_identity() -> str:
 
 def canonical(value: Any, sections: tuple[str, ...] = ()) -> Any:
     """A JSON-able stand-in for one task input: config sections, file contents, references."""
-    from rlhf.config import PipelineConfig
-
     if isinstance(value, PipelineConfig):
         dump = value.model_dump()
         return {name: dump[name] for name in sections}
@@ -115,7 +144,7 @@ class StageCache(CachePolicy):
         key = {
             "stage": self.stage,
             "inputs": {k: canonical(v, sections) for k, v in sorted(inputs.items()) if k not in EXCLUDED_INPUTS},
-            "code": code_fingerprint(STAGE_CODE[self.stage]),
+            "code": code_fingerprint(f"tasks.{self.stage}"),  # the stage's module has the stage's name
             "libraries": _library_versions(),
             "store": _store_identity(),
         }
@@ -125,14 +154,6 @@ class StageCache(CachePolicy):
 def stage_cache(stage: str) -> CachePolicy:
     """The cache policy of a stage task: StageCache + Prefect's TASK_SOURCE."""
     return StageCache(stage=stage) + TASK_SOURCE
-
-
-def retry_on_tracking_error(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect retry condition: retry only when the tracking store's connection failed."""
-    from rlhf.tracking import is_transient_tracking_error
-
-    exc = state.data if isinstance(state.data, BaseException) else state.result(raise_on_failure=False)
-    return isinstance(exc, BaseException) and is_transient_tracking_error(exc)
 
 
 # -- cached results -------------------------------------------------------------------------

@@ -1,10 +1,47 @@
-"""What the stages hand each other: references, never live objects."""
+"""What the stages share: their names, the references they hand each other, retry settings,
+and the training arguments and save protocol of the two TRL-trained stages (SFT, reward model).
+
+Stages hand each other references (MLflow run ids, artifact URIs), never live objects,
+so any stage can be re-run or resumed alone.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from models.lora import save_merged
+from rlhf.config import RewardConfig, SFTConfig
+from rlhf.infra.distributed import device, is_main_process, world_size
+from rlhf.infra.tracking import is_transient_tracking_error
+from rlhf.ppo.trainer import Alert
+
+# -- stage names: one per stage, used for the Prefect task, the MLflow run and the cache key --
+VALIDATE = "validate"
+SFT = "sft"
+REWARD = "reward"
+PPO = "ppo"
+EVALUATE = "evaluate"
+REGISTER = "register"
+BASELINE = "baseline"
+TrainingStage = Literal["sft", "reward", "ppo"]
+TRAINING_STAGES: tuple[TrainingStage, ...] = (SFT, REWARD, PPO)
+"""Stages that may run in several processes (tasks/launch.py)."""
+
+RETRY_DELAYS_S = [10, 60]
+"""Prefect retries of a stage whose tracking-store connection failed (after MLflow's own HTTP retries)."""
 
 
+def retry_on_tracking_error(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect retry condition: retry only when the tracking store's connection failed."""
+    exc = state.data if isinstance(state.data, BaseException) else state.result(raise_on_failure=False)
+    return isinstance(exc, BaseException) and is_transient_tracking_error(exc)
+
+
+# -- handover types ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Checkpoint:
     """A stage's logged model: the child run that made it and its artifact URI."""
@@ -13,9 +50,81 @@ class Checkpoint:
     uri: str
 
 
-def trainer_precision_args() -> dict[str, bool]:
-    """Trainer device/precision flags: bf16 on a GPU that has it, fp32 on the CPU."""
-    import torch
+@dataclass(frozen=True)
+class PPOResult:
+    """The final policy and every logged checkpoint (step -> artifact URI)."""
 
-    on_gpu = torch.cuda.is_available()
-    return {"use_cpu": not on_gpu, "bf16": on_gpu and torch.cuda.is_bf16_supported()}
+    final: Checkpoint
+    checkpoints: dict[int, str]
+    alerts: tuple[Alert, ...] = ()
+    """Every alert the monitor raised in this stage run."""
+    stopped_at: int | None = None
+    """The step at which the KL budget stopped the run; None when it ran to ``ppo.steps``."""
+    rolled_back_to: int | None = None
+    """The checkpoint step the policy was rolled back to (``kl_budget_action='rollback'``)."""
+
+    @classmethod
+    def from_json(cls, data: dict) -> PPOResult:
+        """The result rank 0 of a launched PPO stage wrote (dataclasses.asdict, through JSON)."""
+        return cls(
+            final=Checkpoint(**data["final"]), checkpoints={int(k): v for k, v in data["checkpoints"].items()},
+            alerts=tuple(Alert(**a) for a in data["alerts"]), stopped_at=data["stopped_at"],
+            rolled_back_to=data["rolled_back_to"],
+        )
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The evaluate stage's result: its run, test-split metrics, the chosen checkpoint and its tags."""
+
+    run_id: str
+    metrics: dict[str, float]
+    checkpoint: Checkpoint
+    """The chosen PPO checkpoint (run id of the PPO stage, artifact URI)."""
+    step: int
+    tags: dict[str, str]
+    """eval.* and hacking.* tags, copied onto the registered version."""
+
+
+# -- the TRL-trained stages (SFT, reward model) ----------------------------------------------
+def trl_training_args(section: SFTConfig | RewardConfig, seed: int, output_dir: str) -> dict[str, Any]:
+    """The arguments SFTConfig and RewardConfig share, mapped from our section of the config.
+
+    Batch sizes are global: each process takes an equal share. bf16 on a GPU that has it,
+    fp32 on the CPU.
+    """
+    on_gpu = device().type == "cuda"
+    return {
+        "output_dir": output_dir,
+        "max_steps": section.max_steps,
+        "per_device_train_batch_size": section.batch_size // world_size(),
+        "learning_rate": section.learning_rate,
+        "lr_scheduler_type": "linear",
+        "warmup_steps": max(1, section.max_steps // 20),
+        "max_length": section.max_length,
+        "logging_steps": max(1, section.max_steps // 30),
+        "save_strategy": "no",
+        "report_to": "none",
+        "disable_tqdm": False,
+        "seed": seed,
+        "data_seed": seed,
+        "dataloader_num_workers": 0,
+        "use_cpu": not on_gpu,
+        "bf16": on_gpu and torch.cuda.is_bf16_supported(),
+    }
+
+
+def save_trained(trainer: Any, tokenizer: Any, lora_r: int, out: Path) -> bool:
+    """Write the trained model (adapters merged) and tokenizer to ``out``; True on rank 0, which logs it.
+
+    Every process calls ``save_model`` (under FSDP it gathers the full weights); with LoRA
+    only rank 0 merges and saves.
+    """
+    if lora_r and is_main_process():
+        save_merged(trainer.model, out)
+    elif not lora_r:
+        trainer.save_model(str(out))
+    if not is_main_process():
+        return False
+    tokenizer.save_pretrained(out)
+    return True

@@ -15,7 +15,7 @@ The held-out prompts are cut in two (``DiagnosticsConfig.selection_fraction``):
    distinct-n, end-of-sequence, violation and refusal rates, and a side-by-side
    sample table ``eval/samples.json``.
 
-Reward-hacking flags (rlhf/hacking.py) of the chosen checkpoint become tags
+Reward-hacking flags (rlhf/evaluation/hacking.py) of the chosen checkpoint become tags
 ``hacking.<flag>``; flags raised at any checkpoint become ``hacking.run.<flag>``.
 KL is the sequence-level k1 estimate of KL(pi || pi_sft) on the policy's own
 samples at the training temperature.
@@ -39,10 +39,10 @@ from models.generation import decode_responses, sample
 from models.loading import load_causal_lm, load_reward_model, load_tokenizer
 from models.policy import position_ids_from_mask
 from models.reward import score_texts
+from rlhf.builtin.task import task_knowledge
 from rlhf.config import PipelineConfig
-from rlhf.data.judge import GoldJudge
 from rlhf.data.loading import load_split
-from rlhf.hacking import (
+from rlhf.evaluation.hacking import (
     FLAGS,
     CheckpointStats,
     DiagnosticsConfig,
@@ -50,33 +50,21 @@ from rlhf.hacking import (
     select_checkpoint,
     split_for_selection,
 )
-from rlhf.promotion import CHAMPION, registry_aliases
+from rlhf.evaluation.stats import distinct_n, mean_and_se, pearson, wilson_interval, win_count
+from rlhf.evaluation.task import TaskKnowledge
+from rlhf.evaluation.violations import is_refusal, violations
+from rlhf.infra.distributed import device as distributed_device
+from rlhf.infra.progress import in_prefect_run
+from rlhf.infra.security import redact_columns
+from rlhf.infra.tracking import download, stage_run
+from rlhf.registry.promotion import CHAMPION, registry_aliases
 from rlhf.rl.losses import logprobs_from_logits
-from rlhf.security import redact_columns
-from rlhf.stats import distinct_n, mean_and_se, pearson, wilson_interval, win_count
-from rlhf.tracking import download, stage_run
-from rlhf.violations import is_refusal, violations
-from rlhf.progress import in_prefect_run
-from tasks.common import Checkpoint
-from tasks.ppo import PPOResult
+from tasks.common import EVALUATE, Checkpoint, Evaluation, PPOResult
 
 BATCH = 64
 JudgeKind = Literal["gold", "heldout_reward_model", "reward_model"]
 JUDGE_METRIC: dict[str, str | None] = {"gold": "gold_reward_mean", "heldout_reward_model": "heldout_rm_score_mean", "reward_model": None}
 """Test-split metric of each judge's mean score (the reward model's is eval/rm_score_mean already)."""
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    """The evaluate stage's result: its run, test-split metrics, the chosen checkpoint and its tags."""
-
-    run_id: str
-    metrics: dict[str, float]
-    checkpoint: Checkpoint
-    """The chosen PPO checkpoint (run id of the PPO stage, artifact URI)."""
-    step: int
-    tags: dict[str, str]
-    """eval.* and hacking.* tags, copied onto the registered version."""
 
 
 @dataclass
@@ -133,11 +121,10 @@ def load_policy(path: str, device: str):
     return load_causal_lm(path).to(device).eval()
 
 
-def make_judge(use_gold_judge: bool, heldout_rm, reward_model, tokenizer) -> Judge:
-    """The gold judge where the data has one, else the held-out reward model, else the reward model."""
-    if use_gold_judge:
-        gold = GoldJudge()
-        return Judge("gold", lambda ps, rs: [gold.score(p, r) for p, r in zip(ps, rs)])
+def make_judge(task: TaskKnowledge | None, heldout_rm, reward_model, tokenizer) -> Judge:
+    """The task's gold judge where it has one, else the held-out reward model, else the reward model."""
+    if task is not None and (gold := task.gold_score) is not None:
+        return Judge("gold", lambda ps, rs: [gold(p, r) for p, r in zip(ps, rs)])
     model, kind = (heldout_rm, "heldout_reward_model") if heldout_rm is not None else (reward_model, "reward_model")
     return Judge(kind, lambda ps, rs: score_texts(model, tokenizer, ps, rs).tolist())
 
@@ -153,7 +140,7 @@ def score_policy(
 
 
 def checkpoint_stats(step: int, scored: Scored) -> CheckpointStats:
-    """Summary of one checkpoint's selection-split samples for rlhf/hacking.py."""
+    """Summary of one checkpoint's selection-split samples for rlhf/evaluation/hacking.py."""
     proxy, proxy_se = mean_and_se(scored.proxy)
     judge, judge_se = mean_and_se(scored.judge)
     lengths = [float(n) for n in scored.samples.lengths]
@@ -175,12 +162,14 @@ def champion_policy_dir(model_name: str) -> tuple[str, Path] | None:
 
 def run_evaluate(
     cfg: PipelineConfig, sft: Checkpoint, reward: Checkpoint, ppo: PPOResult, heldout_prompts_path: str,
-    parent_run_id: str, use_gold_judge: bool, diagnostics: DiagnosticsConfig = DiagnosticsConfig(),
+    parent_run_id: str, diagnostics: DiagnosticsConfig | None = None,
     heldout_reward: Checkpoint | None = None,
 ) -> Evaluation:
     """Choose the best PPO checkpoint on the selection split, flag hacking, judge it on the test split."""
-    with stage_run(parent_run_id, "evaluate", {"eval.ppo_run_id": ppo.final.run_id}) as run:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    diagnostics = diagnostics or cfg.diagnostics
+    task = task_knowledge(cfg.data)
+    with stage_run(parent_run_id, EVALUATE, {"eval.ppo_run_id": ppo.final.run_id}) as run:
+        device = distributed_device()
         sft_dir, rm_dir = str(download(sft.uri)), str(download(reward.uri))
         tokenizer = load_tokenizer(sft_dir)
         sft_model = load_policy(sft_dir, device)
@@ -188,7 +177,7 @@ def run_evaluate(
         heldout_rm = (
             load_reward_model(str(download(heldout_reward.uri)), tokenizer.pad_token_id).to(device) if heldout_reward else None
         )
-        judge = make_judge(use_gold_judge, heldout_rm, reward_model, tokenizer)
+        judge = make_judge(task, heldout_rm, reward_model, tokenizer)
         heldout = list(load_split(heldout_prompts_path)["prompt"])[: cfg.data.max_heldout_prompts]
         selection_prompts, test_prompts = split_for_selection(heldout, diagnostics.selection_fraction, cfg.seed)
         mlflow.log_params({
@@ -229,8 +218,7 @@ def run_evaluate(
             champion_model = load_policy(str(champion[1]), device)
             theirs = score_policy(champion_model, None, load_tokenizer(str(champion[1])), prompts, reward_model, tokenizer, judge, cfg)
 
-        support_task = cfg.data.source == "builtin"
-        metrics = heldout_metrics(prompts, ours, base, theirs, judge.kind, support_task)
+        metrics = heldout_metrics(prompts, ours, base, theirs, judge.kind, task)
         chosen_flags, run_flags = flags[choice.step], run_level_flags(flags)
         metrics.update({
             "eval/best_checkpoint_step": float(choice.step),
@@ -246,7 +234,7 @@ def run_evaluate(
         }
         mlflow.log_metrics(metrics)
         mlflow.set_tags(tags)
-        table = redact_columns(sample_table(prompts, ours, base, theirs, support_task))  # no PII in logged samples
+        table = redact_columns(sample_table(prompts, ours, base, theirs, task))  # no PII in logged samples
         mlflow.log_table(table, artifact_file="eval/samples.json")
         if in_prefect_run():
             markdown = format_table(metrics, cfg.ppo.kl_target) + "\n\n" + format_checkpoints(series, flags, choice.step)
@@ -283,7 +271,7 @@ def flag_tags(chosen: dict[str, bool], run: dict[str, list[int]]) -> dict[str, s
 
 
 def heldout_metrics(
-    prompts: list[str], ours: Scored, base: Scored, theirs: Scored | None, judge_kind: JudgeKind, support_task: bool
+    prompts: list[str], ours: Scored, base: Scored, theirs: Scored | None, judge_kind: JudgeKind, task: TaskKnowledge | None
 ) -> dict[str, float]:
     """eval/* on the test split: the chosen policy, SFT, and the champion when there is one."""
     n = len(prompts)
@@ -299,9 +287,9 @@ def heldout_metrics(
             metrics[f"{prefix}{JUDGE_METRIC[judge_kind]}"] = sum(scored.judge) / n
         metrics[f"{prefix}response_length_mean"] = sum(scored.samples.lengths) / n
         metrics[f"{prefix}eos_rate"] = sum(scored.samples.ended) / n
-        metrics[f"{prefix}violation_rate"] = sum(bool(v) for v in violations(prompts, scored.samples.responses, support_task)) / n
-        if support_task:
-            metrics[f"{prefix}refusal_rate"] = sum(is_refusal(r) for r in scored.samples.responses) / n
+        metrics[f"{prefix}violation_rate"] = sum(bool(v) for v in violations(prompts, scored.samples.responses, task)) / n
+        if task is not None:
+            metrics[f"{prefix}refusal_rate"] = sum(is_refusal(r, task) for r in scored.samples.responses) / n
     others = [("sft", base)] + ([("champion", theirs)] if theirs is not None else [])
     for name, other in others:
         wins = win_count(ours.judge, other.judge)
@@ -310,7 +298,7 @@ def heldout_metrics(
     return metrics
 
 
-def sample_table(prompts: list[str], ours: Scored, base: Scored, theirs: Scored | None, support_task: bool) -> dict[str, list]:
+def sample_table(prompts: list[str], ours: Scored, base: Scored, theirs: Scored | None, task: TaskKnowledge | None) -> dict[str, list]:
     """Side-by-side responses of SFT, champion (if any) and the chosen policy with their scores."""
     table: dict[str, list] = {"prompt": prompts, "sft_response": base.samples.responses}
     if theirs is not None:
@@ -321,7 +309,7 @@ def sample_table(prompts: list[str], ours: Scored, base: Scored, theirs: Scored 
         table["champion_judge"] = theirs.judge
     table.update({
         "policy_judge": ours.judge, "sft_rm": base.proxy, "policy_rm": ours.proxy,
-        "policy_violations": [",".join(v) for v in violations(prompts, ours.samples.responses, support_task)],
+        "policy_violations": [",".join(v) for v in violations(prompts, ours.samples.responses, task)],
     })
     return table
 
@@ -416,11 +404,11 @@ def format_checkpoints(series: list[CheckpointStats], flags: dict[int, dict[str,
     return "\n".join(lines)
 
 
-@task(name="evaluate", cache_policy=NO_CACHE)
+@task(name=EVALUATE, cache_policy=NO_CACHE)
 def evaluate_task(
     cfg: PipelineConfig, sft: Checkpoint, reward: Checkpoint, ppo: PPOResult, heldout_prompts_path: str,
-    parent_run_id: str, use_gold_judge: bool, diagnostics: DiagnosticsConfig = DiagnosticsConfig(),
+    parent_run_id: str, diagnostics: DiagnosticsConfig | None = None,
     heldout_reward: Checkpoint | None = None,
 ) -> Evaluation:
     """Checkpoint selection, hacking diagnostics and held-out evaluation against SFT and the champion."""
-    return run_evaluate(cfg, sft, reward, ppo, heldout_prompts_path, parent_run_id, use_gold_judge, diagnostics, heldout_reward)
+    return run_evaluate(cfg, sft, reward, ppo, heldout_prompts_path, parent_run_id, diagnostics, heldout_reward)

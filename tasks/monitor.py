@@ -33,17 +33,18 @@ from prefect.cache_policies import NO_CACHE
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from models.loading import load_causal_lm, load_reward_model, load_tokenizer
+from rlhf.builtin.task import SUPPORT_TASK
+from rlhf.config import MonitorConfig
 from rlhf.data.loading import load_standard
-from rlhf.drift.config import MonitorConfig
 from rlhf.drift.diagnosis import Diagnosis, ReportContext, diagnose, inspect_targets, plot_window, render_report
 from rlhf.drift.features import embed_prompts, max_sequence_length, prompt_features, response_features, sample_kl
 from rlhf.drift.lineage import Lineage, LineageError, resolve_lineage
-from rlhf.drift.profile import Baseline
+from rlhf.drift.profile import Baseline, load_baseline
 from rlhf.drift.signals import Signal, WindowFeatures, compute_signals
-from rlhf.security import redact_text
-from rlhf.tracking import download, setup_experiment
-from tasks.baseline import load_baseline
-from rlhf.progress import in_prefect_run
+from rlhf.infra.distributed import device as distributed_device
+from rlhf.infra.progress import in_prefect_run
+from rlhf.infra.security import redact_text
+from rlhf.infra.tracking import download, setup_experiment
 
 REPORT_ARTIFACT = "report"
 EXAMPLES = 5
@@ -104,7 +105,7 @@ def find_window(cfg: MonitorConfig) -> TrafficWindow:
     files = sorted(glob.glob(cfg.traffic))
     if not files:
         raise FileNotFoundError(
-            f"no traffic window matches {cfg.traffic!r}: write JSONL windows there (e.g. python -m rlhf.drift.traffic) "
+            f"no traffic window matches {cfg.traffic!r}: write JSONL windows there (e.g. python -m rlhf.builtin.traffic) "
             "or set MonitorConfig.traffic to their glob"
         )
     index = len(files) - 1 if cfg.window_index is None else cfg.window_index
@@ -124,7 +125,7 @@ def load_models(cfg: MonitorConfig, client: MlflowClient | None = None) -> Monit
         )
     baseline = load_baseline(lineage.baseline_uri)
     policy_dir, ref_dir, rm_dir = (str(download(u)) for u in (lineage.policy_uri, lineage.reference_uri, lineage.reward_model_uri))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = distributed_device()
     tokenizer = load_tokenizer(ref_dir)
     return MonitorModels(
         lineage, baseline, tokenizer,
@@ -169,7 +170,8 @@ def window_features(
     gold = cfg.use_gold_judge and models.baseline.profile["responses"]["gold"] is not None
     # 1. prompts: all rows for tokens/intents/lengths, a subset for embeddings and KL
     embedded = rng.sample(prompts, min(len(prompts), cfg.embedding_rows))
-    features = prompt_features(models.tokenizer, prompts)
+    task = SUPPORT_TASK if gold else SUPPORT_TASK.without_gold()
+    features = prompt_features(models.tokenizer, prompts, task)
     # KL needs room to generate: prompts longer than the model's context minus the response are left out of it.
     room = max_sequence_length(models.policy, models.tokenizer) - int(generation["max_new_tokens"])
     fits = [p for p, n in zip(prompts, features.lengths) if n <= room]
@@ -184,7 +186,7 @@ def window_features(
         embeddings=embed_prompts(models.reference, models.tokenizer, embedded, cfg.batch_size),
         # 2. served responses: reward-model scores, lengths, NLL under the champion, rates, gold
         responses=response_features(models.policy, models.reward_model, models.tokenizer, [prompts[j] for j in scored],
-                                    [responses[j] for j in scored], gold, cfg.batch_size),
+                                    [responses[j] for j in scored], task, cfg.batch_size),
         kl=kl,
         feedback=feedback,
         scored=scored,

@@ -36,12 +36,10 @@ from prefect.logging import get_logger
 import models
 from rlhf.config import PipelineConfig
 from rlhf.drift.lineage import BASELINE_TAG
-from rlhf.integrity import MANIFEST
-from rlhf.ppo_trainer import OPTIMIZER_FILE, RNG_FILE
-from rlhf.tracking import download, stage_run
-from tasks.caching import RETRY_DELAYS_S, retry_on_tracking_error
-from tasks.evaluate import Evaluation
-from tasks.ppo import PPOResult
+from rlhf.infra.integrity import MANIFEST
+from rlhf.infra.tracking import download, stage_run
+from rlhf.ppo.trainer import OPTIMIZER_FILE, RNG_FILE
+from tasks.common import REGISTER, RETRY_DELAYS_S, Evaluation, PPOResult, retry_on_tracking_error
 
 SERVING_PARAMS = {"max_new_tokens": 48, "temperature": 1.0}
 TRAINING_ONLY_FILES = (OPTIMIZER_FILE, RNG_FILE, "training_args.bin", MANIFEST)
@@ -133,7 +131,7 @@ def run_register(
             existing.name, existing.version, evaluation.checkpoint.uri,
         )
         return existing
-    with stage_run(parent_run_id, "register") as run:
+    with stage_run(parent_run_id, REGISTER) as run:
         policy_dir = servable_copy(download(evaluation.checkpoint.uri))
         example = pd.DataFrame({"prompt": ["Customer: Where is my lamp?\nAgent:"]})
         info = mlflow.pyfunc.log_model(
@@ -153,7 +151,7 @@ def run_register(
 
 
 @task(
-    name="register", cache_policy=NO_CACHE,
+    name=REGISTER, cache_policy=NO_CACHE,
     retries=len(RETRY_DELAYS_S), retry_delay_seconds=RETRY_DELAYS_S, retry_condition_fn=retry_on_tracking_error,
 )
 def register_task(

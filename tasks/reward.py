@@ -5,7 +5,7 @@ is measured on held-out pairs ordered by the gold judge (``reward/accuracy``), n
 on the noisy training labels.
 
 With ``distributed.num_processes > 1`` the training runs in that many processes
-(rlhf/launch.py), each on an equal share of every batch; only rank 0 logs.
+(tasks/launch.py), each on an equal share of every batch; only rank 0 logs.
 """
 
 from __future__ import annotations
@@ -21,28 +21,28 @@ from trl import RewardConfig as TRLRewardConfig
 from trl import RewardTrainer
 
 from models.loading import load_reward_model, load_tokenizer
-from models.lora import lora_config, save_merged
+from models.lora import lora_config
 from models.reward import score_texts
 from rlhf.config import PipelineConfig
 from rlhf.data.loading import load_split
-from rlhf.distributed import device, is_distributed, is_main_process, world_size
-from rlhf.hf_logging import MlflowStepLogger
-from rlhf.launch import launch_stage
-from rlhf.progress import TrainerProgress
-from rlhf.tracking import download, flatten, log_checkpoint, stage_run
-from tasks.caching import RETRY_DELAYS_S, retry_on_tracking_error, stage_cache
-from tasks.common import Checkpoint, trainer_precision_args
+from rlhf.infra.distributed import device, is_distributed
+from rlhf.infra.hf_logging import MlflowStepLogger
+from rlhf.infra.progress import TrainerProgress
+from rlhf.infra.tracking import download, flatten, log_checkpoint, stage_run
+from tasks.caching import stage_cache
+from tasks.common import RETRY_DELAYS_S, REWARD, Checkpoint, retry_on_tracking_error, save_trained, trl_training_args
+from tasks.launch import launch_stage
 
 
 def run_reward(
     cfg: PipelineConfig, sft: Checkpoint, preferences_path: str, heldout_path: str, parent_run_id: str
 ) -> Checkpoint:
     """Train the reward model from the SFT checkpoint; log it and its held-out accuracy."""
-    with stage_run(parent_run_id, "reward", flatten({"reward": cfg.reward.model_dump()})) as run:
+    with stage_run(parent_run_id, REWARD, flatten({"reward": cfg.reward.model_dump()})) as run:
         mlflow.log_param("sft_run_id", sft.run_id)
         args = {"sft_uri": sft.uri, "preferences_path": preferences_path, "heldout_path": heldout_path}
         if cfg.distributed.num_processes > 1:
-            uri = launch_stage("reward", cfg, run.info.run_id, args)
+            uri = launch_stage(REWARD, cfg, run.info.run_id, args)
         else:
             uri = train_reward(cfg, **args)
         return Checkpoint(run.info.run_id, uri)
@@ -60,39 +60,20 @@ def train_reward(cfg: PipelineConfig, sft_uri: str, preferences_path: str, heldo
         torch.manual_seed(cfg.seed)
     model = load_reward_model(sft_dir, tokenizer.pad_token_id)
     with tempfile.TemporaryDirectory(prefix="rlhf-reward-") as tmp:
-        args = TRLRewardConfig(
-            output_dir=tmp,
-            max_steps=cfg.reward.max_steps,
-            per_device_train_batch_size=cfg.reward.batch_size // world_size(),
-            learning_rate=cfg.reward.learning_rate,
-            lr_scheduler_type="linear",
-            warmup_steps=max(1, cfg.reward.max_steps // 20),
-            max_length=cfg.reward.max_length,
-            logging_steps=max(1, cfg.reward.max_steps // 30),
-            save_strategy="no",
-            report_to="none",
-            disable_tqdm=False,
-            seed=cfg.seed,
-            data_seed=cfg.seed,
-            dataloader_num_workers=0,
-            **trainer_precision_args(),
-        )
+        args = TRLRewardConfig(**trl_training_args(cfg.reward, cfg.seed, tmp))
         logger = MlflowStepLogger("reward", rename={"accuracy": "train_accuracy", "margin": "train_margin"})
         trainer = RewardTrainer(
             model=model, args=args, train_dataset=load_split(preferences_path),
             processing_class=tokenizer, callbacks=[logger, TrainerProgress("reward")],
-            peft_config=lora_config(cfg.model, "seq_cls"),
+            peft_config=lora_config(
+                cfg.model.lora_r, cfg.model.lora_alpha, cfg.model.lora_dropout, cfg.model.lora_target_modules, "seq_cls"
+            ),
         )
         trainer.remove_callback(ProgressCallback)  # TrainerProgress replaces its bar and log prints
         trainer.train()
         out = Path(tmp) / "checkpoint"
-        if cfg.model.lora_r and is_main_process():
-            save_merged(trainer.model, out)
-        elif not cfg.model.lora_r:
-            trainer.save_model(str(out))  # every process calls it: under FSDP it gathers the full weights
-        if not is_main_process():
+        if not save_trained(trainer, tokenizer, cfg.model.lora_r, out):
             return None
-        tokenizer.save_pretrained(out)
         # The held-out accuracy of exactly what is logged (merged adapters, gathered shards).
         logged = load_reward_model(str(out), tokenizer.pad_token_id).to(device())
         accuracy, margin = heldout_accuracy(logged, tokenizer, heldout_path)
@@ -109,7 +90,7 @@ def heldout_accuracy(model, tokenizer, heldout_path: str) -> tuple[float, float]
 
 
 @task(
-    name="reward-model", cache_policy=stage_cache("reward-model"), persist_result=True,
+    name=REWARD, cache_policy=stage_cache(REWARD), persist_result=True,
     retries=len(RETRY_DELAYS_S), retry_delay_seconds=RETRY_DELAYS_S, retry_condition_fn=retry_on_tracking_error,
 )
 def reward_task(

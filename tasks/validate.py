@@ -26,10 +26,12 @@ from prefect import task
 from rlhf.config import PipelineConfig, ValidationConfig
 from rlhf.data.formats import DataKind
 from rlhf.data.loading import DataError, LoadedData, load_standard
-from rlhf.tracking import flatten, stage_run
+from rlhf.infra.security import scan_pii
+from rlhf.infra.tracking import flatten, stage_run
 from rlhf.validation import checks
 from rlhf.validation.suite import TEXT_COLUMNS, CheckFailure, data_docs_html, failures, is_text, run_suite
-from tasks.caching import RETRY_DELAYS_S, retry_on_tracking_error, stage_cache
+from tasks.caching import stage_cache
+from tasks.common import RETRY_DELAYS_S, VALIDATE, retry_on_tracking_error
 
 __all__ = [
     "DataKind", "SPLIT_KINDS", "ValidatedData", "ValidationFailed", "ValidationReport",
@@ -139,7 +141,7 @@ def validate_frame(
     # 1. PII: redact in place, or flag the rows for the suite.
     redactions = {k: 0 for k in cfg.pii_kinds}
     for column in text:
-        redacted, flags, counts = checks.scan_pii(frame[column], cfg.pii_kinds)
+        redacted, flags, counts = scan_pii(frame[column], cfg.pii_kinds)
         for k, n in counts.items():
             redactions[k] += n
         if cfg.pii_policy == "redact":
@@ -192,7 +194,7 @@ def run_validation(
         if (Path(out_dir) / f"{split}.jsonl").resolve() == Path(path).resolve():
             raise ValueError(f"out_dir {out_dir!r} holds the input file {path!r}: give validation its own folder")
     vcfg = cfg.validation
-    with stage_run(parent_run_id, "validate", flatten({"validation": vcfg.model_dump()})):
+    with stage_run(parent_run_id, VALIDATE, flatten({"validation": vcfg.model_dump()})):
         # 1. Load and convert every split; a malformed file is a failure, not a crash.
         errors: list[str] = []
         loaded: dict[str, LoadedData] = {}
@@ -282,7 +284,7 @@ def _publish_prefect_table(reports: dict[str, ValidationReport], errors: list[st
 
 
 @task(
-    name="validate-data", cache_policy=stage_cache("validate-data"), persist_result=True,
+    name=VALIDATE, cache_policy=stage_cache(VALIDATE), persist_result=True,
     retries=len(RETRY_DELAYS_S), retry_delay_seconds=RETRY_DELAYS_S, retry_condition_fn=retry_on_tracking_error,
 )
 def validate_task(

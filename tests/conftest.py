@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from rlhf.env import quiet_defaults
+from rlhf.infra.env import quiet_defaults
 
 quiet_defaults()
 
@@ -45,10 +45,10 @@ def tiny_stack(tmp_path_factory):
 
     import mlflow
 
-    from models.loading import resolve_base_model
+    from rlhf.builtin.model import resolve_base_model
+    from rlhf.builtin.task import resolve_data_paths
     from rlhf.config import load_config
-    from rlhf.data.loading import resolve_data_paths
-    from rlhf.tracking import setup_experiment
+    from rlhf.infra.tracking import setup_experiment
     from tasks.reward import run_reward
     from tasks.sft import run_sft
 

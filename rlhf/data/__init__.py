@@ -1,1 +1,1 @@
-"""Data: the built-in support task, the gold judge, loading and validation helpers."""
+"""Data: file formats and loading of the user's (or the built-in) data sets."""

@@ -38,7 +38,18 @@ from typing import Any, Literal
 
 import pandas as pd
 
-from rlhf.data import support
+PROMPT_PREFIX = "Customer: "
+PROMPT_SUFFIX = "\nAgent:"
+"""The prompt format the pipeline renders conversations in: ``Customer: <message>\nAgent:``."""
+FILES = {
+    "sft": "sft.jsonl",
+    "preferences": "preferences.jsonl",
+    "preferences_heldout": "preferences_heldout.jsonl",
+    "prompts": "prompts.jsonl",
+    "heldout_prompts": "heldout_prompts.jsonl",
+}
+"""Split name -> file name in a data folder (``data.source``)."""
+
 
 DataKind = Literal["sft", "preference", "prompt", "traffic"]
 Format = Literal["trl", "conversational", "conversational-implicit", "messages", "transcript"]
@@ -53,13 +64,13 @@ OPTIONAL_COLUMNS: dict[str, tuple[str, ...]] = {"traffic": ("feedback",)}
 
 ROLE_PREFIX = {
     "system": "System: ",
-    "user": support.PROMPT_PREFIX,
-    "human": support.PROMPT_PREFIX,
+    "user": PROMPT_PREFIX,
+    "human": PROMPT_PREFIX,
     "assistant": "Agent: ",
     "gpt": "Agent: ",
 }
 ASSISTANT_ROLES = ("assistant", "gpt")
-AGENT_CUE = support.PROMPT_SUFFIX.lstrip("\n")  # "Agent:", the cue the policy answers after
+AGENT_CUE = PROMPT_SUFFIX.lstrip("\n")  # "Agent:", the cue the policy answers after
 HUMAN = "\n\nHuman:"
 ASSISTANT = "\n\nAssistant:"
 _TURN = re.compile(r"\n\n(Human|Assistant):")

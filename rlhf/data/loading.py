@@ -1,8 +1,8 @@
 """Resolve, check and load the pipeline's data files through Hugging Face `datasets`.
 
 A split is a local JSON/JSONL/CSV/Parquet file or a Hub dataset name (where the
-user's machine reaches the Hub). ``resolve_data_paths`` writes the built-in data
-set when the config asks for it.
+user's machine reaches the Hub). ``user_data_paths`` finds the files of a data
+folder (the built-in data set is written by ``rlhf.builtin.task.resolve_data_paths``).
 
 Before `datasets` sees a local file, ``inspect_file`` reads it once, line by line,
 and turns every way a file can be malformed (empty, not UTF-8, truncated, a JSON
@@ -24,8 +24,8 @@ import datasets
 import pandas as pd
 
 from rlhf.config import DataConfig
-from rlhf.data.builtin import FILES, write_builtin_dataset
 from rlhf.data.formats import (
+    FILES,
     OPTIONAL_COLUMNS,
     REQUIRED_COLUMNS,
     ConversionError,
@@ -63,11 +63,14 @@ class SourceInfo:
         return f"row {row}"
 
 
-def resolve_data_paths(cfg: DataConfig, out_dir: str | Path, seed: int) -> dict[str, str]:
-    """Split name -> file path (or Hub name) for every split the pipeline reads."""
-    if cfg.source == "builtin":
-        paths = {k: str(v) for k, v in write_builtin_dataset(Path(out_dir) / "data", seed).items()}
-    else:
+def user_data_paths(cfg: DataConfig, paths: dict[str, str] | None = None) -> dict[str, str]:
+    """Split name -> file path (or Hub name) for every split the pipeline reads.
+
+    ``paths`` are the files of a data set already written (the built-in one); without
+    them, the files of the folder ``data.source``. Per-split paths (``data.<split>_path``)
+    override either.
+    """
+    if paths is None:
         root = Path(cfg.source)
         if not root.is_dir():
             raise DataError(
@@ -75,6 +78,7 @@ def resolve_data_paths(cfg: DataConfig, out_dir: str | Path, seed: int) -> dict[
                 f"{', '.join(FILES.values())} (or set data.<split>_path for each file)"
             )
         paths = {k: str(root / name) for k, name in FILES.items()}
+    paths = dict(paths)
     for split in SPLITS:
         override = getattr(cfg, f"{split}_path")
         if override:

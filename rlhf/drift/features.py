@@ -8,9 +8,9 @@ policy started from, which a hashed bag of words would not (word order, unseen
 words split into known sub-words). With a real checkpoint the same code embeds
 with that model.
 
-Intents come from the built-in task's key-phrase classifier
-(``support.classify_intent``); on other data every prompt is ``"other"`` and the
-intent signal stays at zero. Refusals and violations use rlhf/violations.py, as
+Intents, refusals, task violations and gold scores come from the task's knowledge
+(``TaskKnowledge``: the built-in task's key-phrase classifier and gold judge); without
+one every prompt is ``"other"``, the intent signal stays at zero and there is no gold. Refusals and violations use rlhf/evaluation/violations.py, as
 the evaluate stage does, so ``eval/`` and ``drift/`` rates mean the same thing.
 """
 
@@ -26,10 +26,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from models.generation import decode_responses, sample
 from models.policy import position_ids_from_mask
 from models.reward import score_texts
-from rlhf.data import support
-from rlhf.data.judge import GoldJudge
+from rlhf.evaluation.task import TaskKnowledge
+from rlhf.evaluation.violations import is_refusal, violations
 from rlhf.rl.losses import logprobs_from_logits
-from rlhf.violations import is_refusal, violations
 
 
 @dataclass
@@ -54,13 +53,13 @@ class ResponseFeatures:
     gold: np.ndarray | None  # (N,) gold-judge reward, None off the built-in task
 
 
-def prompt_features(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> PromptFeatures:
+def prompt_features(tokenizer: PreTrainedTokenizerBase, prompts: list[str], task: TaskKnowledge | None) -> PromptFeatures:
     """Token histogram, intents and token lengths of prompts."""
     ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     counts = Counter(t for row in ids for t in row)
     return PromptFeatures(
         token_counts={str(k): int(v) for k, v in counts.items()},
-        intents=[support.classify_intent(p) for p in prompts],
+        intents=[task.classify_intent(p) if task else "other" for p in prompts],
         lengths=np.array([len(row) for row in ids], dtype=np.float64),
     )
 
@@ -143,9 +142,9 @@ def fit_texts(
 
 def response_features(
     policy: PreTrainedModel, reward_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-    prompts: list[str], responses: list[str], gold_judge: bool, batch_size: int = 64,
+    prompts: list[str], responses: list[str], task: TaskKnowledge | None, batch_size: int = 64,
 ) -> ResponseFeatures:
-    """Reward-model scores, lengths, NLL under the policy, refusal/violation flags and gold scores."""
+    """Reward-model scores, lengths, NLL under the policy, refusal/violation flags and gold scores (if the task has a judge)."""
     # Batches of similar length waste little on padding; results go back to the input order.
     order = np.argsort([len(p) + len(r) for p, r in zip(prompts, responses)], kind="stable")
     inverse = np.argsort(order)
@@ -155,14 +154,13 @@ def response_features(
     scores = score_texts(reward_model, tokenizer, fit_p, fit_r, batch_size=batch_size).numpy()[inverse]
     nll = response_nll(policy, tokenizer, sorted_p, sorted_r, batch_size)[inverse]
     lengths = np.array([len(r) for r in tokenizer(responses, add_special_tokens=False)["input_ids"]], dtype=np.float64)
-    judge = GoldJudge()
     return ResponseFeatures(
         rm_scores=scores.astype(np.float64),
         lengths=lengths,
         nll=nll,
-        refusal=np.array([is_refusal(r) for r in responses], dtype=bool),
-        violation=np.array([bool(v) for v in violations(prompts, responses, support_task=gold_judge)], dtype=bool),
-        gold=np.array([judge.score(p, r) for p, r in zip(prompts, responses)]) if gold_judge else None,
+        refusal=np.array([is_refusal(r, task) for r in responses], dtype=bool),
+        violation=np.array([bool(v) for v in violations(prompts, responses, task)], dtype=bool),
+        gold=np.array([gold(p, r) for p, r in zip(prompts, responses)]) if (gold := task and task.gold_score) else None,
     )
 
 

@@ -9,6 +9,7 @@ them (tokens, intents). No MLflow here: tasks/baseline.py logs and loads it.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,7 +18,7 @@ import numpy as np
 
 from rlhf.drift import stats
 from rlhf.drift.features import PromptFeatures, ResponseFeatures
-from rlhf.drift.traffic import feedback_probability
+from rlhf.infra.tracking import download
 
 SCHEMA_VERSION = 1
 PROFILE_FILE = "profile.json"
@@ -81,8 +82,13 @@ def _floats(values: np.ndarray) -> list[float | None]:
 def build_profile(
     prompts: PromptFeatures, embeddings: np.ndarray, responses: ResponseFeatures, kl: np.ndarray,
     models: dict[str, str], generation: dict[str, float],
+    feedback_probability: Callable[[float], float] | None = None,
 ) -> Baseline:
-    """Assemble the profile from features of the baseline prompts and the champion's sampled responses."""
+    """Assemble the profile from features of the baseline prompts and the champion's sampled responses.
+
+    ``feedback_probability`` (the task's simulated users: gold reward -> P(thumbs up))
+    gives the expected positive-feedback rate of the champion's answers.
+    """
     if len(embeddings) < 2:
         raise ValueError("a baseline needs at least two embedded prompts: pass more prompts")
     n = len(responses.rm_scores)
@@ -120,9 +126,15 @@ def build_profile(
             "violation_rate": float(responses.violation.mean()),
             "gold": None if gold is None else _floats(gold),
             "gold_summary": None if gold is None else _summary(gold),
-            # The simulated users' expected thumbs-up rate (traffic.feedback_probability) on the champion's answers.
-            "feedback_positive_rate": None if gold is None else float(np.mean([feedback_probability(g) for g in gold])),
+            "feedback_positive_rate": (
+                None if gold is None or feedback_probability is None else float(np.mean([feedback_probability(g) for g in gold]))
+            ),
         },
         "kl": {"values": _floats(kl), **_summary(kl)},
     }
     return Baseline(profile, np.asarray(embeddings, dtype=np.float64))
+
+
+def load_baseline(uri: str) -> Baseline:
+    """The baseline at a ``runs:/<run>/baseline`` (or any artifact) URI."""
+    return Baseline.load(download(uri))

@@ -23,8 +23,8 @@ from typing import Literal
 
 import numpy as np
 
+from rlhf.config import DriftThresholds
 from rlhf.drift import stats
-from rlhf.drift.config import DriftThresholds
 from rlhf.drift.features import PromptFeatures, ResponseFeatures
 from rlhf.drift.profile import Baseline
 

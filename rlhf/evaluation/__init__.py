@@ -1,0 +1,1 @@
+"""Judging a trained policy: reward-hacking flags, policy violations, statistics."""

@@ -1,0 +1,1 @@
+"""Infrastructure: tracking, integrity, security, distributed helpers, progress, environment."""

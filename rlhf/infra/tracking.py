@@ -1,0 +1,182 @@
+"""MLflow conventions: one parent run per pipeline run, one child run per stage.
+
+Stages hand each other references (run ids and artifact URIs), never live
+objects, so any stage can be re-run alone against a finished parent run.
+
+Faults: ``check_tracking_store`` fails fast, naming the URI and the fix, when the
+store cannot be reached at the start of a run (MLflow's own client would retry for
+minutes first). Mid-run, MLflow's HTTP client retries with exponential backoff
+(``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, ``MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR``: 7
+retries, factor 2, about 4 minutes by default); what still fails is recognised by
+``is_transient_tracking_error`` for the stage tasks' Prefect retries. Logged
+checkpoints carry a sha256 manifest (rlhf/infra/integrity.py) that ``download`` verifies,
+and params pass through ``rlhf.infra.security.mask_secrets``.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from rlhf.infra.integrity import verify_manifest, write_manifest
+from rlhf.infra.security import mask_secrets, mask_value
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+LOCAL_ARTIFACT_DIR = "mlartifacts"
+PREFLIGHT_TIMEOUT_S = 10.0
+"""Seconds the start-of-run check waits for a tracking server's /health."""
+
+
+class TrackingUnavailable(RuntimeError):
+    """The MLflow tracking store cannot be reached or written; the message names the URI and the fix."""
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI if set, else the SQLite store in the working folder."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def check_tracking_store(uri: str | None = None, timeout_s: float = PREFLIGHT_TIMEOUT_S) -> str:
+    """Fail fast, before any training, when the tracking store is unreachable; returns the URI checked.
+
+    http(s): GET <uri>/health within ``timeout_s`` (no retries). sqlite: the database
+    opens (its folder exists and is writable). Other schemes (databricks, ...) are left
+    to MLflow.
+    """
+    uri = uri or tracking_uri()
+    shown = mask_value(uri)
+    scheme = urlsplit(uri).scheme
+    if scheme in ("http", "https"):
+        import requests
+
+        try:
+            response = requests.get(f"{uri.rstrip('/')}/health", timeout=timeout_s)
+        except requests.RequestException as e:
+            raise TrackingUnavailable(
+                f"MLflow tracking server {shown} is unreachable ({type(e).__name__}: {str(e).splitlines()[0][:160]}). "
+                "Fix: start it (`make serve`, or `mlflow server --host 127.0.0.1 --port 5000`), point "
+                "MLFLOW_TRACKING_URI at a running server, or unset MLFLOW_TRACKING_URI to use the local store "
+                f"{DEFAULT_TRACKING_URI}"
+            ) from None
+        if response.status_code != 200:
+            raise TrackingUnavailable(
+                f"MLflow tracking server {shown} answered /health with HTTP {response.status_code}, not 200: it is "
+                "up but not healthy (or the URL is not an MLflow server). Fix: check the server's log, or point "
+                "MLFLOW_TRACKING_URI at the right address"
+            )
+    elif scheme == "sqlite":
+        path = uri.removeprefix("sqlite:///")
+        folder = Path(path).resolve().parent
+        problem = None
+        if not folder.is_dir():
+            problem = f"its folder {folder} does not exist"
+        elif not os.access(folder, os.W_OK):
+            problem = f"its folder {folder} is not writable"
+        else:
+            try:
+                sqlite3.connect(path, timeout=timeout_s).close()
+            except sqlite3.Error as e:
+                problem = f"sqlite cannot open it ({e})"
+        if problem:
+            raise TrackingUnavailable(
+                f"MLflow tracking store {shown}: {problem}. Fix: create the folder or make it writable, or set "
+                f"MLFLOW_TRACKING_URI to another store (unset it for {DEFAULT_TRACKING_URI} in the working folder)"
+            )
+    return uri
+
+
+def is_transient_tracking_error(exc: BaseException | None) -> bool:
+    """Whether an exception (or its cause) is a lost connection or timeout to the tracking store."""
+    import requests
+    import urllib3
+    from mlflow.exceptions import MlflowException
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (ConnectionError, TimeoutError, requests.ConnectionError, requests.Timeout,
+                            urllib3.exceptions.HTTPError)):
+            return True
+        if isinstance(exc, MlflowException) and (
+            exc.error_code in ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED")
+            or any(m in str(exc) for m in ("Max retries exceeded", "Connection refused", "Connection aborted",
+                                            "Read timed out", "database is locked"))
+        ):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def log_params(params: dict[str, Any]) -> None:
+    """mlflow.log_params with credential-like names and values masked (rlhf.infra.security)."""
+    mlflow.log_params(mask_secrets(params))
+
+
+def setup_experiment(name: str) -> str:
+    """Point MLflow at the tracking store and return the experiment id (created if new)."""
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifact_location = None
+    if uri.startswith("sqlite:") or uri.startswith("file:"):
+        # Keep artifacts beside the local store, not wherever the process happens to run.
+        artifact_location = Path(LOCAL_ARTIFACT_DIR).resolve().as_uri()
+    return mlflow.create_experiment(name, artifact_location=artifact_location)
+
+
+@contextmanager
+def stage_run(parent_run_id: str, stage: str, params: dict[str, Any] | None = None) -> Iterator[mlflow.ActiveRun]:
+    """A child run named after the stage, nested under the pipeline's parent run."""
+    parent = MlflowClient().get_run(parent_run_id)
+    with mlflow.start_run(
+        run_name=stage,
+        experiment_id=parent.info.experiment_id,
+        parent_run_id=parent_run_id,
+        nested=True,
+        tags={"rlhf.stage": stage},
+    ) as run:
+        if params:
+            log_params(params)
+        yield run
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1} for log_params."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def download(artifact_uri: str) -> Path:
+    """Local copy of a logged artifact folder, verified against its SHA256SUMS when it has one.
+
+    Raises rlhf.infra.integrity.CheckpointCorrupted when a file does not match the manifest.
+    """
+    dst = tempfile.mkdtemp(prefix="rlhf-artifact-")
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=dst))
+    if local.is_dir():
+        verify_manifest(local, required=False)
+    return local
+
+
+def log_checkpoint(local_dir: str | Path, artifact_path: str) -> str:
+    """Write the folder's SHA256SUMS, log the folder to the active run; returns its artifact URI."""
+    write_manifest(local_dir)
+    mlflow.log_artifacts(str(local_dir), artifact_path=artifact_path)
+    return f"{mlflow.get_artifact_uri()}/{artifact_path}"

@@ -1,0 +1,1 @@
+"""PPO for language models: the trainer, its state, and the run/resume protocol around it."""

@@ -1,0 +1,574 @@
+"""PPO for a causal LM against a learned reward model, with a KL penalty to a frozen reference.
+
+RL view (docs/notation.md): the state is the prompt plus the tokens so far, an
+action is the next token, an episode is one response. The reward model scores the
+whole response once, at its last token; every token also pays the KL penalty
+``-beta * (log pi(a|s) - log pi_ref(a|s))``. Advantages come from GAE over the
+value head's per-token estimates (a head on the policy's trunk: see models/policy.py).
+
+One call of ``PPOTrainer.step`` is one iteration, written as numbered steps:
+1. sample prompts and generate responses (KV cache), 2. log-probs of policy and
+reference and the values, 3. score with the reward model, 4. monitor (non-finite
+guard, KL budget, negative KL), 5. per-token rewards, 6. GAE and whitening,
+7. clipped PPO updates over minibatches, 8. KL controller.
+
+Several processes (DDP, rlhf/infra/distributed.py): every process draws the same global batch
+of prompts and samples responses for its own shard; the rollouts are gathered, each
+process scores its shard and the numbers are gathered again, so steps 4-6 and 8 (monitor,
+reward normaliser, GAE, whitening, KL controller) run on the whole batch and every
+process holds the same state. In step 7 each process takes its share of every global
+minibatch, weights its loss by its share of the minibatch's tokens, and DDP averages the
+gradients: the update is the single-process update of the same global batch.
+
+Monitoring acts, it does not only log: a non-finite score, loss, gradient or
+parameter restores the last good state (policy, value head, optimizer, reward
+normaliser) and skips the update; a minibatch whose probability ratio explodes is
+skipped; a KL above the budget warns, stops, or asks the caller to roll back.
+
+This module knows nothing of MLflow or Prefect: ``step`` returns metrics and
+``Alert`` records, checkpoints go to a folder; tasks/ppo.py logs and publishes them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from models.generation import Rollout, decode_responses, sample
+from models.loading import load_causal_lm
+from models.policy import PolicyWithValueHead, position_ids_from_mask
+from models.reward import score_token_ids
+from rlhf.config import PPOConfig
+from rlhf.infra.distributed import Shard, all_gather_rows, all_reduce_sum, check_divisible
+from rlhf.rl.advantages import compute_gae, masked_mean, masked_whiten
+from rlhf.rl.kl import kl_mean_upper_bound, kl_per_token, make_kl_controller
+from rlhf.rl.losses import entropy_from_logits, explained_variance, logprobs_from_logits, policy_loss, value_loss
+from rlhf.rl.normalize import RunningMoments, normalize_scores
+
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+RNG_FILE = "rng.pt"
+CHECKPOINT_FILES = ("config.json", "value_head.safetensors", OPTIMIZER_FILE, RNG_FILE, STATE_FILE)
+"""Files every complete checkpoint has (besides the weights and the tokenizer)."""
+NEGATIVE_KL_TOLERANCE = 1e-3
+"""Nats: a KL estimate this far below 0 (after two standard errors) cannot be sampling noise."""
+
+AlertKind = Literal["kl_budget", "kl_negative", "nonfinite", "ratio_explosion"]
+ALERT_KINDS: tuple[AlertKind, ...] = ("kl_budget", "kl_negative", "nonfinite", "ratio_explosion")
+GoldScorer = Callable[[str, str], float]
+
+
+@dataclass(frozen=True)
+class Alert:
+    """Something the monitor saw at a step, and what the trainer did about it."""
+
+    step: int
+    kind: AlertKind
+    action: Literal["warn", "stop", "rollback", "skip_update", "skip_minibatch"]
+    message: str
+
+
+@dataclass
+class StepResult:
+    """One iteration's metrics (docs/metrics.md), alerts and sample responses."""
+
+    metrics: dict[str, float]
+    alerts: list[Alert] = field(default_factory=list)
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    stop: bool = False
+    """True when the KL budget asked to end the run (action stop or rollback); the update was not applied."""
+
+
+def response_logprobs(
+    logits: torch.Tensor, rollout_ids: torch.Tensor, query_len: int, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs, logits) of the response tokens: position t's logits predict token t+1."""
+    response_logits = logits[:, query_len - 1 : -1] / temperature  # (B, R, V)
+    return logprobs_from_logits(response_logits, rollout_ids), response_logits
+
+
+def best_checkpoint_step(checkpoint_steps: list[int], history: dict[int, tuple[float, float]], kl_budget: float) -> int:
+    """The checkpoint with the highest rlhf reward among those whose KL stayed within the budget.
+
+    ``history[t] = (objective/kl, objective/rlhf_reward)`` measured at step t on the
+    policy saved after step t - 1, so checkpoint s is judged by ``history[s + 1]``.
+    Ties go to the later checkpoint.
+    """
+    judged = [
+        (history[s + 1][1], s) for s in checkpoint_steps
+        if s + 1 in history and math.isfinite(history[s + 1][0]) and history[s + 1][0] <= kl_budget
+        and math.isfinite(history[s + 1][1])
+    ]
+    if not judged:
+        raise ValueError(
+            f"no checkpoint among steps {sorted(checkpoint_steps)} was measured within kl_budget {kl_budget}: "
+            "keep the step-0 checkpoint (tasks/ppo.py logs it) or use kl_budget_action='stop'"
+        )
+    return max(judged)[1]
+
+
+class LastGoodState:
+    """Copies of the policy's parameters, the optimizer state and the reward normaliser, refreshed in place.
+
+    ``save`` runs after each update that left finite weights, copying into buffers
+    allocated once; ``restore`` puts them back. Costs one extra copy of the weights
+    and of Adam's two moments, and one memory copy of each per iteration.
+    """
+
+    def __init__(self, policy: torch.nn.Module, optimizer: torch.optim.Optimizer, moments: RunningMoments):
+        self.params = list(policy.parameters())
+        self.optimizer = optimizer
+        self.moments = moments
+        self.param_copies = [p.detach().clone() for p in self.params]
+        self.optimizer_copies: dict[int, dict[str, Any]] = {}
+        self.moments_state = moments.state_dict()
+
+    @torch.no_grad()
+    def save(self) -> None:
+        """Remember the current state as the last good one."""
+        for param, copy in zip(self.params, self.param_copies):
+            copy.copy_(param)
+        copies: dict[int, dict[str, Any]] = {}
+        for i, param in enumerate(self.params):
+            state = self.optimizer.state.get(param)
+            if not state:
+                continue
+            old = self.optimizer_copies.get(i, {})
+            copies[i] = {k: _copy_value(v, old.get(k)) for k, v in state.items()}
+        self.optimizer_copies = copies
+        self.moments_state = self.moments.state_dict()
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put the last good state back (parameters, optimizer moments and step counts, normaliser)."""
+        for param, copy in zip(self.params, self.param_copies):
+            param.copy_(copy)
+        self.optimizer.state.clear()
+        for i, state in self.optimizer_copies.items():
+            self.optimizer.state[self.params[i]] = {k: _copy_value(v, None) for k, v in state.items()}
+        self.moments.load_state_dict(self.moments_state)
+
+
+def _copy_value(value: Any, buffer: Any) -> Any:
+    """A copy of an optimizer-state entry, written into `buffer` when it fits."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    if isinstance(buffer, torch.Tensor) and buffer.shape == value.shape and buffer.dtype == value.dtype:
+        return buffer.copy_(value)
+    return value.detach().clone()
+
+
+def _all_finite(*tensors: torch.Tensor) -> bool:
+    """Whether every element of every tensor is finite."""
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+class PPOTrainer:
+    """Owns the policy, its optimizer, the KL controller, the reward normaliser, the data cursor and the monitor."""
+
+    def __init__(
+        self,
+        cfg: PPOConfig,
+        policy: PolicyWithValueHead,
+        ref_model: PreTrainedModel,
+        reward_model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        prompts: list[str],
+        seed: int,
+        gold_scorer: GoldScorer | None = None,
+    ):
+        if not prompts:
+            raise ValueError("PPO needs at least one prompt: check data.prompts_path")
+        self.cfg = cfg
+        # Dropout stays off (eval mode) throughout, as in TRL's PPO: the ratio pi/pi_old must
+        # compare one deterministic function before and after the update.
+        self.policy = policy.eval()
+        self.ref_model = ref_model.eval().requires_grad_(False)
+        self.reward_model = reward_model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.prompts = prompts
+        self.gold_scorer = gold_scorer
+        self.optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, eps=1e-5)
+        self.kl_ctl = make_kl_controller(cfg.kl_control, cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+        self.moments = RunningMoments()
+        self.last_good = LastGoodState(policy, self.optimizer, self.moments)
+        self.step_count = 0
+        self.nan_skips = 0
+        self.history: dict[int, tuple[float, float]] = {}
+        """step -> (objective/kl, objective/rlhf_reward), for choosing a rollback checkpoint."""
+        self.data_generator = torch.Generator().manual_seed(seed)
+        self.order = torch.randperm(len(prompts), generator=self.data_generator).tolist()
+        self.cursor = 0
+        self.seed = seed
+        # This process's share of each batch; DDP averages the gradients when there are several.
+        self.shard = Shard.of(cfg.batch_size, "ppo.batch_size")
+        check_divisible("ppo.mini_batch_size", cfg.mini_batch_size, self.shard.world)
+        self.minibatch_rows = Shard(self.shard.rank, self.shard.world, cfg.mini_batch_size).rows
+        self.train_policy: torch.nn.Module = policy
+        if self.shard.world > 1:
+            device = next(policy.parameters()).device
+            self.train_policy = DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None)
+        torch.manual_seed(seed)
+
+    # -- data ---------------------------------------------------------------------------
+    def next_prompts(self) -> list[str]:
+        """The next batch of prompts; reshuffles after each pass over the data."""
+        batch = []
+        while len(batch) < self.cfg.batch_size:
+            if self.cursor == len(self.order):
+                self.order = torch.randperm(len(self.prompts), generator=self.data_generator).tolist()
+                self.cursor = 0
+            batch.append(self.prompts[self.order[self.cursor]])
+            self.cursor += 1
+        return batch
+
+    # -- one iteration ------------------------------------------------------------------
+    def step(self) -> StepResult:
+        """One PPO iteration: metrics (names as in docs/metrics.md), alerts, samples, stop request."""
+        cfg = self.cfg
+        beta = self.kl_ctl.value
+        step = self.step_count + 1
+        t0 = time.perf_counter()
+
+        # 1. Generate one response per prompt with the current policy.
+        prompts = self.next_prompts()
+        rollout = self.generate(prompts)
+        texts = decode_responses(self.tokenizer, rollout)
+        t1 = time.perf_counter()
+
+        # 2. Log-probs under policy and reference (same temperature as sampling), and the values.
+        query_len = rollout.query_ids.shape[1]
+        input_ids, attention_mask = rollout.input_ids, rollout.attention_mask  # (B, P+R)
+        mask = rollout.response_mask.float()  # (B, R)
+        real = mask.bool()
+        mine = self.shard.rows  # this process's rows (every row on a single process)
+        with torch.no_grad():
+            logits, values = self.policy(input_ids[mine], attention_mask[mine])
+            logprobs, _ = response_logprobs(logits, rollout.response_ids[mine], query_len, cfg.temperature)
+            values = values[:, query_len - 1 : -1] * mask[mine]  # (B, R): V(s_t) before action t
+            ref_logits = self.ref_model(
+                input_ids=input_ids[mine], attention_mask=attention_mask[mine],
+                position_ids=position_ids_from_mask(attention_mask[mine]), use_cache=False,
+            ).logits
+            ref_logprobs, _ = response_logprobs(ref_logits, rollout.response_ids[mine], query_len, cfg.temperature)
+
+            # 3. Score the whole response once; penalise responses that never end.
+            scores = score_token_ids(self.reward_model, input_ids[mine], attention_mask[mine], self.tokenizer.pad_token_id)
+            scores = scores - cfg.missing_eos_penalty * (~rollout.ended[mine]).float()  # (B,)
+        # Several processes: each now holds the whole batch's numbers (identity on one process).
+        logprobs, ref_logprobs, values, scores = (all_gather_rows(t) for t in (logprobs, ref_logprobs, values, scores))
+        t2 = time.perf_counter()
+
+        kl = torch.where(real, logprobs - ref_logprobs, torch.zeros_like(logprobs))  # (B, R) k1
+        seq_kl = kl.sum(1)  # (B,) sequence-level KL estimate, for logging, the controller and the budget
+        kl_penalty = kl_per_token(logprobs, ref_logprobs, cfg.kl_estimator) * mask  # (B, R)
+        non_score_reward = -beta * kl_penalty  # (B, R)
+        mean_kl = seq_kl.mean().item()
+        rlhf_reward = (scores + non_score_reward.sum(1)).mean().item()
+        self.history[step] = (mean_kl, rlhf_reward)
+
+        # 4. Monitor: non-finite inputs, the KL budget, a negative KL estimate.
+        finite = _all_finite(scores, logprobs[real], ref_logprobs[real], values[real])
+        alerts, stop = self._monitor(step, finite, seq_kl)
+        update = finite and not stop
+        if not finite:
+            self._restore_last_good()
+
+        stats: dict[str, float] = {}
+        if update:
+            # 5. Per-token rewards: KL penalty on every token, the (normalised) score on the last one.
+            self.moments.update(scores)
+            rewards_at_end = normalize_scores(scores, self.moments, cfg.reward_clip) if cfg.normalize_reward else scores
+            rewards = non_score_reward.clone()
+            last = rollout.lengths - 1  # (B,) index of each response's final token
+            rewards[torch.arange(len(last)), last] += rewards_at_end
+
+            # 6. Advantages with GAE; whiten them over the batch.
+            advantages, returns = compute_gae(rewards, values, mask, cfg.gamma, cfg.lam)
+            if cfg.whiten_advantages:
+                advantages = masked_whiten(advantages, mask)
+            stats["value/explained_variance"] = explained_variance(values, returns, mask)
+
+            # 7. Several epochs of clipped PPO updates over minibatches.
+            update_stats, skipped, peak_ratio, finite = self._update(
+                rollout, logprobs, values, advantages, returns, mask
+            )
+            finite = finite and _all_finite(*(p.detach() for p in self.policy.parameters()))
+            if not finite:
+                self._restore_last_good()
+                alerts.append(Alert(step, "nonfinite", "skip_update",
+                                    "non-finite loss, gradient or parameter during the update: "
+                                    "last good state restored"))
+                stats = {}
+            else:
+                stats.update(update_stats)
+                self.last_good.save()  # finite weights after a full update: the new last good state
+                # 8. Adapt the KL coefficient to the KL this batch actually had.
+                self.kl_ctl.update(mean_kl, cfg.batch_size)
+            stats["policy/skipped_minibatches"] = float(skipped)
+            if skipped:
+                alerts.append(Alert(step, "ratio_explosion", "skip_minibatch",
+                                    f"{skipped} minibatch(es) skipped: mean probability ratio up to {peak_ratio:.3g} "
+                                    f"> ratio_skip_threshold {cfg.ratio_skip_threshold:g}"))
+        t3 = time.perf_counter()
+        self.step_count = step
+
+        metrics = {
+            "objective/kl": mean_kl,
+            "objective/kl_k2": (kl_per_token(logprobs, ref_logprobs, "k2") * mask).sum(1).mean().item(),
+            "objective/kl_k3": (kl_per_token(logprobs, ref_logprobs, "k3") * mask).sum(1).mean().item(),
+            "objective/kl_coef": beta,
+            "objective/entropy": (-logprobs * mask).sum(1).mean().item(),
+            "objective/scores": scores.mean().item(),
+            "objective/non_score_reward": non_score_reward.sum(1).mean().item(),
+            "objective/rlhf_reward": rlhf_reward,
+            "response_length/mean": rollout.lengths.float().mean().item(),
+            "response/eos_rate": rollout.ended.float().mean().item(),
+            "policy/nan_skips": float(self.nan_skips),
+            "timing/generation_s": t1 - t0,
+            "timing/scoring_s": t2 - t1,
+            "timing/update_s": t3 - t2,
+            "timing/step_s": t3 - t0,
+            **stats,
+        }
+        if self.gold_scorer is not None:
+            gold = [self.gold_scorer(p, r) for p, r in zip(prompts, texts)]
+            metrics["objective/gold_scores"] = sum(gold) / len(gold)
+        samples = [
+            {"step": step, "prompt": p, "response": r, "score": s, "kl": k}
+            for p, r, s, k in zip(prompts, texts, scores.tolist(), seq_kl.tolist())
+        ]
+        return StepResult(metrics, alerts, samples, stop)
+
+    def generate(self, prompts: list[str]) -> Rollout:
+        """One response per prompt of the global batch; the same Rollout on every process.
+
+        On one process: one ``sample`` call on the global RNG. On several, each samples its
+        shard under a seed of (run seed, step, rank), so a resumed run samples the same,
+        and the shards are gathered (prompts left-padded, responses right-padded).
+        """
+        cfg = self.cfg
+        if self.shard.world == 1:
+            return sample(self.policy.lm, self.tokenizer, prompts, cfg.max_new_tokens, cfg.temperature)
+        device = next(self.policy.parameters()).device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(hash((self.seed, self.step_count, self.shard.rank)) & 0xFFFF_FFFF)
+            local = sample(self.policy.lm, self.tokenizer, prompts[self.shard.rows], cfg.max_new_tokens, cfg.temperature)
+        pad = self.tokenizer.pad_token_id
+        return Rollout(
+            all_gather_rows(local.query_ids, pad, left=True), all_gather_rows(local.query_mask, 0, left=True),
+            all_gather_rows(local.response_ids, pad), all_gather_rows(local.response_mask, 0),
+            all_gather_rows(local.ended),
+        )
+
+    def _monitor(self, step: int, finite: bool, seq_kl: torch.Tensor) -> tuple[list[Alert], bool]:
+        """Alerts for this iteration's rollout, and whether the KL budget asks to stop."""
+        cfg = self.cfg
+        mean_kl = seq_kl.mean().item()
+        alerts: list[Alert] = []
+        stop = False
+        if not finite:
+            alerts.append(Alert(step, "nonfinite", "skip_update",
+                                "non-finite reward-model score, log-prob or value: update skipped, "
+                                "last good state restored"))
+        if cfg.kl_budget is not None and mean_kl > cfg.kl_budget:
+            action = cfg.kl_budget_action
+            alerts.append(Alert(step, "kl_budget", action,
+                                f"objective/kl {mean_kl:.3f} > kl_budget {cfg.kl_budget:g} "
+                                f"(policy after step {step - 1}): {action}"))
+            stop = action in ("stop", "rollback")
+        if kl_mean_upper_bound(seq_kl) < -NEGATIVE_KL_TOLERANCE:
+            alerts.append(Alert(step, "kl_negative", "warn",
+                                f"objective/kl {mean_kl:.4f} < 0 beyond sampling noise: the log-probs do not match "
+                                "the sampling distribution (temperature, top-k/top-p, padding or position ids)"))
+        return alerts, stop
+
+    def _restore_last_good(self) -> None:
+        """Undo this iteration's changes to the weights, optimizer and normaliser; count the skip."""
+        self.last_good.restore()
+        self.nan_skips += 1
+
+    def _update(
+        self, rollout: Rollout, old_logprobs: torch.Tensor, old_values: torch.Tensor,
+        advantages: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+    ) -> tuple[dict[str, float], int, float, bool]:
+        """PPO epochs over minibatches: (mean statistics, skipped minibatches, largest mean ratio, all finite)."""
+        cfg = self.cfg
+        query_len = rollout.query_ids.shape[1]
+        input_ids, attention_mask = rollout.input_ids, rollout.attention_mask
+        totals: dict[str, float] = {}
+        applied = skipped = 0
+        peak_ratio = 0.0
+        for _ in range(cfg.ppo_epochs):
+            order = torch.randperm(cfg.batch_size)
+            for start in range(0, cfg.batch_size, cfg.mini_batch_size):
+                # a. Forward the minibatch; losses against the rollout's log-probs and values.
+                idx = order[start : start + cfg.mini_batch_size][self.minibatch_rows]  # this process's share
+                m = mask[idx]
+                logits, values = self.train_policy(input_ids[idx], attention_mask[idx])
+                logprobs, response_logits = response_logprobs(
+                    logits, rollout.response_ids[idx], query_len, cfg.temperature
+                )
+                values = values[:, query_len - 1 : -1]
+                pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[idx], advantages[idx], m, cfg.clip_range)
+                vf_loss, vf_stats = value_loss(values, old_values[idx], returns[idx], m, cfg.clip_range_value)
+                entropy = masked_mean(entropy_from_logits(response_logits), m)
+                loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * entropy
+
+                # b. Guards: a non-finite loss ends the update (the caller restores); an exploding ratio skips.
+                # The mean ratio, as TRL's `ratio_threshold`: the max over tokens is routinely large on rare tokens.
+                finite, batch_ratio, weight = self._global_minibatch(loss, pg_stats["ratio_mean"], m)
+                if not finite:
+                    return totals, skipped, peak_ratio, False
+                peak_ratio = max(peak_ratio, batch_ratio)
+                if batch_ratio > cfg.ratio_skip_threshold:
+                    skipped += 1
+                    continue
+
+                # c. Clipped gradient step; a non-finite gradient norm would write NaN into the weights.
+                self.optimizer.zero_grad(set_to_none=True)
+                (loss * weight if self.shard.world > 1 else loss).backward()  # DDP averages the gradients
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
+                if not torch.isfinite(grad_norm):
+                    return totals, skipped, peak_ratio, False
+                self.optimizer.step()
+                applied += 1
+                for key, value in {
+                    "loss/policy_avg": pg_loss.item(),
+                    "loss/value_avg": vf_loss.item(),
+                    "policy/approxkl_avg": pg_stats["approxkl"].item(),
+                    "policy/clipfrac_avg": pg_stats["clipfrac"].item(),
+                    "policy/entropy_avg": entropy.item(),
+                    "policy/ratio_avg": pg_stats["ratio_mean"].item(),
+                    "value/clipfrac_avg": vf_stats["clipfrac"].item(),
+                    "policy/grad_norm": grad_norm.item(),
+                }.items():
+                    totals[key] = totals.get(key, 0.0) + value * weight
+        if self.shard.world > 1:  # token-weighted means over the processes: the global minibatch's statistics
+            sums = all_reduce_sum(list(totals.values()), next(self.policy.parameters()).device)
+            totals = {k: v / self.shard.world for k, v in zip(totals, sums)}
+        out = {k: v / applied for k, v in totals.items()} if applied else {}
+        return out, skipped, peak_ratio, True
+
+    def _global_minibatch(self, loss: torch.Tensor, ratio_mean: torch.Tensor, mask: torch.Tensor) -> tuple[bool, float, float]:
+        """(loss finite everywhere, mean ratio over the global minibatch, loss weight of this process).
+
+        Several processes agree on both guards, so all skip or step together. The weight is
+        this process's share of the minibatch's tokens times the number of processes: DDP's
+        mean of the weighted per-process token means is the token mean over the whole minibatch.
+        """
+        if self.shard.world == 1:
+            return bool(torch.isfinite(loss)), ratio_mean.item(), 1.0
+        tokens = mask.sum().item()
+        finite, ratio_sum, total = all_reduce_sum(
+            [float(torch.isfinite(loss)), ratio_mean.item() * tokens, tokens], next(self.policy.parameters()).device
+        )
+        return finite == self.shard.world, ratio_sum / total, tokens * self.shard.world / total
+
+    # -- rollback -------------------------------------------------------------------------
+    def best_checkpoint_step(self, checkpoint_steps: list[int]) -> int:
+        """Among checkpoint_steps, the best one measured within the KL budget (see best_checkpoint_step)."""
+        if self.cfg.kl_budget is None:
+            raise ValueError("choosing a checkpoint within the KL budget needs ppo.kl_budget: set it")
+        return best_checkpoint_step(checkpoint_steps, self.history, self.cfg.kl_budget)
+
+    # -- several processes -----------------------------------------------------------------
+    def sync_from_main(self) -> None:
+        """Copy rank 0's whole state to the other processes (a no-op on one process).
+
+        Weights, optimizer, KL controller, normaliser, data cursor, history and RNG: a run
+        that resumed from a checkpoint loaded it on rank 0 only. Call it on every process
+        before the first step.
+        """
+        if self.shard.world == 1:
+            return
+        import torch.distributed as dist
+
+        with torch.no_grad():
+            for param in self.policy.parameters():
+                dist.broadcast(param.data, src=0)
+        state = [{
+            "optimizer": self.optimizer.state_dict(), "step": self.step_count, "cursor": self.cursor,
+            "order": self.order, "kl_controller": self.kl_ctl.state_dict(), "reward_moments": self.moments.state_dict(),
+            "nan_skips": self.nan_skips, "history": self.history, "rng": torch.get_rng_state(),
+            "data_rng": self.data_generator.get_state(),
+        } if self.shard.rank == 0 else None]
+        dist.broadcast_object_list(state, src=0)
+        if self.shard.rank != 0:
+            main = state[0]
+            self.optimizer.load_state_dict(main["optimizer"])
+            self.step_count, self.cursor, self.order = main["step"], main["cursor"], list(main["order"])
+            self.kl_ctl.load_state_dict(main["kl_controller"])
+            self.moments.load_state_dict(main["reward_moments"])
+            self.nan_skips, self.history = main["nan_skips"], dict(main["history"])
+            torch.set_rng_state(main["rng"])
+            self.data_generator.set_state(main["data_rng"])
+        self.last_good.save()
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def save_checkpoint(self, out_dir: str | Path) -> Path:
+        """Everything needed to resume: policy, value head, optimizer, KL controller, normaliser, RNG, cursor."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.policy.save(out)
+        self.tokenizer.save_pretrained(out)
+        torch.save(self.optimizer.state_dict(), out / OPTIMIZER_FILE)
+        rng = {"torch": torch.get_rng_state(), "data": self.data_generator.get_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, out / RNG_FILE)
+        state = {
+            "step": self.step_count,
+            "cursor": self.cursor,
+            "order": self.order,
+            "kl_controller": self.kl_ctl.state_dict(),
+            "reward_moments": self.moments.state_dict(),
+            "nan_skips": self.nan_skips,
+            "history": {str(k): list(v) for k, v in self.history.items()},
+        }
+        (out / STATE_FILE).write_text(json.dumps(state))
+        return out
+
+    def load_checkpoint(self, checkpoint_dir: str | Path) -> None:
+        """Restore the full state written by save_checkpoint, weights included."""
+        ckpt = Path(checkpoint_dir)
+        missing = [name for name in CHECKPOINT_FILES if not (ckpt / name).exists()]
+        if missing:
+            raise ValueError(
+                f"{ckpt} is not a complete PPO checkpoint (missing {', '.join(missing)}): "
+                "resume from a folder logged as checkpoints/step_XXXXX by a PPO run"
+            )
+        state = json.loads((ckpt / STATE_FILE).read_text())
+        kind = state["kl_controller"]["kind"]
+        if kind != self.cfg.kl_control:
+            raise ValueError(
+                f"{ckpt} was trained with a {kind} KL controller but ppo.kl_control is {self.cfg.kl_control!r}: "
+                f"set ppo.kl_control={kind} to continue it"
+            )
+        device = next(self.policy.parameters()).device
+        self.policy.lm.load_state_dict(load_causal_lm(str(ckpt)).state_dict())
+        self.policy.load_value_head(ckpt)
+        self.policy.to(device)
+        self.step_count = int(state["step"])
+        self.cursor = int(state["cursor"])
+        self.order = list(state["order"])
+        self.kl_ctl.load_state_dict(state["kl_controller"])
+        self.moments.load_state_dict(state["reward_moments"])
+        self.nan_skips = int(state["nan_skips"])
+        self.history = {int(k): (float(v[0]), float(v[1])) for k, v in state["history"].items()}
+        self.optimizer.load_state_dict(torch.load(ckpt / OPTIMIZER_FILE, map_location=device, weights_only=True))
+        rng = torch.load(ckpt / RNG_FILE, weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        self.data_generator.set_state(rng["data"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.last_good.save()

@@ -1,0 +1,1 @@
+"""The MLflow Model Registry side: promotion gates, aliases, rollback."""

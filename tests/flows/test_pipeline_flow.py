@@ -1,0 +1,113 @@
+"""Tier 3: the whole pipeline under Prefect's test harness, and the CLI's user errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from rlhf.cli import main
+from rlhf.config import load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+SMOKE = ROOT / "configs" / "smoke.yaml"
+STAGES = {"validate", "sft", "reward", "ppo", "evaluate", "register"}
+
+
+def child_runs(client: MlflowClient, parent_run_id: str) -> list:
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    return client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'")
+
+
+@pytest.mark.slow
+def test_pipeline_tracks_six_stages_and_registers_the_policy(prefect_harness, mlflow_store):
+    from flows.pipeline import rlhf_pipeline
+
+    result = rlhf_pipeline(load_config(SMOKE))
+
+    client = MlflowClient()
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["ppo.steps"] == "4"
+    children = child_runs(client, result.parent_run_id)
+    assert {run.info.run_name for run in children} == STAGES
+    assert len(children) == 6
+    by_stage = {run.info.run_name: run for run in children}
+    for stage in ("sft", "reward"):
+        files = {f.path for f in client.list_artifacts(by_stage[stage].info.run_id, "checkpoint")}
+        assert "checkpoint/model.safetensors" in files
+    ppo_checkpoints = {f.path for f in client.list_artifacts(by_stage["ppo"].info.run_id, "checkpoints")}
+    assert ppo_checkpoints == {"checkpoints/step_00000", "checkpoints/step_00002", "checkpoints/step_00004"}
+    for name in ("objective/kl", "objective/scores", "objective/rlhf_reward", "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg"):
+        assert len(client.get_metric_history(by_stage["ppo"].info.run_id, name)) == 4, name
+    for name in ("eval/gold_reward_mean", "eval/rm_score_mean", "eval/kl_mean", "eval/win_rate_vs_sft", "eval/response_length_mean", "eval/sft_gold_reward_mean"):
+        assert name in result.metrics
+    assert "reward/accuracy" in by_stage["reward"].data.metrics
+
+    versions = client.search_model_versions("name = 'rlhf-policy'")
+    assert [str(v.version) for v in versions] == ["1"]
+    assert versions[0].tags["lineage.pipeline_run_id"] == result.parent_run_id
+    assert result.model_uri == "models:/rlhf-policy/1"
+    # The drift baseline is stored with the version, in the register run that logged it.
+    assert versions[0].tags["baseline.uri"] == f"runs:/{by_stage['register'].info.run_id}/baseline"
+    assert client.list_artifacts(by_stage["register"].info.run_id, "baseline")
+
+
+@pytest.mark.slow
+def test_bad_preference_data_stops_the_flow_before_training(prefect_harness, mlflow_store, tmp_path):
+    from flows.pipeline import rlhf_pipeline
+    from rlhf.builtin.dataset import write_builtin_dataset
+    from tasks.validate import ValidationFailed
+
+    data = tmp_path / "data"
+    write_builtin_dataset(data, seed=0)
+    rows = [json.loads(line) for line in (data / "preferences.jsonl").read_text().splitlines()]
+    for row in rows[:50]:
+        row["rejected"] = row["chosen"]  # chosen == rejected: no preference signal
+    (data / "preferences.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    with pytest.raises(ValidationFailed, match="preferences"):
+        rlhf_pipeline(load_config(SMOKE, [f"data.source={data}"]))
+
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("rlhf").experiment_id])
+    assert {run.data.tags.get("rlhf.stage") for run in runs if "rlhf.stage" in run.data.tags} == {"validate"}
+    parent = next(run for run in runs if "rlhf.stage" not in run.data.tags)
+    assert parent.info.status == "FAILED"
+    assert client.search_model_versions("name = 'rlhf-policy'") == []
+    assert not (Path("mlartifacts").exists() and any(Path("mlartifacts").rglob("model.safetensors")))
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["run", "--data", "/no/such/folder"], "data.source '/no/such/folder' is not a folder"),
+        (["run", "--set", "ppo.stepz=3"], "unknown option 'ppo.stepz'"),
+        (["run", "--set", "ppo.batch_size=10"], "must be a multiple of ppo.mini_batch_size"),
+        (["run", "--config", "/no/such.yaml"], "config file '/no/such.yaml' does not exist"),
+        (["run", "--set", "ppo.kl_control=pid"], "bad value for 'ppo.kl_control'"),
+    ],
+)
+def test_cli_user_errors_are_one_line(argv, expected, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and expected in err, err
+
+
+@pytest.mark.slow
+def test_tiny_llama_goes_through_the_whole_pipeline(prefect_harness, mlflow_store):
+    """The non-GPT-2 path: a locally built Llama-architecture model, every stage."""
+    from flows.pipeline import rlhf_pipeline
+
+    result = rlhf_pipeline(load_config(SMOKE, ["model.base_model=builtin:tiny-llama"]))
+
+    client = MlflowClient()
+    assert client.get_run(result.parent_run_id).data.params["model.base_model"] == "builtin:tiny-llama"
+    assert len(child_runs(client, result.parent_run_id)) == 6
+    version = client.search_model_versions("name = 'rlhf-policy'")[0]
+    checkpoint = version.tags["lineage.checkpoint_uri"]
+    config = json.loads(Path(mlflow.artifacts.download_artifacts(f"{checkpoint}/config.json")).read_text())
+    assert config["model_type"] == "llama"

@@ -1,0 +1,195 @@
+"""Evaluation: statistics and hacking rules on hand-worked numbers, then the stage on tiny models."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from rlhf.evaluation.hacking import (
+    CheckpointStats,
+    DiagnosticsConfig,
+    hacking_flags,
+    length_drift,
+    proxy_gold_divergence,
+    reward_length_correlation,
+    select_checkpoint,
+    split_for_selection,
+)
+from rlhf.evaluation.stats import mean_and_se, pearson, wilson_interval, win_count
+from rlhf.evaluation.violations import is_refusal, violations
+from tasks.evaluate import flag_tags, run_level_flags
+
+ROOT = Path(__file__).resolve().parents[2]
+PASSWORD = "Customer: I forgot my password.\nAgent:"
+
+
+def point(step: int, kl: float = 0.0, proxy: float = 0.0, judge: float = 0.0, length: float = 20.0,
+          corr: float = 0.0, proxy_se: float = 0.1, judge_se: float = 0.1) -> CheckpointStats:
+    return CheckpointStats(step, kl, proxy, proxy_se, judge, judge_se, length, corr)
+
+
+# ------------------------------------------------------------------------------------ statistics
+def test_wilson_interval_of_8_in_10():
+    # p = 0.8, z^2 = 3.8416: centre = (0.8 + 0.19208) / 1.38416 = 0.716738,
+    # half = 1.96 * sqrt(0.016 + 0.009604) / 1.38416 = 0.226581.
+    low, high = wilson_interval(8, 10)
+    assert low == pytest.approx(0.490157, abs=1e-6) and high == pytest.approx(0.943319, abs=1e-6)
+
+
+def test_pearson_mean_se_and_win_count():
+    assert pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0, abs=1e-12)
+    assert pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0, abs=1e-12)
+    # dx = dy up to order: sxy = 2.25 - 0.25 - 0.25 + 2.25 = 4, sxx = syy = 5 -> 0.8.
+    assert pearson([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8, abs=1e-12)
+    assert pearson([1, 2, 3], [5, 5, 5]) == 0.0
+    # var = (2.25 + 0.25 + 0.25 + 2.25) / 3 = 5/3; se = sqrt(5/3 / 4) = 0.645497.
+    mean, se = mean_and_se([1, 2, 3, 4])
+    assert mean == 2.5 and se == pytest.approx(0.645497, abs=1e-6)
+    assert win_count([1, 2, 3], [1, 1, 4]) == 1.5  # tie, win, loss
+
+
+def test_violations_and_refusals_on_the_support_task():
+    responses = [
+        " I sent a reset link to your email and it works for one hour.",
+        " That is not my problem. Your refund is approved.",
+        " Write to me at jo.doe@example.com please.",
+        " Please contact our support team.",
+    ]
+    assert violations([PASSWORD] * 4, responses, SUPPORT_TASK) == [(), ("rude", "wrong_intent"), ("pii",), ()]
+    assert violations([PASSWORD] * 4, responses, None) == [(), (), ("pii",), ()]
+    assert [is_refusal(r, SUPPORT_TASK) for r in responses] == [False, False, True, True]
+    assert not any(is_refusal(r, None) for r in responses)  # no intents known: nothing is a refusal
+
+
+# ------------------------------------------------------------------------------- hacking rules
+def test_divergence_needs_both_moves_beyond_z_standard_errors():
+    # Both differences have standard error hypot(0.4, 0.3) = 0.5; proxy +1.0, judge -1.0.
+    ref = point(10, proxy=1.0, judge=1.0, proxy_se=0.3, judge_se=0.4)
+    now = point(20, proxy=2.0, judge=0.0, proxy_se=0.4, judge_se=0.3)
+    assert not proxy_gold_divergence(now, [ref], z=2.0)  # threshold 1.0: not strictly above
+    assert proxy_gold_divergence(now, [ref], z=1.9)  # threshold 0.95
+    both_up = point(20, proxy=2.0, judge=2.0, proxy_se=0.4, judge_se=0.3)
+    assert not proxy_gold_divergence(both_up, [ref], z=1.0)
+
+
+def test_length_rules_against_sft():
+    sft = point(0, proxy=0.5, length=20.0)
+    assert not length_drift(point(10, length=30.0), sft, 1.5)  # exactly 1.5x is allowed
+    assert length_drift(point(10, length=30.1), sft, 1.5)
+    assert reward_length_correlation(point(10, proxy=0.6, corr=0.51), sft, 0.5)
+    assert not reward_length_correlation(point(10, proxy=0.4, corr=0.9), sft, 0.5)  # no proxy gain
+    assert not reward_length_correlation(point(10, proxy=0.6, corr=0.5), sft, 0.5)
+
+
+def test_hacking_flags_over_a_run_that_overoptimises():
+    cfg = DiagnosticsConfig(divergence_z=2.0, max_length_ratio=1.5, max_reward_length_corr=0.5)
+    series = [
+        point(0, proxy=0.0, judge=0.0, length=20),
+        point(10, proxy=1.0, judge=1.0, length=18),  # both up: healthy
+        point(20, proxy=2.0, judge=0.2, length=34, corr=0.7),  # proxy up, gold down 0.8 > 2*0.141
+    ]
+    flags = hacking_flags(series, cfg, judge_is_proxy=False)
+    assert flags == {
+        0: {"length_drift": False, "reward_length_correlation": False, "proxy_gold_divergence": False},
+        10: {"length_drift": False, "reward_length_correlation": False, "proxy_gold_divergence": False},
+        20: {"length_drift": True, "reward_length_correlation": True, "proxy_gold_divergence": True},
+    }
+    assert run_level_flags(flags) == {"length_drift": [20], "proxy_gold_divergence": [20], "reward_length_correlation": [20]}
+    tags = flag_tags(flags[10], run_level_flags(flags))
+    assert tags["hacking.proxy_gold_divergence"] == "false" and tags["hacking.run.proxy_gold_divergence"] == "true"
+    assert tags["hacking.run.flagged_steps"] == "20"
+    # With the reward model as its own judge, divergence cannot be seen: left out, tagged n/a.
+    blind = hacking_flags(series, cfg, judge_is_proxy=True)
+    assert "proxy_gold_divergence" not in blind[20]
+    assert flag_tags(blind[10], run_level_flags(blind))["hacking.proxy_gold_divergence"] == "n/a"
+    with pytest.raises(ValueError, match="SFT point"):
+        hacking_flags(series[1:], cfg, judge_is_proxy=False)
+
+
+def test_selection_takes_the_best_judge_score_within_the_kl_budget_not_the_last():
+    candidates = [
+        point(10, kl=2.0, judge=0.5), point(20, kl=5.0, judge=1.2),
+        point(30, kl=25.0, judge=1.5), point(40, kl=30.0, judge=0.2),
+    ]
+    assert select_checkpoint(candidates, kl_budget=20.0) == select_checkpoint(candidates[::-1], 20.0)
+    assert select_checkpoint(candidates, kl_budget=20.0).step == 20  # 30 is better but over budget
+    assert select_checkpoint(candidates, kl_budget=26.0).step == 30
+    assert select_checkpoint(candidates, kl_budget=None).step == 30  # no budget
+    tie = [point(10, kl=4.0, judge=1.0), point(20, kl=3.0, judge=1.0)]
+    assert select_checkpoint(tie, 20.0).step == 20  # equal judge: less KL
+    over = select_checkpoint(candidates, kl_budget=1.0)
+    assert (over.step, over.within_budget) == (10, False)
+
+
+def test_split_for_selection_is_seeded_disjoint_and_never_empty():
+    prompts = [f"p{i}" for i in range(10)]
+    selection, test = split_for_selection(prompts, 0.5, seed=0)
+    assert len(selection) == len(test) == 5 and sorted(selection + test) == sorted(prompts)
+    assert split_for_selection(prompts, 0.5, seed=0) == (selection, test)
+    assert split_for_selection(prompts, 0.5, seed=1) != (selection, test)
+    assert [len(s) for s in split_for_selection(prompts, 0.01, 0)] == [1, 9]
+    assert [len(s) for s in split_for_selection(prompts, 0.99, 0)] == [9, 1]
+    with pytest.raises(ValueError, match="raise data.max_heldout_prompts"):
+        split_for_selection(["only"], 0.5, 0)
+
+
+# --------------------------------------------------------------------------------- the stage
+@pytest.mark.slow
+def test_evaluate_chooses_on_gold_registers_the_choice_and_compares_with_the_champion(tiny_stack, mlflow_store):
+    from rlhf.config import load_config
+    from rlhf.infra.tracking import setup_experiment
+    from rlhf.registry.promotion import CHAMPION
+    from tasks.common import Checkpoint
+    from tasks.evaluate import run_evaluate
+    from tasks.common import PPOResult
+    from tasks.register import run_register
+
+    cfg = load_config(ROOT / "configs" / "smoke.yaml")  # 16 held-out prompts: 8 select, 8 test
+    sft, reward = tiny_stack.sft, tiny_stack.reward
+    # Step 2 is the trained SFT policy, step 4 the untrained base model: the last is not the best.
+    ppo = PPOResult(Checkpoint(sft.run_id, sft.uri), {2: sft.uri, 4: tiny_stack.base_model})
+    heldout = tiny_stack.paths["heldout_prompts"]
+    client = MlflowClient()
+    with mlflow.start_run(experiment_id=setup_experiment("eval-test")) as parent:
+        first = run_evaluate(cfg, sft, reward, ppo, heldout, parent.info.run_id)
+
+        assert (first.step, first.checkpoint) == (2, Checkpoint(sft.run_id, sft.uri))
+        m = first.metrics
+        # The chosen policy is SFT itself and samples with SFT's seed: same responses, ties only.
+        assert m["eval/kl_mean"] == 0.0 and m["eval/win_rate_vs_sft"] == 0.5
+        assert m["eval/gold_reward_mean"] == m["eval/sft_gold_reward_mean"] and m["eval/num_samples"] == 8
+        assert m["eval/best_checkpoint_step"] == 2.0 and "eval/win_rate_vs_champion" not in m
+        for name in ("eval/rm_score_mean", "eval/response_length_mean", "eval/distinct_1", "eval/distinct_2",
+                     "eval/eos_rate", "eval/violation_rate", "eval/refusal_rate", "eval/hacking/length_drift"):
+            assert math.isfinite(m[name]), name
+        assert first.tags["eval.judge"] == "gold" and first.tags["eval.champion_version"] == "none"
+        assert first.tags["hacking.length_drift"] == "false"
+        kl = {int(x.step): x.value for x in client.get_metric_history(first.run_id, "eval/selection/kl_mean")}
+        assert sorted(kl) == [0, 2, 4] and kl[0] == kl[2] == 0.0 and kl[4] > 1.0
+        files = {f.path for f in client.list_artifacts(first.run_id, "eval")}
+        assert {"eval/overoptimization.png", "eval/samples.json", "eval/checkpoints.json"} <= files
+        png = Path(mlflow.artifacts.download_artifacts(run_id=first.run_id, artifact_path="eval/overoptimization.png"))
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+        version = run_register(cfg, ppo, first, {"sft": "fp-sft"}, parent.info.run_id)
+        tags = client.get_model_version(cfg.registered_model, version.version).tags
+        assert tags["lineage.pipeline_run_id"] == parent.info.run_id and tags["lineage.checkpoint_step"] == "2"
+        assert tags["lineage.data.sft"] == "fp-sft" and len(tags["lineage.config_hash"]) == 16
+        assert tags["eval.win_rate_vs_sft"] == "0.5" and tags["hacking.length_drift"] == "false"
+        assert tags["validation.success"] == "missing" and tags["promotion.status"] == "registered"
+        model_dir = Path(mlflow.artifacts.download_artifacts(version.model_uri))
+        shipped = {p.name for p in (model_dir / "artifacts" / "policy").iterdir()}
+        assert "model.safetensors" in shipped and "training_args.bin" not in shipped  # training state stays behind
+
+        client.set_registered_model_alias(cfg.registered_model, CHAMPION, version.version)
+        second = run_evaluate(cfg, sft, reward, ppo, heldout, parent.info.run_id)
+    assert second.tags["eval.champion_version"] == version.version
+    # The champion is the same weights: identical samples, every comparison a tie.
+    assert second.metrics["eval/win_rate_vs_champion"] == 0.5
+    table = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=second.run_id, artifact_path="eval/samples.json")).read_text())
+    assert {"prompt", "sft_response", "champion_response", "policy_response", "policy_judge"} <= set(table["columns"])
