@@ -13,7 +13,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export GX_ANALYTICS_ENABLED := false
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast mlflow-ui prefect-ui clean
+.PHONY: install demo test test-fast lint format mlflow-ui prefect-ui clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,15 @@ test: install  ## The full test suite
 
 test-fast: install  ## Math, data and config tests only (seconds)
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: install  ## ruff (lint + format check) and the import-layer contracts (pyproject.toml)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
+
+format: install  ## Apply ruff's fixes and formatting
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 mlflow-ui: install  ## MLflow UI on the local store
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000

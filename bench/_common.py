@@ -127,7 +127,7 @@ def warm_prefect_home(prefect_home: Path, python: str = sys.executable, attempts
     """
     prefect_home.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    for attempt in range(attempts):
+    for _ in range(attempts):
         proc = subprocess.run([python, "-c", WARM_UP_FLOW], env=offline_env(PREFECT_HOME=str(prefect_home)),
                               capture_output=True, text=True)
         if proc.returncode == 0:

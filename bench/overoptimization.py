@@ -105,7 +105,6 @@ def main() -> None:
 
     # 4. Gold reward of every checkpoint on the test split, which the choice never saw.
     tokenizer = load_tokenizer(str(download(sft.uri)))
-    sft_model = load_causal_lm(str(download(sft.uri))).eval()
     reward_model = load_reward_model(str(download(reward.uri)), tokenizer.pad_token_id)
     judge = make_judge(SUPPORT_TASK, None, reward_model, tokenizer)
     heldout = list(load_split(paths["heldout_prompts"])["prompt"])[: cfg.data.max_heldout_prompts]

@@ -50,8 +50,8 @@ def sample(
 ) -> Rollout:
     """Sample one response per prompt from the full distribution (no top-k/top-p), at temperature."""
     model.eval()
-    tokenizer.padding_side = "left"
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    enc = enc.to(model.device)  # left-padded: every prompt ends where generation starts
     out = model.generate(
         **enc,
         do_sample=True,

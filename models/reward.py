@@ -22,7 +22,9 @@ def score_texts(
     scores = []
     for i in range(0, len(prompts), batch_size):
         texts = [p + r + tokenizer.eos_token for p, r in zip(prompts[i : i + batch_size], responses[i : i + batch_size])]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        # right-padded, as the reward trainer saw them (the tokenizer's own default side is never consulted)
+        enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False)
+        enc = enc.to(model.device)
         scores.append(model(**enc).logits[:, 0].float().cpu())
     return torch.cat(scores) if scores else torch.empty(0)
 

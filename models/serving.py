@@ -20,7 +20,6 @@ class PolicyModel(mlflow.pyfunc.PythonModel):
         from models.loading import load_causal_lm, load_tokenizer
 
         self.tokenizer = load_tokenizer(context.artifacts["policy"])
-        self.tokenizer.padding_side = "left"
         self.model = load_causal_lm(context.artifacts["policy"]).eval()
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
@@ -29,7 +28,7 @@ class PolicyModel(mlflow.pyfunc.PythonModel):
         params = params or {}
         prompts = [str(p) for p in model_input["prompt"]]
         temperature = float(params.get("temperature", 1.0))
-        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
         with torch.no_grad():
             out = self.model.generate(
                 **enc,

@@ -52,7 +52,7 @@ class ValidationConfig(_Section):
     max_examples: int = Field(3, ge=1, description="Example rows quoted per failed check in error messages")
 
     @model_validator(mode="after")
-    def _check_bounds(self) -> "ValidationConfig":
+    def _check_bounds(self) -> ValidationConfig:
         for low, high in (("min_rows", "max_rows"), ("min_chars", "max_chars")):
             if getattr(self, low) > getattr(self, high):
                 raise ValueError(
@@ -118,7 +118,7 @@ class PPOConfig(_Section):
     sample_every: int = Field(20, ge=1, description="Log a table of sample responses every N iterations")
 
     @model_validator(mode="after")
-    def _check_batches(self) -> "PPOConfig":
+    def _check_batches(self) -> PPOConfig:
         if self.batch_size % self.mini_batch_size:
             raise ValueError(
                 f"ppo.batch_size ({self.batch_size}) must be a multiple of ppo.mini_batch_size "
@@ -193,7 +193,7 @@ class MonitorConfig(_Section):
     trigger_deployment: str | None = Field(None, description="On an alert, start this Prefect deployment ('flow-name/deployment-name', e.g. the training pipeline's)")
 
     @model_validator(mode="after")
-    def _check_alpha(self) -> "MonitorConfig":
+    def _check_alpha(self) -> MonitorConfig:
         if 1.0 / (self.mmd_permutations + 1) >= self.thresholds.alpha:
             raise ValueError(
                 f"mmd_permutations ({self.mmd_permutations}) cannot reach p < thresholds.alpha "
@@ -217,7 +217,7 @@ class PromotionConfig(_Section):
 
     min_win_rate_vs_champion_low: float = Field(0.5, ge=0, lt=1, description="The 95% Wilson lower bound of the win rate against the current champion must exceed this (waived while there is no champion)")
     min_win_rate_vs_sft_low: float = Field(0.5, ge=0, lt=1, description="The 95% Wilson lower bound of the win rate against the SFT policy must exceed this")
-    max_kl: float = Field(12.0, gt=0, description="Largest held-out KL(pi || pi_sft) in nats a promoted version may have (default: the default ppo.kl_budget)")
+    max_kl: float | None = Field(None, gt=0, description="Largest held-out KL(pi || pi_sft) in nats a promoted version may have; None: the KL budget it was trained and evaluated under (its eval/kl_budget tag)")
     block_on_run_flags: bool = Field(False, description="Also block on hacking flags raised at other checkpoints of the same PPO run (hacking.run.*), not only at the registered one")
     require_validation: bool = Field(True, description="Require the pipeline run's data validation to have passed (tag validation.success=true)")
     require_approval: bool = Field(False, description="Pause the promotion flow for a human approval in the Prefect UI before moving the champion")
@@ -245,7 +245,7 @@ class PipelineConfig(_Section):
     distributed: DistributedConfig = DistributedConfig()
 
     @model_validator(mode="after")
-    def _check_global_batches(self) -> "PipelineConfig":
+    def _check_global_batches(self) -> PipelineConfig:
         n = self.distributed.num_processes
         for name, value in (("sft.batch_size", self.sft.batch_size), ("reward.batch_size", self.reward.batch_size),
                             ("ppo.batch_size", self.ppo.batch_size), ("ppo.mini_batch_size", self.ppo.mini_batch_size)):

@@ -223,6 +223,7 @@ def run_evaluate(
         metrics.update({
             "eval/best_checkpoint_step": float(choice.step),
             "eval/kl_within_budget": float(choice.within_budget),
+            **({"eval/kl_budget": float(kl_budget)} if kl_budget is not None else {}),
             **{f"eval/hacking/{name}": float(raised) for name, raised in chosen_flags.items()},
         })
         tags = {

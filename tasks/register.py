@@ -41,7 +41,6 @@ from rlhf.infra.tracking import download, stage_run
 from rlhf.ppo.trainer import OPTIMIZER_FILE, RNG_FILE
 from tasks.common import REGISTER, RETRY_DELAYS_S, Evaluation, PPOResult, retry_on_tracking_error
 
-SERVING_PARAMS = {"max_new_tokens": 48, "temperature": 1.0}
 TRAINING_ONLY_FILES = (OPTIMIZER_FILE, RNG_FILE, "training_args.bin", MANIFEST)
 """Files that resume or describe training but play no part in serving (not shipped with the model).
 The checkpoint's manifest lists the training-only files too; the logged model has MLflow's own layout."""
@@ -113,7 +112,7 @@ def version_tags(
         "lineage.final_checkpoint_uri": ppo.final.uri,
         "lineage.config_hash": config_hash(cfg),
         **{f"lineage.data.{split}": fp for split, fp in fingerprints.items()},
-        **{k.replace("/", "."): f"{v:.6g}" for k, v in evaluation.metrics.items() if not k.startswith("eval/hacking/")},
+        **{k: f"{v:.6g}" for k, v in evaluation.metrics.items() if not k.startswith("eval/hacking/")},  # metric names as tag keys
         **evaluation.tags,
         "validation.success": validation,
         "promotion.status": "registered",
@@ -131,17 +130,18 @@ def run_register(
             existing.name, existing.version, evaluation.checkpoint.uri,
         )
         return existing
-    with stage_run(parent_run_id, REGISTER) as run:
+    with stage_run(parent_run_id, REGISTER):
         policy_dir = servable_copy(download(evaluation.checkpoint.uri))
         example = pd.DataFrame({"prompt": ["Customer: Where is my lamp?\nAgent:"]})
+        serving_params = {"max_new_tokens": cfg.eval.max_new_tokens, "temperature": cfg.eval.temperature}
         info = mlflow.pyfunc.log_model(
             name="policy",
             python_model=str(Path(models.__file__).parent / "serving.py"),
             artifacts={"policy": str(policy_dir)},
             code_paths=[str(Path(models.__file__).parent)],
             pip_requirements=PIP_REQUIREMENTS,
-            signature=infer_signature(example, pd.DataFrame({"response": ["..."]}), params=SERVING_PARAMS),
-            input_example=(example, SERVING_PARAMS),
+            signature=infer_signature(example, pd.DataFrame({"response": ["..."]}), params=serving_params),
+            input_example=(example, serving_params),
         )
         tags = version_tags(cfg, ppo, evaluation, fingerprints, parent_run_id, validation_status(parent_run_id))
         # The version number is taken in the registry's transaction: concurrent pipelines get distinct ones.

@@ -34,8 +34,8 @@ import json
 import math
 import random
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
-from functools import lru_cache
+from datetime import UTC, datetime, timedelta
+from functools import cache
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -105,7 +105,7 @@ CONTEXT: tuple[str, ...] = (
 )
 
 
-@lru_cache(maxsize=None)
+@cache
 def _prompts(intent: str) -> tuple:
     return tuple(all_prompts(intent))
 
@@ -178,7 +178,7 @@ class ResponsePools:
         return p
 
     @classmethod
-    def load(cls, path: str | Path) -> "ResponsePools":
+    def load(cls, path: str | Path) -> ResponsePools:
         """Read pools written by save()."""
         raw = json.loads(Path(path).read_text())
         return cls({k: [tuple(pair) for pair in v] for k, v in raw["pairs"].items()}, raw.get("meta", {}))
@@ -222,7 +222,6 @@ def _hacking_pairs(
     percentile, the one the reward model scores highest (best-of-n against the reward model)."""
     judge = GoldJudge()
     gold_ceiling = min(0.0, float(np.quantile([judge.score(p, r) for p, r in clean], 0.25)))
-    tokenizer.padding_side = "right"
     best: list[tuple[float, str]] = [(-math.inf, "")] * len(prompts)
     for _ in range(candidates):
         drafts = [hacking_candidate(p, rng) for p in prompts]
@@ -255,7 +254,7 @@ def simulate_window(
     drawn = [rng.choice(pools.pairs[kind]) for _ in range(n_drift)]
     drawn += [rng.choice(pools.pairs["clean"]) for _ in range(n_rows - n_drift)]
     rng.shuffle(drawn)
-    start = start or datetime(2026, 1, 1, tzinfo=timezone.utc)
+    start = start or datetime(2026, 1, 1, tzinfo=UTC)
     judge = GoldJudge()
     rows = []
     for i, (prompt, response) in enumerate(drawn):
@@ -288,7 +287,7 @@ def write_windows(
 ) -> list[Path]:
     """Write one window per kind as out_dir/window_NNNN.jsonl (an hour apart); returns the paths."""
     paths = []
-    start = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    start = datetime(2026, 1, 1, tzinfo=UTC)
     for j, kind in enumerate(kinds):
         index = first_index + j
         rows = simulate_window(kind, magnitude, n_rows, seed + index, pools, model_version,  # type: ignore[arg-type]

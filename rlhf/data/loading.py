@@ -23,7 +23,7 @@ from pathlib import Path
 import datasets
 import pandas as pd
 
-from rlhf.config import DataConfig
+from rlhf.config import DataConfig, ValidationConfig
 from rlhf.data.formats import (
     FILES,
     OPTIONAL_COLUMNS,
@@ -37,8 +37,8 @@ from rlhf.data.formats import (
 
 SPLITS = tuple(FILES)
 EXTENSION_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-DEFAULT_MAX_ROW_BYTES = 1_000_000
-DEFAULT_MAX_FILE_BYTES = 2_000_000_000
+DEFAULT_MAX_ROW_BYTES = ValidationConfig().max_row_bytes
+DEFAULT_MAX_FILE_BYTES = ValidationConfig().max_file_bytes
 _MB = 1_000_000
 
 
@@ -381,7 +381,7 @@ def _scan_json(path: str, size: int, max_row_bytes: int) -> SourceInfo:
                 "Fix: export or copy the file again completely"
             ) from None
         if not text.strip():
-            raise DataError(f"{path}: has no rows (only blank lines). Fix: export the data again")
+            raise DataError(f"{path}: has no rows (only blank lines). Fix: export the data again") from None
         raise DataError(
             f"{path}: not valid JSON at line {e.lineno}, column {e.colno} ({e.msg}). Fix: correct it, or export "
             "with `json.dump(rows, f)` or as JSON Lines"

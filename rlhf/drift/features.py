@@ -149,7 +149,6 @@ def response_features(
     order = np.argsort([len(p) + len(r) for p, r in zip(prompts, responses)], kind="stable")
     inverse = np.argsort(order)
     sorted_p, sorted_r = [prompts[j] for j in order], [responses[j] for j in order]
-    tokenizer.padding_side = "right"  # score_texts pads with the tokenizer's side; keep baseline and windows alike
     fit_p, fit_r = fit_texts(tokenizer, sorted_p, sorted_r, max_sequence_length(reward_model, tokenizer))
     scores = score_texts(reward_model, tokenizer, fit_p, fit_r, batch_size=batch_size).numpy()[inverse]
     nll = response_nll(policy, tokenizer, sorted_p, sorted_r, batch_size)[inverse]
@@ -173,7 +172,6 @@ def sample_responses(
     out: list[str] = []
     for i in range(0, len(prompts), batch_size):
         out += decode_responses(tokenizer, sample(model, tokenizer, prompts[i : i + batch_size], max_new_tokens, temperature))
-    tokenizer.padding_side = "right"
     return out
 
 
@@ -198,7 +196,6 @@ def sample_kl(
         # 3. k1 summed over the response: an unbiased estimate of the sequence KL
         kls.append(((logprobs[0] - logprobs[1]) * rollout.response_mask).sum(1).cpu().numpy())
         responses += decode_responses(tokenizer, rollout)
-    tokenizer.padding_side = "right"
     return responses, (np.concatenate(kls) if kls else np.zeros(0))
 
 

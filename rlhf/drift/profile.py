@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +42,7 @@ class Baseline:
         return out
 
     @classmethod
-    def load(cls, folder: str | Path) -> "Baseline":
+    def load(cls, folder: str | Path) -> Baseline:
         """Read a folder written by save(); raises naming the fix when it is not a baseline."""
         folder = Path(folder)
         if not (folder / PROFILE_FILE).is_file() or not (folder / EMBEDDINGS_FILE).is_file():
@@ -95,7 +95,7 @@ def build_profile(
     gold = responses.gold
     profile = {
         "schema_version": SCHEMA_VERSION,
-        "created_at": datetime.now(timezone.utc).isoformat(),
+        "created_at": datetime.now(UTC).isoformat(),
         "models": dict(models),
         "generation": dict(generation),
         "prompts": {

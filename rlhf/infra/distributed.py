@@ -77,7 +77,7 @@ class Shard:
     size: int
 
     @classmethod
-    def of(cls, size: int, name: str = "batch") -> "Shard":
+    def of(cls, size: int, name: str = "batch") -> Shard:
         """The current process's shard of a global batch of ``size`` rows."""
         world = world_size()
         check_divisible(name, size, world)

@@ -80,7 +80,7 @@ class StageProgress:
         self._push(force=True)
         self.bar.close()
 
-    def __enter__(self) -> "StageProgress":
+    def __enter__(self) -> StageProgress:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -497,22 +497,60 @@ class PPOTrainer:
             for param in self.policy.parameters():
                 dist.broadcast(param.data, src=0)
         state = [{
-            "optimizer": self.optimizer.state_dict(), "step": self.step_count, "cursor": self.cursor,
-            "order": self.order, "kl_controller": self.kl_ctl.state_dict(), "reward_moments": self.moments.state_dict(),
-            "nan_skips": self.nan_skips, "history": self.history, "rng": torch.get_rng_state(),
-            "data_rng": self.data_generator.get_state(),
+            "trainer": self.state_dict(), "optimizer": self.optimizer.state_dict(), "rng": self.rng_state_dict(),
         } if self.shard.rank == 0 else None]
         dist.broadcast_object_list(state, src=0)
         if self.shard.rank != 0:
-            main = state[0]
-            self.optimizer.load_state_dict(main["optimizer"])
-            self.step_count, self.cursor, self.order = main["step"], main["cursor"], list(main["order"])
-            self.kl_ctl.load_state_dict(main["kl_controller"])
-            self.moments.load_state_dict(main["reward_moments"])
-            self.nan_skips, self.history = main["nan_skips"], dict(main["history"])
-            torch.set_rng_state(main["rng"])
-            self.data_generator.set_state(main["data_rng"])
+            self.load_state_dict(state[0]["trainer"])
+            self.optimizer.load_state_dict(state[0]["optimizer"])
+            self.load_rng_state_dict(state[0]["rng"])
         self.last_good.save()
+
+    # -- state: defined once here, used by checkpoints and by sync_from_main ----------------
+    def state_dict(self) -> dict[str, Any]:
+        """The loop's state beside weights, optimizer and RNG (JSON-able): step, data cursor and
+        order, KL controller, reward normaliser, NaN skips, per-checkpoint history."""
+        return {
+            "step": self.step_count,
+            "cursor": self.cursor,
+            "order": list(self.order),
+            "kl_controller": self.kl_ctl.state_dict(),
+            "reward_moments": self.moments.state_dict(),
+            "nan_skips": self.nan_skips,
+            "history": {str(k): list(v) for k, v in self.history.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned; a KL controller of another kind is refused."""
+        self._require_kl_controller(state["kl_controller"]["kind"])
+        self.step_count = int(state["step"])
+        self.cursor = int(state["cursor"])
+        self.order = list(state["order"])
+        self.kl_ctl.load_state_dict(state["kl_controller"])
+        self.moments.load_state_dict(state["reward_moments"])
+        self.nan_skips = int(state["nan_skips"])
+        self.history = {int(k): (float(v[0]), float(v[1])) for k, v in state["history"].items()}
+
+    def _require_kl_controller(self, kind: str) -> None:
+        if kind != self.cfg.kl_control:
+            raise ValueError(
+                f"the saved run was trained with a {kind} KL controller but ppo.kl_control is {self.cfg.kl_control!r}: "
+                f"set ppo.kl_control={kind} to continue it"
+            )
+
+    def rng_state_dict(self) -> dict[str, Any]:
+        """The random generators: torch's (and CUDA's), and the prompt sampler's."""
+        rng = {"torch": torch.get_rng_state(), "data": self.data_generator.get_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return rng
+
+    def load_rng_state_dict(self, rng: dict[str, Any]) -> None:
+        """Restore what ``rng_state_dict`` returned."""
+        torch.set_rng_state(rng["torch"])
+        self.data_generator.set_state(rng["data"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
 
     # -- checkpoints ----------------------------------------------------------------------
     def save_checkpoint(self, out_dir: str | Path) -> Path:
@@ -522,20 +560,8 @@ class PPOTrainer:
         self.policy.save(out)
         self.tokenizer.save_pretrained(out)
         torch.save(self.optimizer.state_dict(), out / OPTIMIZER_FILE)
-        rng = {"torch": torch.get_rng_state(), "data": self.data_generator.get_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, out / RNG_FILE)
-        state = {
-            "step": self.step_count,
-            "cursor": self.cursor,
-            "order": self.order,
-            "kl_controller": self.kl_ctl.state_dict(),
-            "reward_moments": self.moments.state_dict(),
-            "nan_skips": self.nan_skips,
-            "history": {str(k): list(v) for k, v in self.history.items()},
-        }
-        (out / STATE_FILE).write_text(json.dumps(state))
+        torch.save(self.rng_state_dict(), out / RNG_FILE)
+        (out / STATE_FILE).write_text(json.dumps(self.state_dict()))
         return out
 
     def load_checkpoint(self, checkpoint_dir: str | Path) -> None:
@@ -548,27 +574,12 @@ class PPOTrainer:
                 "resume from a folder logged as checkpoints/step_XXXXX by a PPO run"
             )
         state = json.loads((ckpt / STATE_FILE).read_text())
-        kind = state["kl_controller"]["kind"]
-        if kind != self.cfg.kl_control:
-            raise ValueError(
-                f"{ckpt} was trained with a {kind} KL controller but ppo.kl_control is {self.cfg.kl_control!r}: "
-                f"set ppo.kl_control={kind} to continue it"
-            )
+        self._require_kl_controller(state["kl_controller"]["kind"])  # refuse before loading any weights
         device = next(self.policy.parameters()).device
         self.policy.lm.load_state_dict(load_causal_lm(str(ckpt)).state_dict())
         self.policy.load_value_head(ckpt)
         self.policy.to(device)
-        self.step_count = int(state["step"])
-        self.cursor = int(state["cursor"])
-        self.order = list(state["order"])
-        self.kl_ctl.load_state_dict(state["kl_controller"])
-        self.moments.load_state_dict(state["reward_moments"])
-        self.nan_skips = int(state["nan_skips"])
-        self.history = {int(k): (float(v[0]), float(v[1])) for k, v in state["history"].items()}
+        self.load_state_dict(state)
         self.optimizer.load_state_dict(torch.load(ckpt / OPTIMIZER_FILE, map_location=device, weights_only=True))
-        rng = torch.load(ckpt / RNG_FILE, weights_only=True)
-        torch.set_rng_state(rng["torch"])
-        self.data_generator.set_state(rng["data"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.load_rng_state_dict(torch.load(ckpt / RNG_FILE, weights_only=True))
         self.last_good.save()

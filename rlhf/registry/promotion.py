@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -109,29 +109,32 @@ def gate_win_rate_vs_champion(tags: dict[str, str], champion: str | None, cfg: P
         return GateResult(name, False, f"win rate was measured against champion {measured_against} but the champion is now {champion or 'none'}: re-evaluate against the current champion")
     if champion is None:
         return GateResult(name, True, "no champion yet")
-    low = _number(tags, "eval.win_rate_vs_champion_low")
+    low = _number(tags, "eval/win_rate_vs_champion_low")
     if low is None:
-        return GateResult(name, False, "no eval.win_rate_vs_champion_low tag: re-run the evaluate stage")
+        return GateResult(name, False, "no eval/win_rate_vs_champion_low tag: re-run the evaluate stage")
     verdict = ">" if low > cfg.min_win_rate_vs_champion_low else "<="
     return GateResult(name, low > cfg.min_win_rate_vs_champion_low, f"lower bound {low:.3f} {verdict} {cfg.min_win_rate_vs_champion_low:.3f} against champion v{champion}")
 
 
 def gate_win_rate_vs_sft(tags: dict[str, str], cfg: PromotionConfig) -> GateResult:
     """The lower bound of the win rate against SFT must exceed the threshold."""
-    low = _number(tags, "eval.win_rate_vs_sft_low")
+    low = _number(tags, "eval/win_rate_vs_sft_low")
     if low is None:
-        return GateResult("win_rate_vs_sft", False, "no eval.win_rate_vs_sft_low tag: re-run the evaluate stage")
+        return GateResult("win_rate_vs_sft", False, "no eval/win_rate_vs_sft_low tag: re-run the evaluate stage")
     verdict = ">" if low > cfg.min_win_rate_vs_sft_low else "<="
     return GateResult("win_rate_vs_sft", low > cfg.min_win_rate_vs_sft_low, f"lower bound {low:.3f} {verdict} {cfg.min_win_rate_vs_sft_low:.3f}")
 
 
 def gate_kl(tags: dict[str, str], cfg: PromotionConfig) -> GateResult:
     """The held-out KL to SFT must be within the budget."""
-    kl = _number(tags, "eval.kl_mean")
+    kl = _number(tags, "eval/kl_mean")
     if kl is None:
-        return GateResult("kl_budget", False, "no eval.kl_mean tag: re-run the evaluate stage")
-    verdict = "<=" if kl <= cfg.max_kl else ">"
-    return GateResult("kl_budget", kl <= cfg.max_kl, f"KL {kl:.3f} {verdict} {cfg.max_kl:g} nats")
+        return GateResult("kl_budget", False, "no eval/kl_mean tag: re-run the evaluate stage")
+    limit = cfg.max_kl if cfg.max_kl is not None else _number(tags, "eval/kl_budget")
+    if limit is None:
+        return GateResult("kl_budget", False, "the version has no eval/kl_budget tag (trained without ppo.kl_budget): set promotion.max_kl")
+    verdict = "<=" if kl <= limit else ">"
+    return GateResult("kl_budget", kl <= limit, f"KL {kl:.3f} {verdict} {limit:g} nats")
 
 
 def gate_no_hacking(tags: dict[str, str], cfg: PromotionConfig) -> GateResult:
@@ -237,7 +240,7 @@ def resolve_version(client, model_name: str, version: str) -> str:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _set_tags(client, name: str, version: str, tags: dict[str, str]) -> None:

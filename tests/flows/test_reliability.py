@@ -468,8 +468,8 @@ def stop_process_group(proc: subprocess.Popen) -> None:
 
 @pytest.mark.slow
 def test_tracking_server_outage_mid_run_is_ridden_out(micro_stack, tmp_path, monkeypatch) -> None:
-    from rlhf.ppo.trainer import PPOTrainer
     from rlhf.ppo.resume import logged_checkpoints
+    from rlhf.ppo.trainer import PPOTrainer
     from tasks.ppo import run_ppo
 
     port = free_port()

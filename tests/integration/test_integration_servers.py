@@ -8,7 +8,7 @@ deployment; the tests then read what it left through the two servers' HTTP APIs.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -103,7 +103,7 @@ def test_deploy_all_creates_every_deployment_with_a_form(live_servers: LiveServe
 def test_schedules_created_future_runs(live_servers: LiveServers):  # noqa: F811
     """The weekly pipeline (and the hourly monitor, once deployed) have scheduled runs in the future."""
     on_server = server_deployments(live_servers)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     scheduled = [name for name, spec in deployed_specs().items() if spec.get("schedules")]
     assert "rlhf-pipeline" in scheduled
     for name in scheduled:

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from models.generation import Rollout, sample
-from rlhf.ppo.trainer import PPOTrainer
 from rlhf.cli import run_stage
+from rlhf.ppo.trainer import PPOTrainer
 
 
 def replay_generate(self: PPOTrainer, prompts: list[str]) -> Rollout:

@@ -10,6 +10,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
+from rlhf.builtin.task import SUPPORT_TASK
 from rlhf.evaluation.hacking import (
     CheckpointStats,
     DiagnosticsConfig,
@@ -144,9 +145,8 @@ def test_evaluate_chooses_on_gold_registers_the_choice_and_compares_with_the_cha
     from rlhf.config import load_config
     from rlhf.infra.tracking import setup_experiment
     from rlhf.registry.promotion import CHAMPION
-    from tasks.common import Checkpoint
+    from tasks.common import Checkpoint, PPOResult
     from tasks.evaluate import run_evaluate
-    from tasks.common import PPOResult
     from tasks.register import run_register
 
     cfg = load_config(ROOT / "configs" / "smoke.yaml")  # 16 held-out prompts: 8 select, 8 test
@@ -180,7 +180,7 @@ def test_evaluate_chooses_on_gold_registers_the_choice_and_compares_with_the_cha
         tags = client.get_model_version(cfg.registered_model, version.version).tags
         assert tags["lineage.pipeline_run_id"] == parent.info.run_id and tags["lineage.checkpoint_step"] == "2"
         assert tags["lineage.data.sft"] == "fp-sft" and len(tags["lineage.config_hash"]) == 16
-        assert tags["eval.win_rate_vs_sft"] == "0.5" and tags["hacking.length_drift"] == "false"
+        assert tags["eval/win_rate_vs_sft"] == "0.5" and tags["hacking.length_drift"] == "false"
         assert tags["validation.success"] == "missing" and tags["promotion.status"] == "registered"
         model_dir = Path(mlflow.artifacts.download_artifacts(version.model_uri))
         shipped = {p.name for p in (model_dir / "artifacts" / "policy").iterdir()}

@@ -38,9 +38,10 @@ def evidence(**changes: str) -> dict[str, str]:
     """Tags of a version that passes every gate against champion 1; keyword args override."""
     tags = {
         "eval.champion_version": "1",
-        "eval.win_rate_vs_champion_low": "0.56",
-        "eval.win_rate_vs_sft_low": "0.61",
-        "eval.kl_mean": "3.2",
+        "eval/win_rate_vs_champion_low": "0.56",
+        "eval/win_rate_vs_sft_low": "0.61",
+        "eval/kl_mean": "3.2",
+        "eval/kl_budget": "12",
         "hacking.proxy_gold_divergence": "false",
         "hacking.length_drift": "false",
         "hacking.reward_length_correlation": "false",
@@ -70,14 +71,16 @@ def test_every_gate_passes_on_good_evidence():
     ("changes", "champion", "gate", "detail"),
     [
         # The lower bound must be strictly above 0.5: a bound of exactly 0.5 fails.
-        ({"eval.win_rate_vs_champion_low": "0.5"}, "1", "win_rate_vs_champion", "lower bound 0.500 <= 0.500 against champion v1"),
-        ({"eval.win_rate_vs_champion_low": "<missing>"}, "1", "win_rate_vs_champion", "re-run the evaluate stage"),
+        ({"eval/win_rate_vs_champion_low": "0.5"}, "1", "win_rate_vs_champion", "lower bound 0.500 <= 0.500 against champion v1"),
+        ({"eval/win_rate_vs_champion_low": "<missing>"}, "1", "win_rate_vs_champion", "re-run the evaluate stage"),
         ({}, "2", "win_rate_vs_champion", "measured against champion 1 but the champion is now 2: re-evaluate"),
         ({}, None, "win_rate_vs_champion", "measured against champion 1 but the champion is now none"),
         ({"eval.champion_version": "<missing>"}, "1", "win_rate_vs_champion", "no eval.champion_version tag"),
-        ({"eval.win_rate_vs_sft_low": "0.42"}, "1", "win_rate_vs_sft", "lower bound 0.420 <= 0.500"),
-        ({"eval.kl_mean": "12.5"}, "1", "kl_budget", "KL 12.500 > 12 nats"),
-        ({"eval.kl_mean": "nan?"}, "1", "kl_budget", "no eval.kl_mean tag"),
+        ({"eval/win_rate_vs_sft_low": "0.42"}, "1", "win_rate_vs_sft", "lower bound 0.420 <= 0.500"),
+        ({"eval/kl_mean": "12.5"}, "1", "kl_budget", "KL 12.500 > 12 nats"),
+        ({"eval/kl_mean": "nan?"}, "1", "kl_budget", "no eval/kl_mean tag"),
+        ({"eval/kl_budget": "<missing>"}, "1", "kl_budget", "set promotion.max_kl"),
+        ({"eval/kl_budget": "3.0"}, "1", "kl_budget", "KL 3.200 > 3 nats"),
         ({"hacking.length_drift": "true"}, "1", "no_hacking", "flagged: hacking.length_drift"),
         ({"validation.success": "false"}, "1", "validation", "validation.success=false"),
         ({"validation.success": "<missing>"}, "1", "validation", "no validation.success tag"),
@@ -90,11 +93,11 @@ def test_each_gate_fails_with_its_reason(changes, champion, gate, detail):
 
 
 def test_first_version_needs_no_champion_but_must_beat_sft():
-    tags = evidence(**{"eval.champion_version": "none", "eval.win_rate_vs_champion_low": "<missing>"})
+    tags = evidence(**{"eval.champion_version": "none", "eval/win_rate_vs_champion_low": "<missing>"})
     assert failures(tags, champion=None) == {}
     gate = next(g for g in evaluate_gates(tags, None, CFG) if g.name == "win_rate_vs_champion")
     assert gate.detail == "no champion yet"
-    assert list(failures({**tags, "eval.win_rate_vs_sft_low": "0.3"}, champion=None)) == ["win_rate_vs_sft"]
+    assert list(failures({**tags, "eval/win_rate_vs_sft_low": "0.3"}, champion=None)) == ["win_rate_vs_sft"]
 
 
 def test_run_level_flags_block_only_when_configured():
@@ -148,7 +151,7 @@ def registry(empty_store, tmp_path, monkeypatch):
 
 
 def first_version_tags() -> dict[str, str]:
-    return evidence(**{"eval.champion_version": "none", "eval.win_rate_vs_champion_low": "<missing>"})
+    return evidence(**{"eval.champion_version": "none", "eval/win_rate_vs_champion_low": "<missing>"})
 
 
 def test_pass_makes_champion_and_keeps_the_old_one_for_rollback(registry):
@@ -174,7 +177,7 @@ def test_fail_tags_rejected_with_reasons_and_moves_no_alias(registry):
     client, add, lock = registry
     v1 = add(first_version_tags())
     promote_version(client, MODEL, v1, CFG, lock)
-    v2 = add(evidence(**{"eval.win_rate_vs_champion_low": "0.41", "hacking.length_drift": "true"}))
+    v2 = add(evidence(**{"eval/win_rate_vs_champion_low": "0.41", "hacking.length_drift": "true"}))
 
     outcome = promote_version(client, MODEL, v2, CFG, lock)
 
