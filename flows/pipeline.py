@@ -15,12 +15,14 @@ import yaml
 from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
 
+from flows.promote import promote
 from rlhf.builtin.model import resolve_base_model
 from rlhf.builtin.task import resolve_data_paths
 from rlhf.config import PipelineConfig
 from rlhf.infra.env import quiet_defaults
 from rlhf.infra.security import mask_secrets
 from rlhf.infra.tracking import check_tracking_store, flatten, log_params, setup_experiment
+from rlhf.registry.promotion import PromotionOutcome
 from tasks.baseline import baseline_task
 from tasks.caching import call_stage
 from tasks.common import PPO, REWARD, SFT, VALIDATE
@@ -39,6 +41,8 @@ class PipelineResult:
     parent_run_id: str
     model_uri: str
     metrics: dict[str, float]
+    promotion: PromotionOutcome
+    """The promote flow's verdict on the new version: each gate, and whether it became champion."""
 
 
 @flow(name="rlhf-pipeline")
@@ -89,7 +93,9 @@ def rlhf_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineResult:
                 config.baseline,
             )
         logger.info("Evaluation on held-out prompts:\n%s", format_table(evaluation.metrics, config.ppo.kl_target))
-        return PipelineResult(parent_id, version.model_uri, evaluation.metrics)
+        # The day ends with the gates: a version that passes them all becomes champion.
+        outcome = promote(version.name, version.version, config.promotion)
+        return PipelineResult(parent_id, version.model_uri, evaluation.metrics, outcome)
 
 
 if __name__ == "__main__":

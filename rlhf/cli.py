@@ -119,8 +119,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     print("\nEvaluation on held-out prompts (PPO policy vs the SFT policy it started from):")
     print(format_table(result.metrics, cfg.ppo.kl_target))
     print(f"\nRegistered {result.model_uri} (MLflow parent run {result.parent_run_id})")
+    print(promotion_summary(result.promotion))
     print(UI_HINT)
     return 0
+
+
+def promotion_summary(outcome: Any) -> str:
+    """Each promotion gate's verdict, the outcome, and how to serve the champion (or what refused it)."""
+    lines = [f"\nPromotion of {outcome.model_name} v{outcome.version}:"]
+    lines += [f"  {'pass' if g.passed else 'FAIL'}  {g.name:<22} {g.detail}" for g in outcome.gates]
+    if outcome.promoted or outcome.status == "champion":
+        lines += [
+            f"v{outcome.version} is champion (previous: {outcome.previous_champion or 'none'}). Serve it:",
+            f"  mlflow models serve -m models:/{outcome.model_name}@champion --env-manager local -h 127.0.0.1 -p 5001",
+        ]
+    else:
+        lines += [f"v{outcome.version} was not promoted: {'; '.join(outcome.reasons)}",
+                  f"The champion is {('v' + outcome.champion) if outcome.champion else 'not set yet'}; docs/evaluation.md explains each gate."]
+    return "\n".join(lines)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

@@ -210,6 +210,9 @@ class DiagnosticsConfig(_Section):
     divergence_z: float = Field(2.0, gt=0, description="Standard errors by which proxy must rise and gold fall before proxy_gold_divergence is flagged")
     max_length_ratio: float = Field(1.5, gt=1, description="Mean response length over SFT's above which length_drift is flagged")
     max_reward_length_corr: float = Field(0.5, gt=0, le=1, description="Pearson r of proxy score and response length above which, with a proxy gain over SFT, reward_length_correlation is flagged")
+    min_distinct_ratio: float = Field(0.6, gt=0, le=1, description="Distinct-2 of the responses over SFT's below which mode_collapse is flagged")
+    min_proxy_gain_sd: float = Field(1.0, gt=0, description="Proxy gain over SFT, in SFT's standard deviations of the proxy score, from which proxy_efficiency is checked")
+    min_judge_per_proxy: float = Field(0.25, gt=0, description="Judge gain (in SFT's standard deviations of the judge score) per unit of proxy gain below which proxy_efficiency is flagged")
 
 
 class PromotionConfig(_Section):
@@ -217,6 +220,7 @@ class PromotionConfig(_Section):
 
     min_win_rate_vs_champion_low: float = Field(0.5, ge=0, lt=1, description="The 95% Wilson lower bound of the win rate against the current champion must exceed this (waived while there is no champion)")
     min_win_rate_vs_sft_low: float = Field(0.5, ge=0, lt=1, description="The 95% Wilson lower bound of the win rate against the SFT policy must exceed this")
+    max_violation_increase: float = Field(0.0, ge=0, le=1, description="How much the policy-violation rate may exceed that of the model it replaces (the champion, or SFT while there is none)")
     max_kl: float | None = Field(None, gt=0, description="Largest held-out KL(pi || pi_sft) in nats a promoted version may have; None: the KL budget it was trained and evaluated under (its eval/kl_budget tag)")
     block_on_run_flags: bool = Field(False, description="Also block on hacking flags raised at other checkpoints of the same PPO run (hacking.run.*), not only at the registered one")
     require_validation: bool = Field(True, description="Require the pipeline run's data validation to have passed (tag validation.success=true)")

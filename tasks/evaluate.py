@@ -148,6 +148,7 @@ def checkpoint_stats(step: int, scored: Scored) -> CheckpointStats:
     return CheckpointStats(
         step=step, kl=sum(scored.samples.kl) / len(lengths), proxy=proxy, proxy_se=proxy_se,
         judge=judge, judge_se=judge_se, length=sum(lengths) / len(lengths), reward_length_corr=corr,
+        distinct_2=distinct_n(scored.samples.responses, 2), n=len(lengths),
     )
 
 
@@ -202,7 +203,8 @@ def run_evaluate(
         # 2. Choose on the judge within the KL budget; plot gold/proxy against sqrt(KL).
         # SFT competes only where PPO logged it as its step-0 checkpoint: then "no PPO step helped" can win.
         kl_budget = diagnostics.kl_budget if diagnostics.kl_budget is not None else cfg.ppo.kl_budget
-        choice = select_checkpoint([p for p in series if p.step in ppo.checkpoints], kl_budget)
+        flagged = frozenset(step for step, raised in flags.items() if any(raised.values()))
+        choice = select_checkpoint([p for p in series if p.step in ppo.checkpoints], kl_budget, flagged)
         chosen = Checkpoint(ppo.final.run_id, ppo.checkpoints[choice.step])
         mlflow.log_figure(plot_overoptimization(series, flags, choice.step, judge.kind, kl_budget), "eval/overoptimization.png")
         mlflow.log_table(checkpoint_table(series, flags, choice.step), artifact_file="eval/checkpoints.json")
@@ -229,7 +231,6 @@ def run_evaluate(
         tags = {
             "eval.judge": judge.kind,
             "eval.checkpoint_uri": chosen.uri,
-            "eval.best_checkpoint_step": str(choice.step),
             "eval.champion_version": champion[0] if champion else "none",
             **flag_tags(chosen_flags, run_flags),
         }
@@ -282,7 +283,8 @@ def heldout_metrics(
         "eval/distinct_1": distinct_n(ours.samples.responses, 1),
         "eval/distinct_2": distinct_n(ours.samples.responses, 2),
     }
-    for prefix, scored in (("eval/", ours), ("eval/sft_", base)):
+    compared = [("eval/", ours), ("eval/sft_", base)] + ([("eval/champion_", theirs)] if theirs is not None else [])
+    for prefix, scored in compared:
         metrics[f"{prefix}rm_score_mean"] = sum(scored.proxy) / n
         if JUDGE_METRIC[judge_kind]:
             metrics[f"{prefix}{JUDGE_METRIC[judge_kind]}"] = sum(scored.judge) / n

@@ -15,7 +15,17 @@ Way to Go: Investigating Length Correlations in RLHF"). The flags:
   times SFT's;
 - ``reward_length_correlation``: the proxy score rose over SFT's while, across
   the checkpoint's own responses, it tracks length (Pearson r above
-  ``max_reward_length_corr``): the reward model pays for length.
+  ``max_reward_length_corr``): the reward model pays for length;
+- ``mode_collapse``: the responses' distinct-2 fell below ``min_distinct_ratio``
+  times SFT's: the policy answers with a few templates whatever the prompt;
+- ``proxy_efficiency``: the proxy gained at least ``min_proxy_gain_sd`` of SFT's
+  standard deviations while the judge gained less than ``min_judge_per_proxy``
+  of that, in the judge's own SFT standard deviations: the policy learned what
+  the reward model pays for and little of what the judge wants (needs a judge
+  other than the reward model).
+
+Selection prefers checkpoints with no flag; a flagged chosen checkpoint blocks
+promotion (rlhf/registry/promotion.py).
 """
 
 from __future__ import annotations
@@ -26,7 +36,7 @@ from dataclasses import dataclass
 
 from rlhf.config import DiagnosticsConfig
 
-FLAGS = ("proxy_gold_divergence", "length_drift", "reward_length_correlation")
+FLAGS = ("proxy_gold_divergence", "length_drift", "reward_length_correlation", "mode_collapse", "proxy_efficiency")
 
 
 @dataclass(frozen=True)
@@ -46,6 +56,18 @@ class CheckpointStats:
     """Mean response length in tokens."""
     reward_length_corr: float
     """Pearson r of reward-model score and length across this checkpoint's responses."""
+    distinct_2: float = math.nan
+    """Distinct bigrams over all bigrams of this checkpoint's responses (nan: not measured)."""
+    n: int = 0
+    """Responses measured (standard deviation = standard error x sqrt(n))."""
+
+    @property
+    def proxy_sd(self) -> float:
+        return self.proxy_se * math.sqrt(self.n)
+
+    @property
+    def judge_sd(self) -> float:
+        return self.judge_se * math.sqrt(self.n)
 
 
 @dataclass(frozen=True)
@@ -86,10 +108,25 @@ def reward_length_correlation(point: CheckpointStats, sft: CheckpointStats, max_
     return point.proxy > sft.proxy and point.reward_length_corr > max_corr
 
 
+def mode_collapse(point: CheckpointStats, sft: CheckpointStats, min_ratio: float) -> bool:
+    """Whether distinct-2 fell below min_ratio times SFT's (False when either is unmeasured)."""
+    return point.distinct_2 < min_ratio * sft.distinct_2  # nan compares False
+
+
+def proxy_efficiency(point: CheckpointStats, sft: CheckpointStats, min_proxy_gain_sd: float, min_judge_per_proxy: float) -> bool:
+    """Whether a proxy gain of at least min_proxy_gain_sd SFT standard deviations came with a judge gain
+    below min_judge_per_proxy of it (each gain in its own SFT standard deviations)."""
+    if sft.proxy_sd <= 0 or sft.judge_sd <= 0:
+        return False
+    proxy_gain = (point.proxy - sft.proxy) / sft.proxy_sd
+    judge_gain = (point.judge - sft.judge) / sft.judge_sd
+    return proxy_gain >= min_proxy_gain_sd and judge_gain < min_judge_per_proxy * proxy_gain
+
+
 def hacking_flags(series: list[CheckpointStats], cfg: DiagnosticsConfig, judge_is_proxy: bool) -> dict[int, dict[str, bool]]:
     """step -> flag -> raised, for every point in step order; SFT (series[0], step 0) is the reference.
 
-    With no independent judge (``judge_is_proxy``) divergence cannot be seen and is left out.
+    With no independent judge (``judge_is_proxy``) divergence and efficiency cannot be seen and are left out.
     """
     if not series or series[0].step != 0:
         raise ValueError("hacking_flags needs the SFT point (step 0) first in the series")
@@ -98,18 +135,24 @@ def hacking_flags(series: list[CheckpointStats], cfg: DiagnosticsConfig, judge_i
         flags = {
             "length_drift": length_drift(point, sft, cfg.max_length_ratio),
             "reward_length_correlation": reward_length_correlation(point, sft, cfg.max_reward_length_corr),
+            "mode_collapse": mode_collapse(point, sft, cfg.min_distinct_ratio),
         }
         if not judge_is_proxy:
             flags["proxy_gold_divergence"] = proxy_gold_divergence(point, series[:i], cfg.divergence_z)
+            flags["proxy_efficiency"] = proxy_efficiency(point, sft, cfg.min_proxy_gain_sd, cfg.min_judge_per_proxy)
         out[point.step] = flags
     return out
 
 
-def select_checkpoint(candidates: list[CheckpointStats], kl_budget: float | None) -> Selection:
-    """Highest judge score within the KL budget (ties: lower KL; None: no budget); else the lowest-KL checkpoint."""
+def select_checkpoint(
+    candidates: list[CheckpointStats], kl_budget: float | None, flagged: frozenset[int] = frozenset()
+) -> Selection:
+    """Highest judge score within the KL budget (ties: lower KL; None: no budget), among the checkpoints
+    with no hacking flag when there are any; with none within the budget, the lowest-KL checkpoint."""
     if not candidates:
         raise ValueError("select_checkpoint needs at least one PPO checkpoint: check ppo.checkpoint_every")
     within = [c for c in candidates if kl_budget is None or c.kl <= kl_budget]
+    within = [c for c in within if c.step not in flagged] or within
     if not within:
         return Selection(min(candidates, key=lambda c: c.kl).step, within_budget=False)
     best = max(within, key=lambda c: (c.judge, -c.kl))

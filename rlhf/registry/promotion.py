@@ -28,13 +28,14 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from rlhf.config import PromotionConfig
 from rlhf.evaluation.hacking import FLAGS as HACKING_FLAGS
+from rlhf.evaluation.stats import wilson_interval
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -74,6 +75,8 @@ class PromotionOutcome:
     reasons: tuple[str, ...]
     champion: str | None
     previous_champion: str | None
+    gates: tuple[GateResult, ...] = ()
+    """Every gate's verdict (empty when the gates were not checked: the version already is champion)."""
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,23 @@ def gate_kl(tags: dict[str, str], cfg: PromotionConfig) -> GateResult:
     return GateResult("kl_budget", kl <= limit, f"KL {kl:.3f} {verdict} {limit:g} nats")
 
 
+def gate_violation_rate(tags: dict[str, str], champion: str | None, cfg: PromotionConfig) -> GateResult:
+    """The policy-violation rate must not exceed the one of the model it replaces (the champion's, measured on
+    the same prompts; SFT's while there is no champion) by more than ``max_violation_increase``."""
+    name = "violation_rate"
+    rate, n = _number(tags, "eval/violation_rate"), _number(tags, "eval/num_samples")
+    if rate is None or n is None:
+        return GateResult(name, False, "no eval/violation_rate tag: re-run the evaluate stage")
+    key, who = ("eval/champion_violation_rate", f"champion v{champion}") if champion else ("eval/sft_violation_rate", "SFT")
+    baseline = _number(tags, key)
+    if baseline is None:
+        return GateResult(name, False, f"no {key} tag: re-evaluate this version against the current champion")
+    low, high = wilson_interval(rate * n, int(n))
+    limit = baseline + cfg.max_violation_increase
+    verdict = "<=" if rate <= limit else ">"
+    return GateResult(name, rate <= limit, f"{rate:.3f} (95% CI {low:.3f}-{high:.3f}) {verdict} {who}'s {baseline:.3f}" + (f" + {cfg.max_violation_increase:g}" if cfg.max_violation_increase else ""))
+
+
 def gate_no_hacking(tags: dict[str, str], cfg: PromotionConfig) -> GateResult:
     """No reward-hacking flag on the version (and, if configured, on its PPO run)."""
     keys = [f"hacking.{f}" for f in HACKING_FLAGS]
@@ -165,6 +185,7 @@ def evaluate_gates(tags: dict[str, str], champion: str | None, cfg: PromotionCon
         gate_win_rate_vs_sft(tags, cfg),
         gate_win_rate_vs_champion(tags, champion, cfg),
         gate_kl(tags, cfg),
+        gate_violation_rate(tags, champion, cfg),
         gate_no_hacking(tags, cfg),
     ]
 
@@ -289,11 +310,11 @@ def promote_version(
         _set_tags(client, model_name, version, {f"gate.{g.name}": g.tag() for g in gates})
         failed = [f"{g.name}: {g.detail}" for g in gates if not g.passed]
         if failed:
-            return _reject(client, model_name, version, failed, aliases)
+            return replace(_reject(client, model_name, version, failed, aliases), gates=tuple(gates))
         client.set_registered_model_alias(model_name, CHALLENGER, version)
         _set_tags(client, model_name, version, {"promotion.status": "challenger"})
         if approve is None:
-            return _crown(client, model_name, version, champion, approved_by="gates")
+            return replace(_crown(client, model_name, version, champion, approved_by="gates"), gates=tuple(gates))
 
     # 2. Outside the lock: a reviewer may take hours, and other promotions must not wait on them.
     decision = approve(version)
@@ -303,11 +324,13 @@ def promote_version(
         aliases = registry_aliases(client, model_name)
         if not decision.approved:
             who = decision.reviewer or "the reviewer"
-            return _reject(client, model_name, version, [f"approval: not approved by {who}: {decision.comment or 'no comment'}"], aliases)
-        if aliases.get(CHAMPION) != champion:
+            outcome = _reject(client, model_name, version, [f"approval: not approved by {who}: {decision.comment or 'no comment'}"], aliases)
+        elif aliases.get(CHAMPION) != champion:
             moved = f"the champion moved from {champion or 'none'} to {aliases.get(CHAMPION) or 'none'} while awaiting approval"
-            return _reject(client, model_name, version, [f"win_rate_vs_champion: {moved}: re-evaluate against the new champion"], aliases)
-        return _crown(client, model_name, version, champion, approved_by=decision.reviewer or "reviewer")
+            outcome = _reject(client, model_name, version, [f"win_rate_vs_champion: {moved}: re-evaluate against the new champion"], aliases)
+        else:
+            outcome = _crown(client, model_name, version, champion, approved_by=decision.reviewer or "reviewer")
+        return replace(outcome, gates=tuple(gates))
 
 
 def rollback_champion(client, model_name: str, lock: Path, lock_timeout_s: float) -> RollbackOutcome:

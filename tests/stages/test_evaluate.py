@@ -16,6 +16,8 @@ from rlhf.evaluation.hacking import (
     DiagnosticsConfig,
     hacking_flags,
     length_drift,
+    mode_collapse,
+    proxy_efficiency,
     proxy_gold_divergence,
     reward_length_correlation,
     select_checkpoint,
@@ -30,8 +32,9 @@ PASSWORD = "Customer: I forgot my password.\nAgent:"
 
 
 def point(step: int, kl: float = 0.0, proxy: float = 0.0, judge: float = 0.0, length: float = 20.0,
-          corr: float = 0.0, proxy_se: float = 0.1, judge_se: float = 0.1) -> CheckpointStats:
-    return CheckpointStats(step, kl, proxy, proxy_se, judge, judge_se, length, corr)
+          corr: float = 0.0, proxy_se: float = 0.1, judge_se: float = 0.1, distinct_2: float = 0.5,
+          n: int = 100) -> CheckpointStats:
+    return CheckpointStats(step, kl, proxy, proxy_se, judge, judge_se, length, corr, distinct_2, n)
 
 
 # ------------------------------------------------------------------------------------ statistics
@@ -95,21 +98,63 @@ def test_hacking_flags_over_a_run_that_overoptimises():
         point(20, proxy=2.0, judge=0.2, length=34, corr=0.7),  # proxy up, gold down 0.8 > 2*0.141
     ]
     flags = hacking_flags(series, cfg, judge_is_proxy=False)
-    assert flags == {
-        0: {"length_drift": False, "reward_length_correlation": False, "proxy_gold_divergence": False},
-        10: {"length_drift": False, "reward_length_correlation": False, "proxy_gold_divergence": False},
-        20: {"length_drift": True, "reward_length_correlation": True, "proxy_gold_divergence": True},
+    quiet = {"length_drift": False, "reward_length_correlation": False, "mode_collapse": False,
+             "proxy_gold_divergence": False, "proxy_efficiency": False}
+    # step 20: proxy +2.0 SFT sds (sd = 0.1 x 10), judge +0.2 < 0.25 x 2.0: inefficient too
+    assert flags == {0: quiet, 10: quiet, 20: {**quiet, "length_drift": True, "reward_length_correlation": True,
+                                               "proxy_gold_divergence": True, "proxy_efficiency": True}}
+    assert run_level_flags(flags) == {
+        "length_drift": [20], "mode_collapse": [], "proxy_efficiency": [20], "proxy_gold_divergence": [20],
+        "reward_length_correlation": [20],
     }
-    assert run_level_flags(flags) == {"length_drift": [20], "proxy_gold_divergence": [20], "reward_length_correlation": [20]}
     tags = flag_tags(flags[10], run_level_flags(flags))
     assert tags["hacking.proxy_gold_divergence"] == "false" and tags["hacking.run.proxy_gold_divergence"] == "true"
     assert tags["hacking.run.flagged_steps"] == "20"
     # With the reward model as its own judge, divergence cannot be seen: left out, tagged n/a.
     blind = hacking_flags(series, cfg, judge_is_proxy=True)
-    assert "proxy_gold_divergence" not in blind[20]
+    assert "proxy_gold_divergence" not in blind[20] and "proxy_efficiency" not in blind[20]
     assert flag_tags(blind[10], run_level_flags(blind))["hacking.proxy_gold_divergence"] == "n/a"
     with pytest.raises(ValueError, match="SFT point"):
         hacking_flags(series[1:], cfg, judge_is_proxy=False)
+
+
+def test_mode_collapse_against_sft_diversity():
+    sft = point(0, distinct_2=0.30)
+    assert not mode_collapse(point(10, distinct_2=0.18), sft, 0.6)  # exactly 0.6x is allowed
+    assert mode_collapse(point(10, distinct_2=0.17), sft, 0.6)
+    assert not mode_collapse(point(10, distinct_2=float("nan")), sft, 0.6)  # unmeasured: no flag
+
+
+def test_proxy_efficiency_in_sft_standard_deviations():
+    # SFT: proxy sd = 0.2 x sqrt(25) = 1.0, judge sd = 0.1 x 5 = 0.5.
+    sft = point(0, proxy=-2.0, judge=0.0, proxy_se=0.2, judge_se=0.1, n=25)
+    # proxy +3.0 (3 sd); judge +0.3 (0.6 sd) < 0.25 x 3 = 0.75 sd: flagged
+    assert proxy_efficiency(point(10, proxy=1.0, judge=0.3), sft, 1.0, 0.25)
+    # judge +0.4 (0.8 sd) >= 0.75 sd: efficient enough
+    assert not proxy_efficiency(point(10, proxy=1.0, judge=0.4), sft, 1.0, 0.25)
+    # proxy +0.9 sd is below the 1.0 sd the rule starts at, however flat the judge
+    assert not proxy_efficiency(point(10, proxy=-1.1, judge=-1.0), sft, 1.0, 0.25)
+    # an SFT with no spread cannot be measured against
+    assert not proxy_efficiency(point(10, proxy=9.0), point(0, proxy_se=0.0), 1.0, 0.25)
+
+
+def test_a_collapsed_policy_raises_both_flags_and_is_not_chosen():
+    # What issue 15 found: proxy far up, gold barely, a few templates for every prompt.
+    # SFT sds: proxy 0.2 x 8 = 1.6, judge 0.09 x 8 = 0.72. Collapsed: proxy +3.3 = 2.06 sd, judge +0.34 =
+    # 0.47 sd < 0.25 x 2.06 = 0.52; distinct-2 0.04 < 0.6 x 0.20. Healthy: proxy +0.8 = 0.5 sd (< 1 sd: unchecked).
+    cfg = DiagnosticsConfig()
+    sft = point(0, proxy=-2.3, judge=0.0, proxy_se=0.2, judge_se=0.09, distinct_2=0.20, n=64)
+    healthy = point(20, kl=3.0, proxy=-1.5, judge=0.30, proxy_se=0.2, judge_se=0.09, distinct_2=0.18, n=64)
+    collapsed = point(60, kl=5.2, proxy=1.0, judge=0.34, proxy_se=0.1, judge_se=0.05, distinct_2=0.04, n=64)
+    flags = hacking_flags([sft, healthy, collapsed], cfg, judge_is_proxy=False)
+    assert flags[60]["mode_collapse"] and flags[60]["proxy_efficiency"]
+    assert not any(flags[20].values())
+    flagged = frozenset(step for step, raised in flags.items() if any(raised.values()))
+    # the collapsed checkpoint has the higher judge score, but the unflagged one is chosen
+    assert select_checkpoint([healthy, collapsed], 12.0).step == 60
+    assert select_checkpoint([healthy, collapsed], 12.0, flagged).step == 20
+    # when every candidate is flagged, the best of them is still chosen (promotion then refuses it)
+    assert select_checkpoint([collapsed], 12.0, flagged).step == 60
 
 
 def test_selection_takes_the_best_judge_score_within_the_kl_budget_not_the_last():

@@ -42,6 +42,10 @@ def evidence(**changes: str) -> dict[str, str]:
         "eval/win_rate_vs_sft_low": "0.61",
         "eval/kl_mean": "3.2",
         "eval/kl_budget": "12",
+        "eval/num_samples": "64",
+        "eval/violation_rate": "0.125",
+        "eval/sft_violation_rate": "0.5",
+        "eval/champion_violation_rate": "0.125",
         "hacking.proxy_gold_divergence": "false",
         "hacking.length_drift": "false",
         "hacking.reward_length_correlation": "false",
@@ -62,7 +66,7 @@ def failures(tags: dict[str, str], champion: str | None = "1", cfg: PromotionCon
 # ---------------------------------------------------------------------------------- pure gates
 def test_every_gate_passes_on_good_evidence():
     gates = evaluate_gates(evidence(), "1", CFG)
-    assert [g.name for g in gates] == ["validation", "win_rate_vs_sft", "win_rate_vs_champion", "kl_budget", "no_hacking"]
+    assert [g.name for g in gates] == ["validation", "win_rate_vs_sft", "win_rate_vs_champion", "kl_budget", "violation_rate", "no_hacking"]
     assert all(g.passed for g in gates), gates
     assert gates[2].tag() == "pass: lower bound 0.560 > 0.500 against champion v1"
 
@@ -82,6 +86,11 @@ def test_every_gate_passes_on_good_evidence():
         ({"eval/kl_budget": "<missing>"}, "1", "kl_budget", "set promotion.max_kl"),
         ({"eval/kl_budget": "3.0"}, "1", "kl_budget", "KL 3.200 > 3 nats"),
         ({"hacking.length_drift": "true"}, "1", "no_hacking", "flagged: hacking.length_drift"),
+        ({"hacking.mode_collapse": "true"}, "1", "no_hacking", "flagged: hacking.mode_collapse"),
+        # 9 of 64 = 0.141 against the champion's 0.125 (Wilson 95%: 0.076-0.246): worse is worse
+        ({"eval/violation_rate": "0.140625"}, "1", "violation_rate", "0.141 (95% CI 0.076-0.246) > champion v1's 0.125"),
+        ({"eval/champion_violation_rate": "<missing>"}, "1", "violation_rate", "no eval/champion_violation_rate tag"),
+        ({"eval/violation_rate": "<missing>"}, "1", "violation_rate", "re-run the evaluate stage"),
         ({"validation.success": "false"}, "1", "validation", "validation.success=false"),
         ({"validation.success": "<missing>"}, "1", "validation", "no validation.success tag"),
     ],
@@ -98,6 +107,8 @@ def test_first_version_needs_no_champion_but_must_beat_sft():
     gate = next(g for g in evaluate_gates(tags, None, CFG) if g.name == "win_rate_vs_champion")
     assert gate.detail == "no champion yet"
     assert list(failures({**tags, "eval/win_rate_vs_sft_low": "0.3"}, champion=None)) == ["win_rate_vs_sft"]
+    # with no champion the violation rate is held against SFT's
+    assert list(failures({**tags, "eval/violation_rate": "0.51"}, champion=None)) == ["violation_rate"]
 
 
 def test_run_level_flags_block_only_when_configured():
