@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
-import yaml
 from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
 
@@ -20,15 +19,13 @@ from rlhf.builtin.model import resolve_base_model
 from rlhf.builtin.task import resolve_data_paths
 from rlhf.config import PipelineConfig
 from rlhf.infra.env import quiet_defaults
-from rlhf.infra.security import mask_secrets
-from rlhf.infra.tracking import check_tracking_store, flatten, log_params, setup_experiment
 from rlhf.registry.promotion import PromotionOutcome
 from tasks.baseline import baseline_task
 from tasks.caching import call_stage
-from tasks.common import PPO, REWARD, SFT, VALIDATE
+from tasks.common import PPO, REWARD, SFT, VALIDATE, pipeline_run
 from tasks.evaluate import evaluate_task, format_table
 from tasks.ppo import ppo_task
-from tasks.register import config_hash, register_task
+from tasks.register import register_task
 from tasks.reward import reward_task
 from tasks.sft import sft_task
 from tasks.validate import validate_task
@@ -50,14 +47,8 @@ def rlhf_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineResult:
     """Align the base model with the preference data and register the policy."""
     quiet_defaults()
     logger = get_run_logger()
-    check_tracking_store()  # fail before any training when the store is unreachable
-    experiment_id = setup_experiment(config.experiment)
     flow_run = FlowRunContext.get().flow_run
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"pipeline-{flow_run.name}") as parent:
-        parent_id = parent.info.run_id
-        log_params(flatten(config.model_dump()))
-        mlflow.log_text(yaml.safe_dump(mask_secrets(config.model_dump()), sort_keys=False), "config.yaml")
-        mlflow.set_tags({"prefect.flow_run_id": str(flow_run.id), "config_hash": config_hash(config)})
+    with pipeline_run(config, flow_run.name, str(flow_run.id)) as parent_id:
         run_dir = Path(config.output_dir).resolve() / parent_id
         logger.info("MLflow parent run %s, outputs in %s", parent_id, run_dir)
 

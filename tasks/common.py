@@ -7,16 +7,23 @@ so any stage can be re-run or resumed alone.
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import mlflow
 import torch
+import yaml
 
 from models.lora import save_merged
-from rlhf.config import RewardConfig, SFTConfig
+from rlhf.config import PipelineConfig, RewardConfig, SFTConfig
 from rlhf.infra.distributed import device, is_main_process, world_size
-from rlhf.infra.tracking import is_transient_tracking_error
+from rlhf.infra.security import mask_secrets
+from rlhf.infra.tracking import check_tracking_store, flatten, is_transient_tracking_error, log_params, setup_experiment
 from rlhf.ppo.trainer import Alert
 
 # -- stage names: one per stage, used for the Prefect task, the MLflow run and the cache key --
@@ -84,6 +91,26 @@ class Evaluation:
     step: int
     tags: dict[str, str]
     """eval.* and hacking.* tags, copied onto the registered version."""
+
+
+# -- the pipeline's parent run ------------------------------------------------------------------
+def config_hash(cfg: PipelineConfig) -> str:
+    """Short stable hash of the resolved config."""
+    return hashlib.sha256(json.dumps(cfg.model_dump(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+@contextmanager
+def pipeline_run(cfg: PipelineConfig, flow_run_name: str, flow_run_id: str) -> Iterator[str]:
+    """The MLflow parent run of one pipeline run (yields its id): checks the store, logs every
+    config value as a param, the resolved config (secrets masked) as config.yaml, and the tags
+    that tie it to its Prefect flow run."""
+    check_tracking_store()  # fail before any training when the store is unreachable
+    experiment_id = setup_experiment(cfg.experiment)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"pipeline-{flow_run_name}") as parent:
+        log_params(flatten(cfg.model_dump()))
+        mlflow.log_text(yaml.safe_dump(mask_secrets(cfg.model_dump()), sort_keys=False), "config.yaml")
+        mlflow.set_tags({"prefect.flow_run_id": flow_run_id, "config_hash": config_hash(cfg)})
+        yield parent.info.run_id
 
 
 # -- the TRL-trained stages (SFT, reward model) ----------------------------------------------

@@ -17,8 +17,6 @@ so a version is never visible without its lineage.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -39,7 +37,7 @@ from rlhf.drift.lineage import BASELINE_TAG
 from rlhf.infra.integrity import MANIFEST
 from rlhf.infra.tracking import download, stage_run
 from rlhf.ppo.trainer import OPTIMIZER_FILE, RNG_FILE
-from tasks.common import REGISTER, RETRY_DELAYS_S, Evaluation, PPOResult, retry_on_tracking_error
+from tasks.common import REGISTER, RETRY_DELAYS_S, Evaluation, PPOResult, config_hash, retry_on_tracking_error
 
 TRAINING_ONLY_FILES = (OPTIMIZER_FILE, RNG_FILE, "training_args.bin", MANIFEST)
 """Files that resume or describe training but play no part in serving (not shipped with the model).
@@ -56,11 +54,6 @@ class RegisteredVersion:
     """True when the checkpoint was already registered and that version is returned."""
     baseline_uri: str | None = None
     """The version's drift baseline, when it has one already (a reused version)."""
-
-
-def config_hash(cfg: PipelineConfig) -> str:
-    """Short stable hash of the resolved config."""
-    return hashlib.sha256(json.dumps(cfg.model_dump(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def validation_status(parent_run_id: str) -> str:
