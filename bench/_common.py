@@ -108,8 +108,12 @@ def write_result(name: str, data: dict) -> Path:
 def git_commit() -> str:
     """The working tree's HEAD (and '+dirty' when files differ from it)."""
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
         return head + ("+dirty" if dirty else "")
     except OSError:
         return "unknown"
@@ -128,8 +132,12 @@ def warm_prefect_home(prefect_home: Path, python: str = sys.executable, attempts
     prefect_home.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     for _ in range(attempts):
-        proc = subprocess.run([python, "-c", WARM_UP_FLOW], env=offline_env(PREFECT_HOME=str(prefect_home)),
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [python, "-c", WARM_UP_FLOW],
+            env=offline_env(PREFECT_HOME=str(prefect_home)),
+            capture_output=True,
+            text=True,
+        )
         if proc.returncode == 0:
             return time.perf_counter() - t0
     raise RuntimeError(f"warm-up flow failed {attempts} times in {prefect_home}:\n{proc.stderr[-2000:]}")

@@ -67,7 +67,9 @@ def install() -> _Timer:
         if name.startswith("_") or name in _SKIP or not inspect.isfunction(obj):
             continue
         setattr(mlflow, name, TIMER.wrap(f"mlflow.{name}", obj))
-    mlflow.artifacts.download_artifacts = TIMER.wrap("artifacts.download_artifacts", mlflow.artifacts.download_artifacts)
+    mlflow.artifacts.download_artifacts = TIMER.wrap(
+        "artifacts.download_artifacts", mlflow.artifacts.download_artifacts
+    )
     mlflow.pyfunc.log_model = TIMER.wrap("pyfunc.log_model", mlflow.pyfunc.log_model)
     for name, obj in list(vars(MlflowClient).items()):
         if not name.startswith("_") and inspect.isfunction(obj):

@@ -123,7 +123,10 @@ def run_once(args: argparse.Namespace, folder: Path) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"rlhf run failed ({proc.returncode}): see {folder}/stderr.log")
     result = {
-        "wall_s": wall_s, "prefect_home_warm_up_s": warm_up_s, "load_before": load_before, "load_after": loadavg(),
+        "wall_s": wall_s,
+        "prefect_home_warm_up_s": warm_up_s,
+        "load_before": load_before,
+        "load_after": loadavg(),
         "peak_rss_largest_process_mb": usage.ru_maxrss / 1024,  # Linux: kilobytes
         "peak_rss_tree_sampled_mb": rss.get("tree_peak", 0) / 2**20,
         "peak_rss_main_sampled_mb": rss.get("main_peak", 0) / 2**20,
@@ -133,8 +136,11 @@ def run_once(args: argparse.Namespace, folder: Path) -> dict:
     }
     result["startup_and_wiring_s"] = wall_s - sum(result["stages"].values())
     stages = ", ".join(f"{k} {v:.0f}s" for k, v in result["stages"].items())
-    print(f"  run: {wall_s:.0f} s, peak RSS {result['peak_rss_largest_process_mb']:.0f} MB (tree {result['peak_rss_tree_sampled_mb']:.0f} MB), "
-          f"load {load_before[0]:.1f}; {stages}", flush=True)
+    print(
+        f"  run: {wall_s:.0f} s, peak RSS {result['peak_rss_largest_process_mb']:.0f} MB (tree {result['peak_rss_tree_sampled_mb']:.0f} MB), "
+        f"load {load_before[0]:.1f}; {stages}",
+        flush=True,
+    )
     if not args.keep:
         shutil.rmtree(folder / "outputs", ignore_errors=True)
         shutil.rmtree(folder / "mlartifacts", ignore_errors=True)
@@ -153,9 +159,12 @@ def main() -> None:
     runs = [run_once(args, work / f"run-{i}") for i in range(args.repeats)]
     stage_names = list(runs[0]["stages"])
     result = {
-        "machine": machine(), "commit": git_commit(), "load_at_end": loadavg(),
+        "machine": machine(),
+        "commit": git_commit(),
+        "load_at_end": loadavg(),
         "versions": versions("prefect", "mlflow", "torch", "transformers", "trl"),
-        "overrides": args.set, "repeats": args.repeats,
+        "overrides": args.set,
+        "repeats": args.repeats,
         "summary": {
             "wall_s": summary([r["wall_s"] for r in runs]),
             "peak_rss_largest_process_mb": summary([r["peak_rss_largest_process_mb"] for r in runs]),
@@ -168,8 +177,10 @@ def main() -> None:
     }
     path = write_result("demo", result)
     s = result["summary"]
-    print(f"\nmedian (min-max) over {args.repeats} runs: wall {s['wall_s']['median']:.0f} s "
-          f"({s['wall_s']['min']:.0f}-{s['wall_s']['max']:.0f}), peak RSS {s['peak_rss_largest_process_mb']['median']:.0f} MB")
+    print(
+        f"\nmedian (min-max) over {args.repeats} runs: wall {s['wall_s']['median']:.0f} s "
+        f"({s['wall_s']['min']:.0f}-{s['wall_s']['max']:.0f}), peak RSS {s['peak_rss_largest_process_mb']['median']:.0f} MB"
+    )
     for name, st in s["stages"].items():
         print(f"  {name:10s} {st['median']:7.1f} s ({st['min']:.1f}-{st['max']:.1f})")
     print(f"load at end {loadavg()}; wrote {path}")

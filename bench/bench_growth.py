@@ -67,25 +67,39 @@ def ppo_growth(args: argparse.Namespace) -> dict:
         torch.manual_seed(0)
         policy = PolicyWithValueHead(load_causal_lm(paths["sft"]))
         cfg = PPOConfig(
-            steps=args.steps + 1, batch_size=batch, mini_batch_size=max(1, batch // 2), ppo_epochs=2,
-            max_new_tokens=length, kl_control="fixed", kl_coef=0.05, kl_horizon=max(1000, batch),
+            steps=args.steps + 1,
+            batch_size=batch,
+            mini_batch_size=max(1, batch // 2),
+            ppo_epochs=2,
+            max_new_tokens=length,
+            kl_control="fixed",
+            kl_coef=0.05,
+            kl_horizon=max(1000, batch),
         )
         trainer = PPOTrainer(cfg, policy, ref_model, reward_model, tokenizer, prompts, 0)
         trainer.step()  # warm-up: first-call allocations
         load = loadavg()
         metrics = [trainer.step().metrics for _ in range(args.steps)]
-        med = {k: statistics.median(m[f"timing/{k}"] for m in metrics) for k in ("step_s", "generation_s", "scoring_s", "update_s")}
+        med = {
+            k: statistics.median(m[f"timing/{k}"] for m in metrics)
+            for k in ("step_s", "generation_s", "scoring_s", "update_s")
+        }
         row = {
-            "batch_size": batch, "max_new_tokens": length, "load": load,
+            "batch_size": batch,
+            "max_new_tokens": length,
+            "load": load,
             "step_s": summary([m["timing/step_s"] for m in metrics]),
             **{f"{k}_median": v for k, v in med.items()},
             "response_length_mean": statistics.mean(m["response_length/mean"] for m in metrics),
             "episodes_per_s": batch / med["step_s"],
         }
         rows.append(row)
-        print(f"  batch {batch:4d}, max_new_tokens {length:4d}: step {med['step_s']:.2f} s "
-              f"(gen {med['generation_s']:.2f}, score {med['scoring_s']:.2f}, update {med['update_s']:.2f}), "
-              f"mean length {row['response_length_mean']:.1f}, load {load[0]:.1f}", flush=True)
+        print(
+            f"  batch {batch:4d}, max_new_tokens {length:4d}: step {med['step_s']:.2f} s "
+            f"(gen {med['generation_s']:.2f}, score {med['scoring_s']:.2f}, update {med['update_s']:.2f}), "
+            f"mean length {row['response_length_mean']:.1f}, load {load[0]:.1f}",
+            flush=True,
+        )
     return {"steps": args.steps, "rows": rows, "torch_threads": torch.get_num_threads()}
 
 
@@ -117,10 +131,20 @@ def validation_growth(args: argparse.Namespace) -> dict:
                 report = validate_file(str(path), "preference", cfg)
                 times.append(time.perf_counter() - t0)
             s = summary(times)
-            rows_out.append({"rows": report.rows, "success": report.success, "seconds": s, "load": load,
-                             "rows_per_s": report.rows / s["median"]})
-            print(f"  {report.rows:7d} rows: {s['median']:.2f} s ({s['min']:.2f}-{s['max']:.2f}), "
-                  f"{report.rows / s['median']:.0f} rows/s, load {load[0]:.1f}", flush=True)
+            rows_out.append(
+                {
+                    "rows": report.rows,
+                    "success": report.success,
+                    "seconds": s,
+                    "load": load,
+                    "rows_per_s": report.rows / s["median"],
+                }
+            )
+            print(
+                f"  {report.rows:7d} rows: {s['median']:.2f} s ({s['min']:.2f}-{s['max']:.2f}), "
+                f"{report.rows / s['median']:.0f} rows/s, load {load[0]:.1f}",
+                flush=True,
+            )
     return {"cold_first_call_s": cold_s, "repeats": args.repeats, "rows": rows_out}
 
 
@@ -163,12 +187,30 @@ def monitor_growth(args: argparse.Namespace) -> dict:
             analysis = monitor.analyze_window(models, prompts, responses, np.asarray(feedback), cfg, cfg.seed)
             analyze_s = time.perf_counter() - t0
             total = read_s + analyze_s
-            out.append({"rows": len(prompts), "read_s": read_s, "analyze_s": analyze_s, "rows_per_s": len(prompts) / total,
-                        "breached_signals": sum(bool(s.breached) for s in analysis.signals), "load": load})
-            print(f"  {len(prompts):7d} rows: read {read_s:.1f} s, analyze {analyze_s:.1f} s, "
-                  f"{len(prompts) / total:.0f} rows/s, load {load[0]:.1f}", flush=True)
-    return {"baseline_s": baseline_s, "pools_s": pools_s, "pool_size": args.pool, "rows": out,
-            "monitor_config": {k: getattr(cfg, k) for k in ("kl_prompts", "embedding_rows", "scored_rows", "mmd_permutations")}}
+            out.append(
+                {
+                    "rows": len(prompts),
+                    "read_s": read_s,
+                    "analyze_s": analyze_s,
+                    "rows_per_s": len(prompts) / total,
+                    "breached_signals": sum(bool(s.breached) for s in analysis.signals),
+                    "load": load,
+                }
+            )
+            print(
+                f"  {len(prompts):7d} rows: read {read_s:.1f} s, analyze {analyze_s:.1f} s, "
+                f"{len(prompts) / total:.0f} rows/s, load {load[0]:.1f}",
+                flush=True,
+            )
+    return {
+        "baseline_s": baseline_s,
+        "pools_s": pools_s,
+        "pool_size": args.pool,
+        "rows": out,
+        "monitor_config": {
+            k: getattr(cfg, k) for k in ("kl_prompts", "embedding_rows", "scored_rows", "mmd_permutations")
+        },
+    }
 
 
 def main() -> None:
@@ -187,11 +229,17 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     fn = {"ppo": ppo_growth, "validation": validation_growth, "monitor": monitor_growth}[args.part]
     data = fn(args)
-    path = write_result(f"growth-{args.part}", {
-        "machine": machine(), "commit": git_commit(), "load_at_end": loadavg(),
-        "versions": versions("torch", "transformers", "pandas", "great_expectations", "datasets"),
-        "args": {k: v for k, v in vars(args).items()}, **data,
-    })
+    path = write_result(
+        f"growth-{args.part}",
+        {
+            "machine": machine(),
+            "commit": git_commit(),
+            "load_at_end": loadavg(),
+            "versions": versions("torch", "transformers", "pandas", "great_expectations", "datasets"),
+            "args": {k: v for k, v in vars(args).items()},
+            **data,
+        },
+    )
     print(f"load at end {loadavg()}; wrote {path}")
 
 

@@ -73,8 +73,10 @@ def main() -> None:
     analyze_s = time.perf_counter() - t0
 
     load = os.getloadavg()
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
-          f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
+        f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}"
+    )
     print(f"window: {args.rows} rows ({args.kind}), alert: {result.alert}, cause: {result.cause}")
     print(f"run_monitor total (cold, incl. loading and MLflow logging): {total_s:.1f} s")
     print(f"load version, baseline and models: {load_s:.1f} s")

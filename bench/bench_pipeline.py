@@ -113,16 +113,29 @@ def worker(mode: str, config: str | None, overrides: list[str]) -> None:
 
     tags = mlflow.get_run(result.parent_run_id).data.tags
     children = mlflow.search_runs(
-        search_all_experiments=True, filter_string=f"tags.mlflow.parentRunId = '{result.parent_run_id}'",
+        search_all_experiments=True,
+        filter_string=f"tags.mlflow.parentRunId = '{result.parent_run_id}'",
         output_format="list",
     )
-    stages = {r.data.tags.get("rlhf.stage", r.info.run_name): (r.info.end_time - r.info.start_time) / 1000 for r in children}
-    print(json.dumps({
-        "mode": mode, "wall_s": wall_s, "import_s": import_s, "mlflow_s": timer.seconds, "mlflow_calls": timer.calls,
-        "mlflow_top": dict(sorted(timer.by_name.items(), key=lambda kv: -kv[1])[:8]),
-        "tasks_replaced": replaced, "cached_stages": tags.get("rlhf.cached_stages"),
-        "parent_run_id": result.parent_run_id, "stages": stages,
-    }))
+    stages = {
+        r.data.tags.get("rlhf.stage", r.info.run_name): (r.info.end_time - r.info.start_time) / 1000 for r in children
+    }
+    print(
+        json.dumps(
+            {
+                "mode": mode,
+                "wall_s": wall_s,
+                "import_s": import_s,
+                "mlflow_s": timer.seconds,
+                "mlflow_calls": timer.calls,
+                "mlflow_top": dict(sorted(timer.by_name.items(), key=lambda kv: -kv[1])[:8]),
+                "tasks_replaced": replaced,
+                "cached_stages": tags.get("rlhf.cached_stages"),
+                "parent_run_id": result.parent_run_id,
+                "stages": stages,
+            }
+        )
+    )
 
 
 # -- driver --------------------------------------------------------------------------------
@@ -153,8 +166,11 @@ def run_one(mode: str, args: argparse.Namespace, work: Path, index: int) -> dict
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result.update(process_s=process_s, load_before=load_before, load_after=loadavg())
     (folder / "result.json").write_text(json.dumps(result, indent=2))  # kept even if a later run fails
-    print(f"  {mode:4s} #{index}: call {result['wall_s']:.1f} s (MLflow {result['mlflow_s']:.1f} s), "
-          f"process {process_s:.1f} s, load {load_before[0]:.1f}", flush=True)
+    print(
+        f"  {mode:4s} #{index}: call {result['wall_s']:.1f} s (MLflow {result['mlflow_s']:.1f} s), "
+        f"process {process_s:.1f} s, load {load_before[0]:.1f}",
+        flush=True,
+    )
     if not args.keep:
         for sub in ("outputs", "mlartifacts"):
             shutil.rmtree(folder / sub, ignore_errors=True)
@@ -165,8 +181,12 @@ def empty_mlflow_store(path: Path) -> None:
     """An MLflow sqlite store with its tables created (what a store looks like after its first run)."""
     path.unlink(missing_ok=True)
     code = "import mlflow; mlflow.MlflowClient().search_experiments()"
-    subprocess.run([sys.executable, "-c", code], env=offline_env(MLFLOW_TRACKING_URI=f"sqlite:///{path}"), check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, "-c", code],
+        env=offline_env(MLFLOW_TRACKING_URI=f"sqlite:///{path}"),
+        check=True,
+        capture_output=True,
+    )
 
 
 def start_prefect_server(prefect_home: Path, log: Path, timeout_s: float = 180) -> tuple[subprocess.Popen, str]:
@@ -175,8 +195,12 @@ def start_prefect_server(prefect_home: Path, log: Path, timeout_s: float = 180) 
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     prefect = Path(sys.executable).parent / "prefect"
-    proc = subprocess.Popen([str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                            env=offline_env(PREFECT_HOME=str(prefect_home)), stdout=log.open("w"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=offline_env(PREFECT_HOME=str(prefect_home)),
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}/api"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -193,15 +217,21 @@ def start_prefect_server(prefect_home: Path, log: Path, timeout_s: float = 180) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(ROOT / "configs" / "smoke.yaml"),
-                        help='pipeline config YAML; "" for the default config (what `make demo` runs)')
+    parser.add_argument(
+        "--config",
+        default=str(ROOT / "configs" / "smoke.yaml"),
+        help='pipeline config YAML; "" for the default config (what `make demo` runs)',
+    )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--work", default=str(WORK / "pipeline"))
     parser.add_argument("--keep", action="store_true", help="keep each run's outputs and artifacts")
     parser.add_argument("--warm-stores", action="store_true", help="start each MLflow store with its tables created")
-    parser.add_argument("--prefect-server", action="store_true",
-                        help="flow runs report to one `prefect server start` instead of a temporary server each")
+    parser.add_argument(
+        "--prefect-server",
+        action="store_true",
+        help="flow runs report to one `prefect server start` instead of a temporary server each",
+    )
     parser.add_argument("--worker", choices=["flow", "bare"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -221,7 +251,7 @@ def main() -> None:
     runs: dict[str, list[dict]] = {"flow": [], "bare": []}
     try:
         for i in range(args.repeats):
-            for mode in (["flow", "bare"] if i % 2 == 0 else ["bare", "flow"]):
+            for mode in ["flow", "bare"] if i % 2 == 0 else ["bare", "flow"]:
                 runs[mode].append(run_one(mode, args, work, i))
     finally:
         if server is not None:
@@ -236,35 +266,65 @@ def main() -> None:
         # and ends its MLflow run within the task), so the time outside them isolates it.
         outside = {m: r["wall_s"] - sum(r["stages"].values()) for m, r in (("flow", flow), ("bare", bare))}
         prefect_outside_s = outside["flow"] - outside["bare"]
-        pairs.append({
-            "flow_s": flow["wall_s"], "bare_s": bare["wall_s"], "work_s": work_s,
-            "prefect_s": flow["wall_s"] - bare["wall_s"], "mlflow_s": bare["mlflow_s"],
-            "prefect_pct": 100 * (flow["wall_s"] - bare["wall_s"]) / work_s,
-            "mlflow_pct": 100 * bare["mlflow_s"] / work_s,
-            "overhead_pct": 100 * (flow["wall_s"] - work_s) / work_s,
-            "overhead_process_pct": 100 * (flow["process_s"] - bare["process_s"] + bare["mlflow_s"]) / (bare["process_s"] - bare["mlflow_s"]),
-            "flow_outside_stages_s": outside["flow"], "bare_outside_stages_s": outside["bare"],
-            "prefect_outside_s": prefect_outside_s,
-            "overhead_outside_pct": 100 * (prefect_outside_s + bare["mlflow_s"]) / work_s,
-        })
-    keys = ("flow_s", "bare_s", "work_s", "prefect_s", "mlflow_s", "prefect_pct", "mlflow_pct", "overhead_pct",
-            "overhead_process_pct", "flow_outside_stages_s", "bare_outside_stages_s", "prefect_outside_s", "overhead_outside_pct")
+        pairs.append(
+            {
+                "flow_s": flow["wall_s"],
+                "bare_s": bare["wall_s"],
+                "work_s": work_s,
+                "prefect_s": flow["wall_s"] - bare["wall_s"],
+                "mlflow_s": bare["mlflow_s"],
+                "prefect_pct": 100 * (flow["wall_s"] - bare["wall_s"]) / work_s,
+                "mlflow_pct": 100 * bare["mlflow_s"] / work_s,
+                "overhead_pct": 100 * (flow["wall_s"] - work_s) / work_s,
+                "overhead_process_pct": 100
+                * (flow["process_s"] - bare["process_s"] + bare["mlflow_s"])
+                / (bare["process_s"] - bare["mlflow_s"]),
+                "flow_outside_stages_s": outside["flow"],
+                "bare_outside_stages_s": outside["bare"],
+                "prefect_outside_s": prefect_outside_s,
+                "overhead_outside_pct": 100 * (prefect_outside_s + bare["mlflow_s"]) / work_s,
+            }
+        )
+    keys = (
+        "flow_s",
+        "bare_s",
+        "work_s",
+        "prefect_s",
+        "mlflow_s",
+        "prefect_pct",
+        "mlflow_pct",
+        "overhead_pct",
+        "overhead_process_pct",
+        "flow_outside_stages_s",
+        "bare_outside_stages_s",
+        "prefect_outside_s",
+        "overhead_outside_pct",
+    )
     result = {
-        "machine": machine(), "commit": git_commit(), "load_at_end": loadavg(),
+        "machine": machine(),
+        "commit": git_commit(),
+        "load_at_end": loadavg(),
         "versions": versions("prefect", "mlflow", "torch", "transformers", "trl"),
-        "config": args.config, "overrides": args.set, "repeats": args.repeats, "prefect_home_warm_up_s": warm_up_s,
-        "warm_stores": args.warm_stores, "prefect_server": args.prefect_server,
+        "config": args.config,
+        "overrides": args.set,
+        "repeats": args.repeats,
+        "prefect_home_warm_up_s": warm_up_s,
+        "warm_stores": args.warm_stores,
+        "prefect_server": args.prefect_server,
         "summary": {k: summary([p[k] for p in pairs]) for k in keys},
         "flow_mlflow_s": summary([r["mlflow_s"] for r in runs["flow"]]),
         "stages": {
             mode: {s: summary([r["stages"].get(s, 0.0) for r in runs[mode]]) for s in runs[mode][0]["stages"]}
             for mode in runs
         },
-        "pairs": pairs, "runs": runs,
+        "pairs": pairs,
+        "runs": runs,
     }
     path = write_result("pipeline", result)
     s = result["summary"]
-    print(f"\nmedian (min-max) over {args.repeats} pairs, {Path(args.config).name if args.config else 'default config'} {' '.join(args.set)}:")
+    print(
+        f"\nmedian (min-max) over {args.repeats} pairs, {Path(args.config).name if args.config else 'default config'} {' '.join(args.set)}:"
+    )
     for k in keys:
         print(f"  {k:22s} {s[k]['median']:8.2f}  ({s[k]['min']:.2f} .. {s[k]['max']:.2f})")
     print(f"load at end {loadavg()}; wrote {path}")

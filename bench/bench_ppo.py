@@ -60,10 +60,30 @@ def run_worker(impl: str, python: Path, paths: dict[str, str], args: argparse.Na
     """One timed run in a fresh process; its JSON line plus the load average around it."""
     script = ROOT / "bench" / f"ppo_{impl}_worker.py"
     cmd = [
-        str(python), str(script), "--models", str(Path(paths["sft"]).parent), "--prompts", paths["prompts"],
-        "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--mini-batch-size", str(args.mini_batch_size),
-        "--epochs", str(args.epochs), "--response-length", str(args.response_length), "--kl-coef", str(args.kl_coef),
-        "--learning-rate", str(args.learning_rate), "--seed", str(seed), "--out", str(out),
+        str(python),
+        str(script),
+        "--models",
+        str(Path(paths["sft"]).parent),
+        "--prompts",
+        paths["prompts"],
+        "--steps",
+        str(args.steps),
+        "--batch-size",
+        str(args.batch_size),
+        "--mini-batch-size",
+        str(args.mini_batch_size),
+        "--epochs",
+        str(args.epochs),
+        "--response-length",
+        str(args.response_length),
+        "--kl-coef",
+        str(args.kl_coef),
+        "--learning-rate",
+        str(args.learning_rate),
+        "--seed",
+        str(seed),
+        "--out",
+        str(out),
     ]
     if impl == "trl":
         cmd += ["--eval-prompts", paths["heldout_prompts"]]
@@ -75,8 +95,11 @@ def run_worker(impl: str, python: Path, paths: dict[str, str], args: argparse.Na
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result.update(process_s=time.perf_counter() - t0, load_before=load_before, load_after=loadavg())
     (out / "result.json").write_text(json.dumps(result, indent=2))  # kept even if a later run fails
-    print(f"  {impl:5s} seed {seed}: {result['episodes_per_s']:.2f} episodes/s, {result['tokens_per_s']:.0f} tokens/s, "
-          f"loop {result['wall_s']:.1f} s, load {load_before[0]:.1f}", flush=True)
+    print(
+        f"  {impl:5s} seed {seed}: {result['episodes_per_s']:.2f} episodes/s, {result['tokens_per_s']:.0f} tokens/s, "
+        f"loop {result['wall_s']:.1f} s, load {load_before[0]:.1f}",
+        flush=True,
+    )
     return result
 
 
@@ -106,10 +129,16 @@ def evaluate(policy_dirs: dict[str, str], paths: dict[str, str], response_length
             batch = prompts[i : i + 64]
             rollout = sample(policy, tokenizer, batch, response_length, 1.0)
             with torch.no_grad():
-                rm += score_token_ids(reward_model, rollout.input_ids, rollout.attention_mask, tokenizer.pad_token_id).tolist()
+                rm += score_token_ids(
+                    reward_model, rollout.input_ids, rollout.attention_mask, tokenizer.pad_token_id
+                ).tolist()
             gold += [judge.score(p, r) for p, r in zip(batch, decode_responses(tokenizer, rollout))]
             length += rollout.lengths.tolist()
-        out[name] = {"rm_score": sum(rm) / len(rm), "gold_score": sum(gold) / len(gold), "length": sum(length) / len(length)}
+        out[name] = {
+            "rm_score": sum(rm) / len(rm),
+            "gold_score": sum(gold) / len(gold),
+            "length": sum(length) / len(length),
+        }
     return out
 
 
@@ -127,19 +156,40 @@ def main() -> None:
     parser.add_argument("--eval-samples", type=int, default=2, help="responses per held-out prompt in the evaluation")
     parser.add_argument("--sft-steps", type=int, default=120)
     parser.add_argument("--reward-steps", type=int, default=160)
-    parser.add_argument("--evaluate-only", action="store_true",
-                        help="only score the final policies already under <work>/runs/*/policy (bench/results/ppo-eval-*.json)")
+    parser.add_argument(
+        "--evaluate-only",
+        action="store_true",
+        help="only score the final policies already under <work>/runs/*/policy (bench/results/ppo-eval-*.json)",
+    )
     args = parser.parse_args()
 
     work = Path(args.work).resolve()
     if args.evaluate_only:
         paths = ensure_models(work, args.sft_steps, args.reward_steps)
-        policies = {"sft": paths["sft"], **{d.name: str(d / "policy") for d in sorted((work / "runs").glob("*")) if (d / "policy").exists()}}
+        policies = {
+            "sft": paths["sft"],
+            **{d.name: str(d / "policy") for d in sorted((work / "runs").glob("*")) if (d / "policy").exists()},
+        }
         scores = evaluate(policies, paths, args.response_length, args.eval_samples, seed=1234)
-        gains = {k: {"rm_gain": v["rm_score"] - scores["sft"]["rm_score"], "gold_gain": v["gold_score"] - scores["sft"]["gold_score"]}
-                 for k, v in scores.items() if k != "sft"}
-        path = write_result("ppo-eval", {"machine": machine(), "commit": git_commit(), "load_at_end": loadavg(),
-                                         "scores": scores, "gains": gains, "eval_samples": args.eval_samples})
+        gains = {
+            k: {
+                "rm_gain": v["rm_score"] - scores["sft"]["rm_score"],
+                "gold_gain": v["gold_score"] - scores["sft"]["gold_score"],
+            }
+            for k, v in scores.items()
+            if k != "sft"
+        }
+        path = write_result(
+            "ppo-eval",
+            {
+                "machine": machine(),
+                "commit": git_commit(),
+                "load_at_end": loadavg(),
+                "scores": scores,
+                "gains": gains,
+                "eval_samples": args.eval_samples,
+            },
+        )
         print(json.dumps({"scores": scores, "gains": gains}, indent=2))
         print(f"wrote {path}")
         return
@@ -178,17 +228,33 @@ def main() -> None:
         for key in ("episodes_per_s", "tokens_per_s")
     }
     result = {
-        "machine": machine(), "commit": git_commit(), "load_at_end": loadavg(),
-        "versions": {"ours": versions("torch", "transformers", "trl", "accelerate"), "trl_venv": trl_versions(trl_python)},
+        "machine": machine(),
+        "commit": git_commit(),
+        "load_at_end": loadavg(),
+        "versions": {
+            "ours": versions("torch", "transformers", "trl", "accelerate"),
+            "trl_venv": trl_versions(trl_python),
+        },
         "settings": {k: v for k, v in vars(args).items() if k != "work"},
         "models": json.loads(Path(paths["info"]).read_text()),
-        "sft_heldout": scores["sft"], "eval_s": eval_s,
+        "sft_heldout": scores["sft"],
+        "eval_s": eval_s,
         "ratio_ours_over_trl": ratios,
         "summary": {
-            impl: {key: agg(impl, key) for key in (
-                "episodes_per_s", "tokens_per_s", "wall_s", "generation_s", "scoring_s", "update_s",
-                "rm_gain", "gold_gain", "train_score_gain",
-            )}
+            impl: {
+                key: agg(impl, key)
+                for key in (
+                    "episodes_per_s",
+                    "tokens_per_s",
+                    "wall_s",
+                    "generation_s",
+                    "scoring_s",
+                    "update_s",
+                    "rm_gain",
+                    "gold_gain",
+                    "train_score_gain",
+                )
+            }
             for impl in runs
         },
         "runs": runs,
@@ -197,8 +263,10 @@ def main() -> None:
     s = result["summary"]
     print(f"\nmedian (min-max) over {args.repeats} seeds, {args.steps} steps x {args.batch_size} episodes:")
     for impl in runs:
-        print(f"  {impl:5s} {s[impl]['episodes_per_s']['median']:.2f} episodes/s, {s[impl]['tokens_per_s']['median']:.0f} tokens/s, "
-              f"held-out RM gain {s[impl]['rm_gain']['median']:+.3f}, gold gain {s[impl]['gold_gain']['median']:+.3f}")
+        print(
+            f"  {impl:5s} {s[impl]['episodes_per_s']['median']:.2f} episodes/s, {s[impl]['tokens_per_s']['median']:.0f} tokens/s, "
+            f"held-out RM gain {s[impl]['rm_gain']['median']:+.3f}, gold gain {s[impl]['gold_gain']['median']:+.3f}"
+        )
     r = ratios["episodes_per_s"]
     print(f"  ratio ours/TRL episodes/s: {r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f}); load at end {loadavg()}")
     print(f"wrote {path}")

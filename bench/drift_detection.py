@@ -50,10 +50,18 @@ def build_champion(work: Path, ppo_steps: int, seed: int = 0) -> None:
     from tasks.sft import run_sft
 
     client = MlflowClient()
-    cfg = load_config(None, [
-        "sft.max_steps=120", "sft.batch_size=32", "reward.max_steps=160", "reward.batch_size=32",
-        f"ppo.steps={max(ppo_steps, 1)}", f"ppo.checkpoint_every={max(ppo_steps // 2, 1)}", f"seed={seed}",
-    ])
+    cfg = load_config(
+        None,
+        [
+            "sft.max_steps=120",
+            "sft.batch_size=32",
+            "reward.max_steps=160",
+            "reward.batch_size=32",
+            f"ppo.steps={max(ppo_steps, 1)}",
+            f"ppo.checkpoint_every={max(ppo_steps // 2, 1)}",
+            f"seed={seed}",
+        ],
+    )
     paths = resolve_data_paths(cfg.data, work, cfg.seed)
     try:
         mv = client.get_model_version_by_alias(MODEL_NAME, "champion")
@@ -63,13 +71,20 @@ def build_champion(work: Path, ppo_steps: int, seed: int = 0) -> None:
             parent_id = parent.info.run_id
             sft = run_sft(cfg, base, paths["sft"], parent_id)
             reward = run_reward(cfg, sft, paths["preferences"], paths["preferences_heldout"], parent_id)
-            ppo = run_ppo(cfg, sft, reward, paths["prompts"], parent_id) if ppo_steps > 0 else PPOResult(sft, {0: sft.uri})
+            ppo = (
+                run_ppo(cfg, sft, reward, paths["prompts"], parent_id)
+                if ppo_steps > 0
+                else PPOResult(sft, {0: sft.uri})
+            )
             with stage_run(parent_id, "register") as run:
                 if not client.search_registered_models(f"name = '{MODEL_NAME}'"):
                     client.create_registered_model(MODEL_NAME)
                 mv = client.create_model_version(MODEL_NAME, source=ppo.final.uri, run_id=run.info.run_id)
-                tags = {"lineage.pipeline_run_id": parent_id, "lineage.ppo_run_id": ppo.final.run_id,
-                        "lineage.checkpoint_uri": ppo.final.uri}
+                tags = {
+                    "lineage.pipeline_run_id": parent_id,
+                    "lineage.ppo_run_id": ppo.final.run_id,
+                    "lineage.checkpoint_uri": ppo.final.uri,
+                }
                 for key, value in tags.items():
                     client.set_model_version_tag(MODEL_NAME, mv.version, key, value)
         client.set_registered_model_alias(MODEL_NAME, "champion", mv.version)
@@ -79,10 +94,14 @@ def build_champion(work: Path, ppo_steps: int, seed: int = 0) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", default="outputs/bench/drift", help="folder for the champion's store, pools and results")
+    parser.add_argument(
+        "--work", default="outputs/bench/drift", help="folder for the champion's store, pools and results"
+    )
     parser.add_argument("--windows", type=int, default=20, help="seeded windows per drift kind (and clean)")
     parser.add_argument("--rows", type=int, default=500, help="rows per window")
-    parser.add_argument("--magnitude", type=float, default=None, help="drifted share of rows (default: the simulator's)")
+    parser.add_argument(
+        "--magnitude", type=float, default=None, help="drifted share of rows (default: the simulator's)"
+    )
     parser.add_argument("--ppo-steps", type=int, default=10, help="PPO steps of the champion (0: the SFT policy)")
     parser.add_argument("--kinds", default=None, help="comma-separated subset of drift kinds")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -120,9 +139,14 @@ def main() -> None:
     else:
         t0 = time.perf_counter()
         generation = models.baseline.profile["generation"]
-        pools = traffic.build_pools(models.policy, models.reward_model, models.tokenizer, seed=1,
-                                    max_new_tokens=int(generation["max_new_tokens"]),
-                                    temperature=float(generation["temperature"]))
+        pools = traffic.build_pools(
+            models.policy,
+            models.reward_model,
+            models.tokenizer,
+            seed=1,
+            max_new_tokens=int(generation["max_new_tokens"]),
+            temperature=float(generation["temperature"]),
+        )
         pools.save(pools_path)
         print(f"pools sampled in {time.perf_counter() - t0:.0f} s", flush=True)
 
@@ -134,24 +158,42 @@ def main() -> None:
             rows = traffic.simulate_window(kind, magnitude, args.rows, seed, pools, models.lineage.version)
             feedback = np.array([r["feedback"] for r in rows if r["feedback"] is not None], dtype=float)
             t0 = time.perf_counter()
-            analysis = analyze_window(models, [r["prompt"] for r in rows], [r["response"] for r in rows], feedback, cfg, seed)
-            records.append({
-                "kind": kind, "seed": seed, "alert": analysis.diagnosis.cause is not None,
-                "cause": analysis.diagnosis.cause, "expected": traffic.CAUSES[kind],
-                "breached": list(analysis.diagnosis.breached), "seconds": time.perf_counter() - t0,
-                "metrics": analysis.metrics,
-            })
-            print(f"{kind:16s} seed {seed}: {analysis.diagnosis.cause or 'no alert':24s} "
-                  f"{','.join(analysis.diagnosis.breached)} ({records[-1]['seconds']:.1f} s)", flush=True)
+            analysis = analyze_window(
+                models, [r["prompt"] for r in rows], [r["response"] for r in rows], feedback, cfg, seed
+            )
+            records.append(
+                {
+                    "kind": kind,
+                    "seed": seed,
+                    "alert": analysis.diagnosis.cause is not None,
+                    "cause": analysis.diagnosis.cause,
+                    "expected": traffic.CAUSES[kind],
+                    "breached": list(analysis.diagnosis.breached),
+                    "seconds": time.perf_counter() - t0,
+                    "metrics": analysis.metrics,
+                }
+            )
+            print(
+                f"{kind:16s} seed {seed}: {analysis.diagnosis.cause or 'no alert':24s} "
+                f"{','.join(analysis.diagnosis.breached)} ({records[-1]['seconds']:.1f} s)",
+                flush=True,
+            )
 
     table = detection_table(records, magnitude, args.rows)
     print(table)
     (work / "detection.md").write_text(table)
-    (work / "detection.json").write_text(json.dumps({
-        "magnitude": magnitude, "rows": args.rows, "windows": args.windows,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}",
-        "records": records,
-    }, indent=1))
+    (work / "detection.json").write_text(
+        json.dumps(
+            {
+                "magnitude": magnitude,
+                "rows": args.rows,
+                "windows": args.windows,
+                "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}",
+                "records": records,
+            },
+            indent=1,
+        )
+    )
 
 
 def detection_table(records: list[dict], magnitude: float, rows: int) -> str:

@@ -24,7 +24,9 @@ from pathlib import Path
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="outputs/overoptimization", help="working folder (MLflow store, caches, summary)")
+    parser.add_argument(
+        "--out", default="outputs/overoptimization", help="working folder (MLflow store, caches, summary)"
+    )
     parser.add_argument("--sft-steps", type=int, default=150, help="the default sft.max_steps")
     parser.add_argument("--reward-steps", type=int, default=250, help="the default reward.max_steps")
     parser.add_argument("--ppo-steps", type=int, default=80, help="PPO iterations with the KL penalty off")
@@ -58,11 +60,19 @@ def main() -> None:
     from tasks.reward import run_reward
     from tasks.sft import run_sft
 
-    cfg = load_config(None, [
-        f"seed={args.seed}", f"sft.max_steps={args.sft_steps}", f"reward.max_steps={args.reward_steps}",
-        f"ppo.steps={args.ppo_steps}", f"ppo.checkpoint_every={args.checkpoint_every}",
-        f"ppo.sample_every={args.ppo_steps}", "ppo.kl_control=fixed", "ppo.kl_coef=0.0",
-    ])
+    cfg = load_config(
+        None,
+        [
+            f"seed={args.seed}",
+            f"sft.max_steps={args.sft_steps}",
+            f"reward.max_steps={args.reward_steps}",
+            f"ppo.steps={args.ppo_steps}",
+            f"ppo.checkpoint_every={args.checkpoint_every}",
+            f"ppo.sample_every={args.ppo_steps}",
+            "ppo.kl_control=fixed",
+            "ppo.kl_coef=0.0",
+        ],
+    )
     diagnostics = DiagnosticsConfig()
     paths = resolve_data_paths(cfg.data, out / "data", cfg.seed)
     experiment_id = setup_experiment("overoptimization")
@@ -100,7 +110,9 @@ def main() -> None:
     # 3. The evaluate stage as the pipeline runs it.
     t0 = time.perf_counter()
     with mlflow.start_run(run_id=parent_id):
-        evaluation = run_evaluate(cfg, sft, reward, ppo, paths["heldout_prompts"], parent_id, use_gold_judge=True, diagnostics=diagnostics)
+        evaluation = run_evaluate(
+            cfg, sft, reward, ppo, paths["heldout_prompts"], parent_id, use_gold_judge=True, diagnostics=diagnostics
+        )
     timings["evaluate_s"] = time.perf_counter() - t0
 
     # 4. Gold reward of every checkpoint on the test split, which the choice never saw.
@@ -125,7 +137,7 @@ def main() -> None:
     chosen_gold = test_gold[evaluation.step]
     summary = {
         "command": f"PYTHONPATH=. python bench/overoptimization.py --out {args.out} --sft-steps {args.sft_steps} "
-                   f"--reward-steps {args.reward_steps} --ppo-steps {args.ppo_steps} --checkpoint-every {args.checkpoint_every}",
+        f"--reward-steps {args.reward_steps} --ppo-steps {args.ppo_steps} --checkpoint-every {args.checkpoint_every}",
         "evaluate_run_id": evaluation.run_id,
         "chosen_step": evaluation.step,
         "last_step": max(ppo.checkpoints),

@@ -68,10 +68,20 @@ def ensure_models(work: Path, sft_steps: int = 120, reward_steps: int = 160, see
             if Path(out[name]).exists():
                 shutil.rmtree(out[name])
             shutil.copytree(download(ckpt.uri), out[name])
-        Path(out["info"]).write_text(json.dumps({
-            "sft_steps": sft_steps, "reward_steps": reward_steps, "seed": seed, "build_s": build_s,
-            "reward_heldout_accuracy": accuracy, "sft_run_id": sft.run_id, "reward_run_id": reward.run_id,
-        }, indent=2))
+        Path(out["info"]).write_text(
+            json.dumps(
+                {
+                    "sft_steps": sft_steps,
+                    "reward_steps": reward_steps,
+                    "seed": seed,
+                    "build_s": build_s,
+                    "reward_heldout_accuracy": accuracy,
+                    "sft_run_id": sft.run_id,
+                    "reward_run_id": reward.run_id,
+                },
+                indent=2,
+            )
+        )
     finally:
         os.chdir(cwd)
     return out

@@ -58,10 +58,18 @@ def main() -> None:
     reward_model = load_reward_model(rm_dir, tokenizer.pad_token_id)
     prompts = [json.loads(line)["prompt"] for line in Path(args.prompts).read_text().splitlines() if line.strip()]
     cfg = PPOConfig(
-        steps=args.steps, batch_size=args.batch_size, mini_batch_size=args.mini_batch_size, ppo_epochs=args.epochs,
-        max_new_tokens=args.response_length, temperature=1.0, learning_rate=args.learning_rate,
-        kl_control="fixed", kl_coef=args.kl_coef, kl_horizon=max(1000, args.batch_size),
-        normalize_reward=args.normalize_reward, missing_eos_penalty=1.0,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        mini_batch_size=args.mini_batch_size,
+        ppo_epochs=args.epochs,
+        max_new_tokens=args.response_length,
+        temperature=1.0,
+        learning_rate=args.learning_rate,
+        kl_control="fixed",
+        kl_coef=args.kl_coef,
+        kl_horizon=max(1000, args.batch_size),
+        normalize_reward=args.normalize_reward,
+        missing_eos_penalty=1.0,
     )
     trainer = PPOTrainer(cfg, policy, ref_model, reward_model, tokenizer, prompts, args.seed)
     load_s = time.perf_counter() - t_load
@@ -71,15 +79,17 @@ def main() -> None:
     for _ in range(args.steps):
         t = time.perf_counter()
         m = trainer.step().metrics
-        steps.append({
-            "step_s": time.perf_counter() - t,
-            "tokens": m["response_length/mean"] * args.batch_size,
-            "scores": m["objective/scores"],
-            "kl": m["objective/kl"],
-            "generation_s": m["timing/generation_s"],
-            "scoring_s": m["timing/scoring_s"],
-            "update_s": m["timing/update_s"],
-        })
+        steps.append(
+            {
+                "step_s": time.perf_counter() - t,
+                "tokens": m["response_length/mean"] * args.batch_size,
+                "scores": m["objective/scores"],
+                "kl": m["objective/kl"],
+                "generation_s": m["timing/generation_s"],
+                "scoring_s": m["timing/scoring_s"],
+                "update_s": m["timing/update_s"],
+            }
+        )
     wall_s = time.perf_counter() - t0
     if args.out:
         out = Path(args.out) / "policy"
@@ -87,15 +97,29 @@ def main() -> None:
         tokenizer.save_pretrained(out)
     episodes = args.steps * args.batch_size
     tokens = sum(s["tokens"] for s in steps)
-    print(json.dumps({
-        "impl": "ours", "seed": args.seed, "steps": args.steps, "episodes": episodes, "tokens": round(tokens),
-        "wall_s": wall_s, "episodes_per_s": episodes / wall_s, "tokens_per_s": tokens / wall_s,
-        "import_s": import_s, "load_s": load_s, "torch_threads": torch.get_num_threads(),
-        "generation_s": sum(s["generation_s"] for s in steps), "scoring_s": sum(s["scoring_s"] for s in steps),
-        "update_s": sum(s["update_s"] for s in steps),
-        "scores": [s["scores"] for s in steps], "kl": [s["kl"] for s in steps],
-        "step_s": [s["step_s"] for s in steps],
-    }))
+    print(
+        json.dumps(
+            {
+                "impl": "ours",
+                "seed": args.seed,
+                "steps": args.steps,
+                "episodes": episodes,
+                "tokens": round(tokens),
+                "wall_s": wall_s,
+                "episodes_per_s": episodes / wall_s,
+                "tokens_per_s": tokens / wall_s,
+                "import_s": import_s,
+                "load_s": load_s,
+                "torch_threads": torch.get_num_threads(),
+                "generation_s": sum(s["generation_s"] for s in steps),
+                "scoring_s": sum(s["scoring_s"] for s in steps),
+                "update_s": sum(s["update_s"] for s in steps),
+                "scores": [s["scores"] for s in steps],
+                "kl": [s["kl"] for s in steps],
+                "step_s": [s["step_s"] for s in steps],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -33,7 +33,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", required=True)
     parser.add_argument("--prompts", required=True)
-    parser.add_argument("--eval-prompts", default=None, help="TRL requires an eval dataset (unused: no sample generations)")
+    parser.add_argument(
+        "--eval-prompts", default=None, help="TRL requires an eval dataset (unused: no sample generations)"
+    )
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--mini-batch-size", type=int, default=16)
@@ -87,10 +89,12 @@ def main() -> None:
         t = time.perf_counter()
         out = inner_generate(*a, **kw)
         counters["generation_s"] += time.perf_counter() - t
-        response = out.sequences[:, kw["input_ids"].shape[1]:]
+        response = out.sequences[:, kw["input_ids"].shape[1] :]
         is_eos = response == eos
         ended = is_eos.any(1)
-        first = torch.where(ended, is_eos.float().argmax(1) + 1, torch.full_like(ended, response.shape[1], dtype=torch.long))
+        first = torch.where(
+            ended, is_eos.float().argmax(1) + 1, torch.full_like(ended, response.shape[1], dtype=torch.long)
+        )
         counters["tokens"] += int(first.sum())
         return out
 
@@ -120,21 +124,52 @@ def main() -> None:
     collect = Collect()
     with tempfile.TemporaryDirectory(prefix="bench-trl-") as tmp:
         config = PPOConfig(
-            output_dir=tmp, report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True,
-            use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False, seed=args.seed, data_seed=args.seed,
+            output_dir=tmp,
+            report_to="none",
+            save_strategy="no",
+            logging_steps=1,
+            disable_tqdm=True,
+            use_cpu=True,
+            bf16=False,
+            fp16=False,
+            gradient_checkpointing=False,
+            seed=args.seed,
+            data_seed=args.seed,
             dataloader_num_workers=0,
-            per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,
-            num_mini_batches=args.batch_size // args.mini_batch_size, num_ppo_epochs=args.epochs,
-            total_episodes=args.steps * args.batch_size, local_rollout_forward_batch_size=args.batch_size,
-            response_length=args.response_length, stop_token="eos", temperature=1.0, missing_eos_penalty=1.0,
-            kl_coef=args.kl_coef, kl_estimator="k1", cliprange=0.2, cliprange_value=0.2, vf_coef=0.1,
-            gamma=1.0, lam=0.95, whiten_rewards=False,
-            learning_rate=args.learning_rate, lr_scheduler_type="constant", adam_epsilon=1e-5, weight_decay=0.01,
+            per_device_train_batch_size=args.batch_size,
+            gradient_accumulation_steps=1,
+            num_mini_batches=args.batch_size // args.mini_batch_size,
+            num_ppo_epochs=args.epochs,
+            total_episodes=args.steps * args.batch_size,
+            local_rollout_forward_batch_size=args.batch_size,
+            response_length=args.response_length,
+            stop_token="eos",
+            temperature=1.0,
+            missing_eos_penalty=1.0,
+            kl_coef=args.kl_coef,
+            kl_estimator="k1",
+            cliprange=0.2,
+            cliprange_value=0.2,
+            vf_coef=0.1,
+            gamma=1.0,
+            lam=0.95,
+            whiten_rewards=False,
+            learning_rate=args.learning_rate,
+            lr_scheduler_type="constant",
+            adam_epsilon=1e-5,
+            weight_decay=0.01,
             num_sample_generations=0,
         )
         trainer = PPOTrainer(
-            args=config, processing_class=tokenizer, model=policy, ref_model=ref_policy, reward_model=reward_model,
-            train_dataset=train, value_model=value_model, eval_dataset=evaluation, callbacks=[collect],
+            args=config,
+            processing_class=tokenizer,
+            model=policy,
+            ref_model=ref_policy,
+            reward_model=reward_model,
+            train_dataset=train,
+            value_model=value_model,
+            eval_dataset=evaluation,
+            callbacks=[collect],
         )
         trainer.remove_callback(transformers.PrinterCallback)
         load_s = time.perf_counter() - t_load
@@ -149,15 +184,30 @@ def main() -> None:
         tokenizer.padding_side = "right"
         tokenizer.save_pretrained(out)
     episodes = args.steps * args.batch_size
-    print(json.dumps({
-        "impl": "trl", "trl_version": trl.__version__, "transformers_version": transformers.__version__,
-        "seed": args.seed, "steps": args.steps, "episodes": episodes, "tokens": counters["tokens"],
-        "wall_s": wall_s, "episodes_per_s": episodes / wall_s, "tokens_per_s": counters["tokens"] / wall_s,
-        "import_s": import_s, "load_s": load_s, "torch_threads": torch.get_num_threads(),
-        "generation_s": counters["generation_s"], "scoring_s": counters["scoring_s"],
-        "update_s": wall_s - counters["generation_s"] - counters["scoring_s"],
-        "scores": [log["objective/scores"] for log in collect.logs], "kl": [log["objective/kl"] for log in collect.logs],
-    }))
+    print(
+        json.dumps(
+            {
+                "impl": "trl",
+                "trl_version": trl.__version__,
+                "transformers_version": transformers.__version__,
+                "seed": args.seed,
+                "steps": args.steps,
+                "episodes": episodes,
+                "tokens": counters["tokens"],
+                "wall_s": wall_s,
+                "episodes_per_s": episodes / wall_s,
+                "tokens_per_s": counters["tokens"] / wall_s,
+                "import_s": import_s,
+                "load_s": load_s,
+                "torch_threads": torch.get_num_threads(),
+                "generation_s": counters["generation_s"],
+                "scoring_s": counters["scoring_s"],
+                "update_s": wall_s - counters["generation_s"] - counters["scoring_s"],
+                "scores": [log["objective/scores"] for log in collect.logs],
+                "kl": [log["objective/kl"] for log in collect.logs],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

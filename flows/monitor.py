@@ -23,10 +23,17 @@ def drift_monitor(config: MonitorConfig = MonitorConfig()) -> MonitorResult:
     logger = get_run_logger()
     result = monitor_task(config)
     if result.skipped:
-        logger.info("window %d (%s) was already monitored; set force=True to redo it", result.window_index, result.window_path)
+        logger.info(
+            "window %d (%s) was already monitored; set force=True to redo it", result.window_index, result.window_path
+        )
         return result
-    logger.info("%s v%s window %d: %s", result.model_name, result.version, result.window_index,
-                f"ALERT, likely {result.cause} ({', '.join(result.breached)})" if result.alert else "no drift")
+    logger.info(
+        "%s v%s window %d: %s",
+        result.model_name,
+        result.version,
+        result.window_index,
+        f"ALERT, likely {result.cause} ({', '.join(result.breached)})" if result.alert else "no drift",
+    )
     if result.alert:
         alert_task(config, result)
     return result

@@ -68,10 +68,12 @@ def rlhf_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineResult:
         ppo, cached_ppo = call_stage(ppo_task, config, sft, reward, data.paths["prompts"], parent_id)
         hits = ((VALIDATE, cached_validate), (SFT, cached_sft), (REWARD, cached_reward), (PPO, cached_ppo))
         cached = [name for name, hit in hits if hit]
-        mlflow.set_tags({
-            "rlhf.cached_stages": ",".join(cached) or "none",
-            "rlhf.stage_runs": f"{SFT}={sft.run_id},{REWARD}={reward.run_id},{PPO}={ppo.final.run_id}",
-        })
+        mlflow.set_tags(
+            {
+                "rlhf.cached_stages": ",".join(cached) or "none",
+                "rlhf.stage_runs": f"{SFT}={sft.run_id},{REWARD}={reward.run_id},{PPO}={ppo.final.run_id}",
+            }
+        )
         if cached:
             logger.info("Unchanged inputs and code: reused the results of %s", ", ".join(cached))
         evaluation = evaluate_task(config, sft, reward, ppo, data.paths["heldout_prompts"], parent_id)
@@ -80,7 +82,10 @@ def rlhf_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineResult:
         mlflow.set_tags({"registry.version": version.version, "registry.reused": str(version.reused).lower()})
         if version.baseline_uri is None:  # a version reused from an earlier run keeps its baseline
             baseline_task(
-                config, version.name, version.version, [data.paths["heldout_prompts"], data.paths["prompts"]],
+                config,
+                version.name,
+                version.version,
+                [data.paths["heldout_prompts"], data.paths["prompts"]],
                 config.baseline,
             )
         logger.info("Evaluation on held-out prompts:\n%s", format_table(evaluation.metrics, config.ppo.kl_target))

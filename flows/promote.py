@@ -47,20 +47,26 @@ def wait_for_approval(timeout_s: int) -> Approval:
 
 
 @flow(name="promote", log_prints=True)
-def promote(model_name: str = "rlhf-policy", version: str = "latest", config: PromotionConfig = PromotionConfig()) -> PromotionOutcome:
+def promote(
+    model_name: str = "rlhf-policy", version: str = "latest", config: PromotionConfig = PromotionConfig()
+) -> PromotionOutcome:
     """Gate a registered version and, if it passes (and is approved), make it champion."""
     logger = get_run_logger()
     mlflow.set_tracking_uri(tracking_uri())
     client = mlflow.MlflowClient()
     version = resolve_version(client, model_name, version)
     approve = (lambda v: wait_for_approval(config.approval_timeout_s)) if config.require_approval else None
-    outcome = promote_version(client, model_name, version, config, lock_path(mlflow.get_registry_uri(), model_name, config.lock_dir), approve)
+    outcome = promote_version(
+        client, model_name, version, config, lock_path(mlflow.get_registry_uri(), model_name, config.lock_dir), approve
+    )
     gates = {k: v for k, v in client.get_model_version(model_name, version).tags.items() if k.startswith("gate.")}
     lines = [f"## {model_name} v{version}: {outcome.status}", "", "| gate | result |", "|---|---|"]
     lines += [f"| {k.removeprefix('gate.')} | {v} |" for k, v in sorted(gates.items())]
     create_markdown_artifact("\n".join(lines), key="promotion", description=f"Promotion of {model_name} v{version}")
     if outcome.promoted:
-        logger.info("%s v%s is champion (previous champion: %s)", model_name, version, outcome.previous_champion or "none")
+        logger.info(
+            "%s v%s is champion (previous champion: %s)", model_name, version, outcome.previous_champion or "none"
+        )
     else:
         logger.warning("%s v%s not promoted: %s", model_name, version, "; ".join(outcome.reasons))
     return outcome
@@ -71,7 +77,10 @@ def rollback(model_name: str = "rlhf-policy", config: PromotionConfig = Promotio
     """Move champion back to the previous champion."""
     mlflow.set_tracking_uri(tracking_uri())
     outcome = rollback_champion(
-        mlflow.MlflowClient(), model_name, lock_path(mlflow.get_registry_uri(), model_name, config.lock_dir), config.lock_timeout_s
+        mlflow.MlflowClient(),
+        model_name,
+        lock_path(mlflow.get_registry_uri(), model_name, config.lock_dir),
+        config.lock_timeout_s,
     )
     get_run_logger().info("%s champion rolled back from v%s to v%s", model_name, outcome.rolled_back, outcome.champion)
     return outcome

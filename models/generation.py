@@ -31,12 +31,16 @@ class Rollout:
         return self.response_mask.sum(1)  # (B,)
 
 
-def truncate_after_eos(response_ids: torch.Tensor, eos_token_id: int, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def truncate_after_eos(
+    response_ids: torch.Tensor, eos_token_id: int, pad_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(ids, mask, ended): keep tokens up to and including the first EOS, pad the rest."""
     is_eos = response_ids == eos_token_id  # (B, R)
     ended = is_eos.any(1)
     # Index of the first EOS, or R when there is none.
-    first = torch.where(ended, is_eos.float().argmax(1), torch.full_like(ended, response_ids.shape[1], dtype=torch.long))
+    first = torch.where(
+        ended, is_eos.float().argmax(1), torch.full_like(ended, response_ids.shape[1], dtype=torch.long)
+    )
     positions = torch.arange(response_ids.shape[1], device=response_ids.device)
     mask = (positions[None, :] <= first[:, None]).long()
     ids = torch.where(mask.bool(), response_ids, torch.full_like(response_ids, pad_token_id))
@@ -45,7 +49,10 @@ def truncate_after_eos(response_ids: torch.Tensor, eos_token_id: int, pad_token_
 
 @torch.no_grad()
 def sample(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    max_new_tokens: int,
     temperature: float = 1.0,
 ) -> Rollout:
     """Sample one response per prompt from the full distribution (no top-k/top-p), at temperature."""

@@ -37,7 +37,9 @@ def require_safetensors(name_or_path: str) -> None:
     folder = Path(name_or_path)
     if not folder.is_dir() or any(folder.glob("*.safetensors")):
         return
-    pickled = sorted(p.name for pattern in PICKLED_WEIGHTS for p in folder.glob(pattern) if p.name != "training_args.bin")
+    pickled = sorted(
+        p.name for pattern in PICKLED_WEIGHTS for p in folder.glob(pattern) if p.name != "training_args.bin"
+    )
     if pickled:
         raise ValueError(
             f"{name_or_path} has weights only as {', '.join(pickled)} (pickle-based, which can run code when loaded); "

@@ -21,11 +21,16 @@ def lora_config(
     if r == 0:
         return None
     targets = target_modules.strip()
-    modules: str | list[str] = targets if targets == "all-linear" else [m.strip() for m in targets.split(",") if m.strip()]
+    modules: str | list[str] = (
+        targets if targets == "all-linear" else [m.strip() for m in targets.split(",") if m.strip()]
+    )
     if not modules:
         raise ValueError("model.lora_target_modules is empty: use 'all-linear' or module names such as 'q_proj,v_proj'")
     return LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules,
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=modules,
         task_type=TaskType.CAUSAL_LM if task == "causal_lm" else TaskType.SEQ_CLS,
     )
 

@@ -14,14 +14,19 @@ from models.policy import position_ids_from_mask
 
 @torch.no_grad()
 def score_texts(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], responses: list[str],
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    responses: list[str],
     batch_size: int = 64,
 ) -> torch.Tensor:
     """(N,) reward-model scores of each prompt + response (EOS appended as in training)."""
     model.eval()
     scores = []
     for i in range(0, len(prompts), batch_size):
-        texts = [p + r + tokenizer.eos_token for p, r in zip(prompts[i : i + batch_size], responses[i : i + batch_size])]
+        texts = [
+            p + r + tokenizer.eos_token for p, r in zip(prompts[i : i + batch_size], responses[i : i + batch_size])
+        ]
         # right-padded, as the reward trainer saw them (the tokenizer's own default side is never consulted)
         enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False)
         enc = enc.to(model.device)

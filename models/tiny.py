@@ -40,32 +40,52 @@ def build_tokenizer(corpus: Iterable[str], vocab_size: int = 1024) -> PreTrained
     )
     tok.train_from_iterator(corpus, trainer=trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=EOS, pad_token=PAD,
+        tokenizer_object=tok,
+        eos_token=EOS,
+        bos_token=EOS,
+        unk_token=EOS,
+        pad_token=PAD,
         model_max_length=256,
     )
 
 
 def build_model(
-    tokenizer: PreTrainedTokenizerFast, arch: Arch = "gpt2", n_layer: int = 4, n_embd: int = 160,
-    n_head: int = 5, n_positions: int = 256, seed: int = 0,
+    tokenizer: PreTrainedTokenizerFast,
+    arch: Arch = "gpt2",
+    n_layer: int = 4,
+    n_embd: int = 160,
+    n_head: int = 5,
+    n_positions: int = 256,
+    seed: int = 0,
 ) -> PreTrainedModel:
     """A randomly initialised tiny causal LM sized for CPU training (about 1M parameters)."""
     torch.manual_seed(seed)
     ids = dict(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     if arch == "gpt2":
         config = GPT2Config(
-            vocab_size=len(tokenizer), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
-            n_head=n_head, **ids,
+            vocab_size=len(tokenizer),
+            n_positions=n_positions,
+            n_embd=n_embd,
+            n_layer=n_layer,
+            n_head=n_head,
+            **ids,
         )
         return GPT2LMHeadModel(config)
     if arch == "llama":
         config = LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=n_embd, intermediate_size=n_embd * 3,
-            num_hidden_layers=n_layer, num_attention_heads=n_head, num_key_value_heads=n_head,
-            max_position_embeddings=n_positions, tie_word_embeddings=True, **ids,
+            vocab_size=len(tokenizer),
+            hidden_size=n_embd,
+            intermediate_size=n_embd * 3,
+            num_hidden_layers=n_layer,
+            num_attention_heads=n_head,
+            num_key_value_heads=n_head,
+            max_position_embeddings=n_positions,
+            tie_word_embeddings=True,
+            **ids,
         )
         return LlamaForCausalLM(config)
     raise ValueError(f"unknown tiny architecture {arch!r}: use 'gpt2' or 'llama'")

@@ -27,8 +27,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the training pipeline (validate, SFT, reward model, PPO, evaluate, register)")
     run.add_argument("--config", help="YAML config file (see configs/); defaults run the CPU demo")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override one option, e.g. --set ppo.steps=10 (repeatable)")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one option, e.g. --set ppo.steps=10 (repeatable)",
+    )
     run.add_argument("--data", help="data folder (shortcut for --set data.source=DIR)")
     run.add_argument("--base-model", help="Hugging Face name or local path of the base model")
 
@@ -134,8 +140,10 @@ def promotion_summary(outcome: Any) -> str:
             f"  mlflow models serve -m models:/{outcome.model_name}@champion --env-manager local -h 127.0.0.1 -p 5001",
         ]
     else:
-        lines += [f"v{outcome.version} was not promoted: {'; '.join(outcome.reasons)}",
-                  f"The champion is {('v' + outcome.champion) if outcome.champion else 'not set yet'}; docs/evaluation.md explains each gate."]
+        lines += [
+            f"v{outcome.version} was not promoted: {'; '.join(outcome.reasons)}",
+            f"The champion is {('v' + outcome.champion) if outcome.champion else 'not set yet'}; docs/evaluation.md explains each gate.",
+        ]
     return "\n".join(lines)
 
 

@@ -23,10 +23,19 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    source: str = Field("builtin", description="'builtin' for the embedded data set, or a folder holding sft.jsonl, preferences.jsonl, preferences_heldout.jsonl, prompts.jsonl, heldout_prompts.jsonl (JSON/JSONL/CSV/Parquet; per-file paths below override)")
-    sft_path: str | None = Field(None, description="SFT demonstrations (prompt, completion); overrides the file in `source`")
-    preferences_path: str | None = Field(None, description="Preference pairs (prompt, chosen, rejected) for reward-model training")
-    preferences_heldout_path: str | None = Field(None, description="Held-out preference pairs for reward-model accuracy")
+    source: str = Field(
+        "builtin",
+        description="'builtin' for the embedded data set, or a folder holding sft.jsonl, preferences.jsonl, preferences_heldout.jsonl, prompts.jsonl, heldout_prompts.jsonl (JSON/JSONL/CSV/Parquet; per-file paths below override)",
+    )
+    sft_path: str | None = Field(
+        None, description="SFT demonstrations (prompt, completion); overrides the file in `source`"
+    )
+    preferences_path: str | None = Field(
+        None, description="Preference pairs (prompt, chosen, rejected) for reward-model training"
+    )
+    preferences_heldout_path: str | None = Field(
+        None, description="Held-out preference pairs for reward-model accuracy"
+    )
     prompts_path: str | None = Field(None, description="PPO training prompts (prompt)")
     heldout_prompts_path: str | None = Field(None, description="Held-out evaluation prompts (prompt)")
     max_heldout_prompts: int = Field(128, ge=1, description="Evaluation uses at most this many held-out prompts")
@@ -42,13 +51,40 @@ class ValidationConfig(_Section):
     max_rows: int = Field(5_000_000, ge=1, description="Most rows a split may have")
     min_chars: int = Field(1, ge=0, description="Shortest prompt/response text in characters")
     max_chars: int = Field(8000, ge=1, description="Longest prompt/response text in characters")
-    max_tokens: int = Field(2048, ge=1, description="Longest prompt/response text in tokens of the base model's tokenizer (checked only when the stage is given the tokenizer)")
-    pii_policy: Literal["fail", "redact"] = Field("fail", description="On e-mail, phone or card numbers in the data: fail the run, or redact them and report")
-    pii_kinds: tuple[Literal["email", "phone", "card"], ...] = Field(("email", "phone", "card"), description="PII patterns to look for: e-mail addresses, phone numbers, payment card numbers (Luhn-checked)")
-    max_duplicate_fraction: float = Field(0.01, ge=0, le=1, description="Largest share of SFT demonstrations or preference pairs that repeat an earlier row (a pair with chosen/rejected swapped counts as a repeat); PPO prompts may repeat freely")
-    max_leaked_fraction: float = Field(0.0, ge=0, le=1, description="Largest share of a training split (sft, preferences, prompts) whose prompts also occur in a held-out split (heldout_prompts, preferences_heldout)")
-    max_row_bytes: int = Field(1_000_000, ge=1024, description="Longest line/row of a data file in bytes; a longer one is rejected before parsing (usually a broken export)")
-    max_file_bytes: int = Field(2_000_000_000, ge=1024, description="Largest data file in bytes; a bigger one is rejected before it is read (split it, or raise this)")
+    max_tokens: int = Field(
+        2048,
+        ge=1,
+        description="Longest prompt/response text in tokens of the base model's tokenizer (checked only when the stage is given the tokenizer)",
+    )
+    pii_policy: Literal["fail", "redact"] = Field(
+        "fail", description="On e-mail, phone or card numbers in the data: fail the run, or redact them and report"
+    )
+    pii_kinds: tuple[Literal["email", "phone", "card"], ...] = Field(
+        ("email", "phone", "card"),
+        description="PII patterns to look for: e-mail addresses, phone numbers, payment card numbers (Luhn-checked)",
+    )
+    max_duplicate_fraction: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="Largest share of SFT demonstrations or preference pairs that repeat an earlier row (a pair with chosen/rejected swapped counts as a repeat); PPO prompts may repeat freely",
+    )
+    max_leaked_fraction: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Largest share of a training split (sft, preferences, prompts) whose prompts also occur in a held-out split (heldout_prompts, preferences_heldout)",
+    )
+    max_row_bytes: int = Field(
+        1_000_000,
+        ge=1024,
+        description="Longest line/row of a data file in bytes; a longer one is rejected before parsing (usually a broken export)",
+    )
+    max_file_bytes: int = Field(
+        2_000_000_000,
+        ge=1024,
+        description="Largest data file in bytes; a bigger one is rejected before it is read (split it, or raise this)",
+    )
     max_examples: int = Field(3, ge=1, description="Example rows quoted per failed check in error messages")
 
     @model_validator(mode="after")
@@ -63,12 +99,24 @@ class ValidationConfig(_Section):
 
 
 class ModelConfig(_Section):
-    base_model: str = Field("builtin:tiny-gpt2", description="Hugging Face name or local path of the base causal LM; 'builtin:tiny-gpt2' or 'builtin:tiny-llama' for the embedded default")
-    trust_remote_code: bool = Field(False, description="Run model code shipped with a Hub checkpoint (off unless you trust it)")
-    lora_r: int = Field(0, ge=0, description="LoRA rank for SFT and reward-model training (peft); 0 trains every weight. Each stage merges its adapters into the checkpoint it logs, so later stages load a plain model")
+    base_model: str = Field(
+        "builtin:tiny-gpt2",
+        description="Hugging Face name or local path of the base causal LM; 'builtin:tiny-gpt2' or 'builtin:tiny-llama' for the embedded default",
+    )
+    trust_remote_code: bool = Field(
+        False, description="Run model code shipped with a Hub checkpoint (off unless you trust it)"
+    )
+    lora_r: int = Field(
+        0,
+        ge=0,
+        description="LoRA rank for SFT and reward-model training (peft); 0 trains every weight. Each stage merges its adapters into the checkpoint it logs, so later stages load a plain model",
+    )
     lora_alpha: int = Field(16, ge=1, description="LoRA scaling alpha (the update is scaled by alpha / r)")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA branch")
-    lora_target_modules: str = Field("all-linear", description="Modules that get adapters: 'all-linear', or comma-separated module names (e.g. 'q_proj,v_proj' for Llama/Qwen, 'c_attn' for GPT-2)")
+    lora_target_modules: str = Field(
+        "all-linear",
+        description="Modules that get adapters: 'all-linear', or comma-separated module names (e.g. 'q_proj,v_proj' for Llama/Qwen, 'c_attn' for GPT-2)",
+    )
 
 
 class SFTConfig(_Section):
@@ -93,11 +141,22 @@ class PPOConfig(_Section):
     max_new_tokens: int = Field(48, ge=1, description="Longest response in tokens")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature; log-probs use the same temperature")
     learning_rate: float = Field(3e-4, gt=0, description="AdamW learning rate for policy and value head")
-    kl_control: Literal["fixed", "adaptive"] = Field("adaptive", description="Fixed KL coefficient, or the adaptive controller of Ziegler et al. 2019")
+    kl_control: Literal["fixed", "adaptive"] = Field(
+        "adaptive", description="Fixed KL coefficient, or the adaptive controller of Ziegler et al. 2019"
+    )
     kl_coef: float = Field(0.1, ge=0, description="Initial KL penalty coefficient beta")
-    kl_target: float = Field(6.0, gt=0, description="Target sequence-level KL(pi || pi_ref) in nats for the adaptive controller")
-    kl_horizon: int = Field(1000, ge=1, description="Adaptive controller horizon in episodes; at least batch_size, so beta moves at most 20% per iteration")
-    kl_estimator: Literal["k1", "k2", "k3"] = Field("k1", description="Per-token KL estimator in the reward penalty (Schulman 2020); objective/kl and the controller always use k1")
+    kl_target: float = Field(
+        6.0, gt=0, description="Target sequence-level KL(pi || pi_ref) in nats for the adaptive controller"
+    )
+    kl_horizon: int = Field(
+        1000,
+        ge=1,
+        description="Adaptive controller horizon in episodes; at least batch_size, so beta moves at most 20% per iteration",
+    )
+    kl_estimator: Literal["k1", "k2", "k3"] = Field(
+        "k1",
+        description="Per-token KL estimator in the reward penalty (Schulman 2020); objective/kl and the controller always use k1",
+    )
     gamma: float = Field(1.0, ge=0, le=1, description="Discount factor")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda")
     clip_range: float = Field(0.2, gt=0, description="PPO ratio clip epsilon")
@@ -109,12 +168,31 @@ class PPOConfig(_Section):
     normalize_reward: bool = Field(True, description="Normalise reward-model scores with running mean/std")
     reward_clip: float = Field(5.0, gt=0, description="Clip normalised scores to [-reward_clip, reward_clip]")
     missing_eos_penalty: float = Field(1.0, ge=0, description="Subtracted from the score of a response that never ends")
-    ratio_skip_threshold: float = Field(10.0, gt=1, description="Skip a minibatch (and raise a `ratio_explosion` alert) when its mean probability ratio pi/pi_old over response tokens exceeds this (TRL's ratio_threshold)")
-    kl_budget: float | None = Field(12.0, gt=0, description="Largest objective/kl (nats, batch mean) the run may reach; above it `kl_budget_action` happens; None: no budget. Keep it well above kl_target (e.g. 2x): one batch's KL is noisy")
-    kl_budget_action: Literal["warn", "stop", "rollback"] = Field("warn", description="On exceeding kl_budget: warn and go on; stop (final = current policy); or roll back to the best checkpoint within budget and stop")
-    resume_from: str | None = Field(None, description="Resume from an earlier PPO run: its MLflow run id (latest complete checkpoint) or a checkpoint URI (.../checkpoints/step_XXXXX); continues to `steps`, logging at the following step numbers")
-    auto_resume: bool = Field(True, description="Without resume_from: continue an interrupted PPO run with the same inputs (killed, failed, or a lost tracking connection) from its latest good checkpoint instead of starting afresh")
-    checkpoint_every: int = Field(20, ge=1, description="Log a full checkpoint every N iterations (and at step 0 and the end)")
+    ratio_skip_threshold: float = Field(
+        10.0,
+        gt=1,
+        description="Skip a minibatch (and raise a `ratio_explosion` alert) when its mean probability ratio pi/pi_old over response tokens exceeds this (TRL's ratio_threshold)",
+    )
+    kl_budget: float | None = Field(
+        12.0,
+        gt=0,
+        description="Largest objective/kl (nats, batch mean) the run may reach; above it `kl_budget_action` happens; None: no budget. Keep it well above kl_target (e.g. 2x): one batch's KL is noisy",
+    )
+    kl_budget_action: Literal["warn", "stop", "rollback"] = Field(
+        "warn",
+        description="On exceeding kl_budget: warn and go on; stop (final = current policy); or roll back to the best checkpoint within budget and stop",
+    )
+    resume_from: str | None = Field(
+        None,
+        description="Resume from an earlier PPO run: its MLflow run id (latest complete checkpoint) or a checkpoint URI (.../checkpoints/step_XXXXX); continues to `steps`, logging at the following step numbers",
+    )
+    auto_resume: bool = Field(
+        True,
+        description="Without resume_from: continue an interrupted PPO run with the same inputs (killed, failed, or a lost tracking connection) from its latest good checkpoint instead of starting afresh",
+    )
+    checkpoint_every: int = Field(
+        20, ge=1, description="Log a full checkpoint every N iterations (and at step 0 and the end)"
+    )
     sample_every: int = Field(20, ge=1, description="Log a table of sample responses every N iterations")
 
     @model_validator(mode="after")
@@ -144,53 +222,129 @@ class EvalConfig(_Section):
 
 
 class DistributedConfig(_Section):
-    num_processes: int = Field(1, ge=1, description="Training processes for the SFT, reward-model and PPO stages: 1 trains in the flow's own process; more launches them on this machine with torchrun (DDP: gloo on CPUs, NCCL with one GPU per process). Batch sizes stay global and must be multiples of it")
-    accelerate_config: str | None = Field(None, description="An `accelerate config` file for the SFT and reward-model stages (FSDP, DeepSpeed, mixed precision); they are then started with `accelerate launch --config_file`. PPO's own loop always runs DDP")
+    num_processes: int = Field(
+        1,
+        ge=1,
+        description="Training processes for the SFT, reward-model and PPO stages: 1 trains in the flow's own process; more launches them on this machine with torchrun (DDP: gloo on CPUs, NCCL with one GPU per process). Batch sizes stay global and must be multiples of it",
+    )
+    accelerate_config: str | None = Field(
+        None,
+        description="An `accelerate config` file for the SFT and reward-model stages (FSDP, DeepSpeed, mixed precision); they are then started with `accelerate launch --config_file`. PPO's own loop always runs DDP",
+    )
 
 
 class BaselineConfig(_Section):
-    max_prompts: int = Field(1000, ge=2, description="Prompts profiled (tokens, intents, lengths), a seeded sample of the evaluation and PPO prompts")
+    max_prompts: int = Field(
+        1000,
+        ge=2,
+        description="Prompts profiled (tokens, intents, lengths), a seeded sample of the evaluation and PPO prompts",
+    )
     embedding_rows: int = Field(500, ge=2, description="Of those, prompts embedded for the MMD test")
-    responses: int = Field(512, ge=2, description="Of those, prompts the policy answers (reward scores, lengths, NLL, KL, rates, gold)")
+    responses: int = Field(
+        512, ge=2, description="Of those, prompts the policy answers (reward scores, lengths, NLL, KL, rates, gold)"
+    )
     batch_size: int = Field(64, ge=1, description="Sequences per forward pass or generation batch")
 
 
 class DriftThresholds(_Section):
-    alpha: float = Field(0.001, gt=0, lt=1, description="Significance level of every two-sample test; a signal breaches only when its p-value is below it and its effect crosses the threshold")
-    prompt_token_js: float = Field(0.02, gt=0, le=1, description="Jensen-Shannon divergence (bits) of the prompt token distribution from the baseline's")
-    prompt_intent_psi: float = Field(0.1, gt=0, description="Population stability index of the prompt intent distribution (0.1 = moderate shift)")
-    prompt_mmd2: float = Field(0.01, gt=0, description="Unbiased MMD^2 (RBF kernel, baseline bandwidth) of prompt embeddings")
-    prompt_length_ks: float = Field(0.1, gt=0, le=1, description="Kolmogorov-Smirnov statistic of prompt lengths (tokens)")
-    kl_live_delta: float = Field(1.0, gt=0, description="Absolute change in nats of the mean sequence KL(champion || reference) on live prompts against the baseline's")
-    rm_score_ks: float = Field(0.1, gt=0, le=1, description="Kolmogorov-Smirnov statistic of reward-model scores of served responses")
-    response_length_ks: float = Field(0.1, gt=0, le=1, description="Kolmogorov-Smirnov statistic of response lengths (tokens)")
-    response_nll_ks: float = Field(0.1, gt=0, le=1, description="Kolmogorov-Smirnov statistic of served responses' mean per-token NLL under the champion (are they what the champion would say?)")
+    alpha: float = Field(
+        0.001,
+        gt=0,
+        lt=1,
+        description="Significance level of every two-sample test; a signal breaches only when its p-value is below it and its effect crosses the threshold",
+    )
+    prompt_token_js: float = Field(
+        0.02,
+        gt=0,
+        le=1,
+        description="Jensen-Shannon divergence (bits) of the prompt token distribution from the baseline's",
+    )
+    prompt_intent_psi: float = Field(
+        0.1, gt=0, description="Population stability index of the prompt intent distribution (0.1 = moderate shift)"
+    )
+    prompt_mmd2: float = Field(
+        0.01, gt=0, description="Unbiased MMD^2 (RBF kernel, baseline bandwidth) of prompt embeddings"
+    )
+    prompt_length_ks: float = Field(
+        0.1, gt=0, le=1, description="Kolmogorov-Smirnov statistic of prompt lengths (tokens)"
+    )
+    kl_live_delta: float = Field(
+        1.0,
+        gt=0,
+        description="Absolute change in nats of the mean sequence KL(champion || reference) on live prompts against the baseline's",
+    )
+    rm_score_ks: float = Field(
+        0.1, gt=0, le=1, description="Kolmogorov-Smirnov statistic of reward-model scores of served responses"
+    )
+    response_length_ks: float = Field(
+        0.1, gt=0, le=1, description="Kolmogorov-Smirnov statistic of response lengths (tokens)"
+    )
+    response_nll_ks: float = Field(
+        0.1,
+        gt=0,
+        le=1,
+        description="Kolmogorov-Smirnov statistic of served responses' mean per-token NLL under the champion (are they what the champion would say?)",
+    )
     refusal_rate_delta: float = Field(0.05, gt=0, le=1, description="Absolute change of the refusal rate")
     violation_rate_delta: float = Field(0.05, gt=0, le=1, description="Absolute change of the policy-violation rate")
-    gold_reward_drop: float = Field(0.2, gt=0, description="Fall of the mean gold-judge reward below the baseline's (built-in task)")
-    feedback_rate_drop: float = Field(0.1, gt=0, le=1, description="Fall of the positive user-feedback rate below the baseline's")
-    rm_gold_gap: float = Field(0.5, gt=0, description="Reward-model blind spot: how far (in baseline standard deviations) the reward-model score's shift exceeds the gold (or feedback) shift")
+    gold_reward_drop: float = Field(
+        0.2, gt=0, description="Fall of the mean gold-judge reward below the baseline's (built-in task)"
+    )
+    feedback_rate_drop: float = Field(
+        0.1, gt=0, le=1, description="Fall of the positive user-feedback rate below the baseline's"
+    )
+    rm_gold_gap: float = Field(
+        0.5,
+        gt=0,
+        description="Reward-model blind spot: how far (in baseline standard deviations) the reward-model score's shift exceeds the gold (or feedback) shift",
+    )
 
 
 class MonitorConfig(_Section):
     experiment: str = Field("rlhf-monitoring", description="MLflow experiment of the monitoring runs")
     registered_model: str = Field("rlhf-policy", description="Registered policy model to monitor")
-    alias: str = Field("champion", description="Registry alias of the version to monitor (ignored when `version` is set)")
+    alias: str = Field(
+        "champion", description="Registry alias of the version to monitor (ignored when `version` is set)"
+    )
     version: str | None = Field(None, description="Monitor this model version instead of the alias's")
-    traffic: str = Field("traffic/window_*.jsonl", description="Glob of production-traffic windows (JSONL: timestamp, prompt, response, model_version, optional feedback); sorted names give the window order")
-    window_index: int | None = Field(None, ge=0, description="Monitor this window (0-based position in the sorted glob) instead of the latest")
+    traffic: str = Field(
+        "traffic/window_*.jsonl",
+        description="Glob of production-traffic windows (JSONL: timestamp, prompt, response, model_version, optional feedback); sorted names give the window order",
+    )
+    window_index: int | None = Field(
+        None, ge=0, description="Monitor this window (0-based position in the sorted glob) instead of the latest"
+    )
     force: bool = Field(False, description="Monitor the window again even if a monitoring run for it exists")
-    min_rows: int = Field(100, ge=10, description="Fewest rows of the monitored version a window needs; smaller windows raise")
-    use_gold_judge: bool = Field(True, description="Score served responses with the built-in gold judge (the built-in support task only)")
+    min_rows: int = Field(
+        100, ge=10, description="Fewest rows of the monitored version a window needs; smaller windows raise"
+    )
+    use_gold_judge: bool = Field(
+        True, description="Score served responses with the built-in gold judge (the built-in support task only)"
+    )
     thresholds: DriftThresholds = DriftThresholds()
-    kl_prompts: int = Field(64, ge=2, description="Live prompts on which the champion is sampled for KL(champion || reference)")
+    kl_prompts: int = Field(
+        64, ge=2, description="Live prompts on which the champion is sampled for KL(champion || reference)"
+    )
     embedding_rows: int = Field(500, ge=10, description="Window prompts embedded for the MMD test (a random subset)")
-    scored_rows: int = Field(2000, ge=10, description="Window rows whose responses are scored (reward model, NLL under the champion, rates, gold): a random subset of larger windows; prompt tokens, intents and lengths use every row")
-    mmd_permutations: int = Field(1000, ge=20, description="Permutations of the MMD test (the smallest p-value is 1 / (permutations + 1), so it must be below thresholds.alpha)")
+    scored_rows: int = Field(
+        2000,
+        ge=10,
+        description="Window rows whose responses are scored (reward model, NLL under the champion, rates, gold): a random subset of larger windows; prompt tokens, intents and lengths use every row",
+    )
+    mmd_permutations: int = Field(
+        1000,
+        ge=20,
+        description="Permutations of the MMD test (the smallest p-value is 1 / (permutations + 1), so it must be below thresholds.alpha)",
+    )
     batch_size: int = Field(64, ge=1, description="Sequences per forward pass when scoring")
     seed: int = Field(0, description="Seed of subsampling, sampling and permutations (plus the window index)")
-    report_dir: str = Field("outputs/monitoring", description="Local folder for diagnosis reports before they are logged")
-    trigger_deployment: str | None = Field(None, description="On an alert, start this Prefect deployment ('flow-name/deployment-name', e.g. the training pipeline's)")
+    report_dir: str = Field(
+        "outputs/monitoring", description="Local folder for diagnosis reports before they are logged"
+    )
+    trigger_deployment: str | None = Field(
+        None,
+        description="On an alert, start this Prefect deployment ('flow-name/deployment-name', e.g. the training pipeline's)",
+    )
 
     @model_validator(mode="after")
     def _check_alpha(self) -> MonitorConfig:
@@ -205,29 +359,94 @@ class MonitorConfig(_Section):
 class DiagnosticsConfig(_Section):
     """Checkpoint selection and reward-hacking thresholds of the evaluate stage."""
 
-    selection_fraction: float = Field(0.5, gt=0, lt=1, description="Share of the held-out prompts used to choose the checkpoint; the rest is the untouched test split of the final evaluation")
-    kl_budget: float | None = Field(None, gt=0, description="Largest mean sequence KL(pi || pi_sft) in nats a chosen checkpoint may have (measured on the selection split); None: ppo.kl_budget, the budget PPO trained under")
-    divergence_z: float = Field(2.0, gt=0, description="Standard errors by which proxy must rise and gold fall before proxy_gold_divergence is flagged")
-    max_length_ratio: float = Field(1.5, gt=1, description="Mean response length over SFT's above which length_drift is flagged")
-    max_reward_length_corr: float = Field(0.5, gt=0, le=1, description="Pearson r of proxy score and response length above which, with a proxy gain over SFT, reward_length_correlation is flagged")
-    min_distinct_ratio: float = Field(0.6, gt=0, le=1, description="Distinct-2 of the responses over SFT's below which mode_collapse is flagged")
-    min_proxy_gain_sd: float = Field(1.0, gt=0, description="Proxy gain over SFT, in SFT's standard deviations of the proxy score, from which proxy_efficiency is checked")
-    min_judge_per_proxy: float = Field(0.25, gt=0, description="Judge gain (in SFT's standard deviations of the judge score) per unit of proxy gain below which proxy_efficiency is flagged")
+    selection_fraction: float = Field(
+        0.5,
+        gt=0,
+        lt=1,
+        description="Share of the held-out prompts used to choose the checkpoint; the rest is the untouched test split of the final evaluation",
+    )
+    kl_budget: float | None = Field(
+        None,
+        gt=0,
+        description="Largest mean sequence KL(pi || pi_sft) in nats a chosen checkpoint may have (measured on the selection split); None: ppo.kl_budget, the budget PPO trained under",
+    )
+    divergence_z: float = Field(
+        2.0,
+        gt=0,
+        description="Standard errors by which proxy must rise and gold fall before proxy_gold_divergence is flagged",
+    )
+    max_length_ratio: float = Field(
+        1.5, gt=1, description="Mean response length over SFT's above which length_drift is flagged"
+    )
+    max_reward_length_corr: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="Pearson r of proxy score and response length above which, with a proxy gain over SFT, reward_length_correlation is flagged",
+    )
+    min_distinct_ratio: float = Field(
+        0.6, gt=0, le=1, description="Distinct-2 of the responses over SFT's below which mode_collapse is flagged"
+    )
+    min_proxy_gain_sd: float = Field(
+        1.0,
+        gt=0,
+        description="Proxy gain over SFT, in SFT's standard deviations of the proxy score, from which proxy_efficiency is checked",
+    )
+    min_judge_per_proxy: float = Field(
+        0.25,
+        gt=0,
+        description="Judge gain (in SFT's standard deviations of the judge score) per unit of proxy gain below which proxy_efficiency is flagged",
+    )
 
 
 class PromotionConfig(_Section):
     """The promotion gates and how promotion waits for locks and reviewers."""
 
-    min_win_rate_vs_champion_low: float = Field(0.5, ge=0, lt=1, description="The 95% Wilson lower bound of the win rate against the current champion must exceed this (waived while there is no champion)")
-    min_win_rate_vs_sft_low: float = Field(0.5, ge=0, lt=1, description="The 95% Wilson lower bound of the win rate against the SFT policy must exceed this")
-    max_violation_increase: float = Field(0.0, ge=0, le=1, description="How much the policy-violation rate may exceed that of the model it replaces (the champion, or SFT while there is none)")
-    max_kl: float | None = Field(None, gt=0, description="Largest held-out KL(pi || pi_sft) in nats a promoted version may have; None: the KL budget it was trained and evaluated under (its eval/kl_budget tag)")
-    block_on_run_flags: bool = Field(False, description="Also block on hacking flags raised at other checkpoints of the same PPO run (hacking.run.*), not only at the registered one")
-    require_validation: bool = Field(True, description="Require the pipeline run's data validation to have passed (tag validation.success=true)")
-    require_approval: bool = Field(False, description="Pause the promotion flow for a human approval in the Prefect UI before moving the champion")
-    approval_timeout_s: int = Field(3600, ge=1, description="Seconds to wait for the approval before the flow run fails (the version stays challenger)")
-    lock_timeout_s: float = Field(120.0, gt=0, description="Seconds to wait for another promotion or rollback of the same model to finish")
-    lock_dir: str | None = Field(None, description="Folder for the promotion lock file; defaults to the local store's folder, required for a remote tracking server (a folder every promoter shares)")
+    min_win_rate_vs_champion_low: float = Field(
+        0.5,
+        ge=0,
+        lt=1,
+        description="The 95% Wilson lower bound of the win rate against the current champion must exceed this (waived while there is no champion)",
+    )
+    min_win_rate_vs_sft_low: float = Field(
+        0.5,
+        ge=0,
+        lt=1,
+        description="The 95% Wilson lower bound of the win rate against the SFT policy must exceed this",
+    )
+    max_violation_increase: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="How much the policy-violation rate may exceed that of the model it replaces (the champion, or SFT while there is none)",
+    )
+    max_kl: float | None = Field(
+        None,
+        gt=0,
+        description="Largest held-out KL(pi || pi_sft) in nats a promoted version may have; None: the KL budget it was trained and evaluated under (its eval/kl_budget tag)",
+    )
+    block_on_run_flags: bool = Field(
+        False,
+        description="Also block on hacking flags raised at other checkpoints of the same PPO run (hacking.run.*), not only at the registered one",
+    )
+    require_validation: bool = Field(
+        True, description="Require the pipeline run's data validation to have passed (tag validation.success=true)"
+    )
+    require_approval: bool = Field(
+        False, description="Pause the promotion flow for a human approval in the Prefect UI before moving the champion"
+    )
+    approval_timeout_s: int = Field(
+        3600,
+        ge=1,
+        description="Seconds to wait for the approval before the flow run fails (the version stays challenger)",
+    )
+    lock_timeout_s: float = Field(
+        120.0, gt=0, description="Seconds to wait for another promotion or rollback of the same model to finish"
+    )
+    lock_dir: str | None = Field(
+        None,
+        description="Folder for the promotion lock file; defaults to the local store's folder, required for a remote tracking server (a folder every promoter shares)",
+    )
 
 
 class PipelineConfig(_Section):
@@ -251,8 +470,12 @@ class PipelineConfig(_Section):
     @model_validator(mode="after")
     def _check_global_batches(self) -> PipelineConfig:
         n = self.distributed.num_processes
-        for name, value in (("sft.batch_size", self.sft.batch_size), ("reward.batch_size", self.reward.batch_size),
-                            ("ppo.batch_size", self.ppo.batch_size), ("ppo.mini_batch_size", self.ppo.mini_batch_size)):
+        for name, value in (
+            ("sft.batch_size", self.sft.batch_size),
+            ("reward.batch_size", self.reward.batch_size),
+            ("ppo.batch_size", self.ppo.batch_size),
+            ("ppo.mini_batch_size", self.ppo.mini_batch_size),
+        ):
             if value % n:
                 raise ValueError(
                     f"{name} ({value}) must be a multiple of distributed.num_processes ({n}): batch sizes are "

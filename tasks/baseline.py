@@ -36,9 +36,16 @@ BASELINE_ARTIFACT = "baseline"
 
 
 def compute_baseline(
-    policy: PreTrainedModel, reference: PreTrainedModel, reward_model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase, prompts: list[str], cfg: BaselineConfig = BaselineConfig(),
-    max_new_tokens: int = 48, temperature: float = 1.0, task: TaskKnowledge | None = None, seed: int = 0,
+    policy: PreTrainedModel,
+    reference: PreTrainedModel,
+    reward_model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    cfg: BaselineConfig = BaselineConfig(),
+    max_new_tokens: int = 48,
+    temperature: float = 1.0,
+    task: TaskKnowledge | None = None,
+    seed: int = 0,
     models: dict[str, str] | None = None,
 ) -> Baseline:
     """Profile the policy on a seeded sample of prompts (see the module docstring)."""
@@ -56,7 +63,11 @@ def compute_baseline(
     # 3. what the monitor compares windows with: scores, lengths, NLL, rates, gold
     scored = response_features(policy, reward_model, tokenizer, answered, responses, task, cfg.batch_size)
     return build_profile(
-        features, embeddings, scored, kl, models or {},
+        features,
+        embeddings,
+        scored,
+        kl,
+        models or {},
         {"max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed},
         task.feedback_probability if task else None,
     )
@@ -82,28 +93,45 @@ def read_prompts(paths: list[str]) -> list[str]:
 
 
 def run_baseline(
-    cfg: PipelineConfig, model_name: str, version: str, prompt_paths: list[str],
+    cfg: PipelineConfig,
+    model_name: str,
+    version: str,
+    prompt_paths: list[str],
     baseline_cfg: BaselineConfig = BaselineConfig(),
 ) -> str:
     """Compute the baseline of a registered version from its lineage's checkpoints and log it; returns baseline.uri."""
     lineage = resolve_lineage(MlflowClient(), model_name, version)
-    policy_dir, ref_dir, rm_dir = (str(download(u)) for u in (lineage.policy_uri, lineage.reference_uri, lineage.reward_model_uri))
+    policy_dir, ref_dir, rm_dir = (
+        str(download(u)) for u in (lineage.policy_uri, lineage.reference_uri, lineage.reward_model_uri)
+    )
     tokenizer = load_tokenizer(ref_dir)
     device = distributed_device()
     baseline = compute_baseline(
-        load_causal_lm(policy_dir).to(device).eval(), load_causal_lm(ref_dir).to(device).eval(),
-        load_reward_model(rm_dir, tokenizer.pad_token_id).to(device).eval(), tokenizer,
-        read_prompts(prompt_paths), baseline_cfg,
-        max_new_tokens=cfg.ppo.max_new_tokens, temperature=cfg.ppo.temperature,
-        task=task_knowledge(cfg.data), seed=cfg.seed,
-        models={"policy": lineage.policy_uri, "reference": lineage.reference_uri, "reward_model": lineage.reward_model_uri},
+        load_causal_lm(policy_dir).to(device).eval(),
+        load_causal_lm(ref_dir).to(device).eval(),
+        load_reward_model(rm_dir, tokenizer.pad_token_id).to(device).eval(),
+        tokenizer,
+        read_prompts(prompt_paths),
+        baseline_cfg,
+        max_new_tokens=cfg.ppo.max_new_tokens,
+        temperature=cfg.ppo.temperature,
+        task=task_knowledge(cfg.data),
+        seed=cfg.seed,
+        models={
+            "policy": lineage.policy_uri,
+            "reference": lineage.reference_uri,
+            "reward_model": lineage.reward_model_uri,
+        },
     )
     return log_baseline(baseline, model_name, version)
 
 
 @task(name=BASELINE, cache_policy=NO_CACHE)
 def baseline_task(
-    cfg: PipelineConfig, model_name: str, version: str, prompt_paths: list[str],
+    cfg: PipelineConfig,
+    model_name: str,
+    version: str,
+    prompt_paths: list[str],
     baseline_cfg: BaselineConfig = BaselineConfig(),
 ) -> str:
     """Drift-monitoring baseline of a newly registered version."""

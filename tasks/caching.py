@@ -94,7 +94,9 @@ def import_closure(module: str) -> list[Path]:
 
 def code_fingerprint(module: str) -> str:
     """Hash of the source of every project file in ``module``'s import closure."""
-    return fingerprint([[f.relative_to(ROOT).as_posix(), f.read_text(encoding="utf-8")] for f in import_closure(module)])
+    return fingerprint(
+        [[f.relative_to(ROOT).as_posix(), f.read_text(encoding="utf-8")] for f in import_closure(module)]
+    )
 
 
 def _library_versions() -> dict[str, str]:
@@ -220,6 +222,7 @@ def call_stage(stage_task: Any, *args: Any, **kwargs: Any) -> tuple[Any, bool]:
         return result, True
     get_run_logger().warning(
         "cached result of %s points to what no longer exists (%s): running the stage again",
-        stage_task.name, ", ".join(missing[:3]),
+        stage_task.name,
+        ", ".join(missing[:3]),
     )
     return stage_task.with_options(refresh_cache=True)(*args, **kwargs), False

@@ -74,8 +74,10 @@ class PPOResult:
     def from_json(cls, data: dict) -> PPOResult:
         """The result rank 0 of a launched PPO stage wrote (dataclasses.asdict, through JSON)."""
         return cls(
-            final=Checkpoint(**data["final"]), checkpoints={int(k): v for k, v in data["checkpoints"].items()},
-            alerts=tuple(Alert(**a) for a in data["alerts"]), stopped_at=data["stopped_at"],
+            final=Checkpoint(**data["final"]),
+            checkpoints={int(k): v for k, v in data["checkpoints"].items()},
+            alerts=tuple(Alert(**a) for a in data["alerts"]),
+            stopped_at=data["stopped_at"],
             rolled_back_to=data["rolled_back_to"],
         )
 

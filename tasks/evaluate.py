@@ -63,7 +63,11 @@ from tasks.common import EVALUATE, Checkpoint, Evaluation, PPOResult
 
 BATCH = 64
 JudgeKind = Literal["gold", "heldout_reward_model", "reward_model"]
-JUDGE_METRIC: dict[str, str | None] = {"gold": "gold_reward_mean", "heldout_reward_model": "heldout_rm_score_mean", "reward_model": None}
+JUDGE_METRIC: dict[str, str | None] = {
+    "gold": "gold_reward_mean",
+    "heldout_reward_model": "heldout_rm_score_mean",
+    "reward_model": None,
+}
 """Test-split metric of each judge's mean score (the reward model's is eval/rm_score_mean already)."""
 
 
@@ -146,9 +150,16 @@ def checkpoint_stats(step: int, scored: Scored) -> CheckpointStats:
     lengths = [float(n) for n in scored.samples.lengths]
     corr = pearson(scored.proxy, lengths) if len(lengths) > 1 else 0.0
     return CheckpointStats(
-        step=step, kl=sum(scored.samples.kl) / len(lengths), proxy=proxy, proxy_se=proxy_se,
-        judge=judge, judge_se=judge_se, length=sum(lengths) / len(lengths), reward_length_corr=corr,
-        distinct_2=distinct_n(scored.samples.responses, 2), n=len(lengths),
+        step=step,
+        kl=sum(scored.samples.kl) / len(lengths),
+        proxy=proxy,
+        proxy_se=proxy_se,
+        judge=judge,
+        judge_se=judge_se,
+        length=sum(lengths) / len(lengths),
+        reward_length_corr=corr,
+        distinct_2=distinct_n(scored.samples.responses, 2),
+        n=len(lengths),
     )
 
 
@@ -162,8 +173,13 @@ def champion_policy_dir(model_name: str) -> tuple[str, Path] | None:
 
 
 def run_evaluate(
-    cfg: PipelineConfig, sft: Checkpoint, reward: Checkpoint, ppo: PPOResult, heldout_prompts_path: str,
-    parent_run_id: str, diagnostics: DiagnosticsConfig | None = None,
+    cfg: PipelineConfig,
+    sft: Checkpoint,
+    reward: Checkpoint,
+    ppo: PPOResult,
+    heldout_prompts_path: str,
+    parent_run_id: str,
+    diagnostics: DiagnosticsConfig | None = None,
     heldout_reward: Checkpoint | None = None,
 ) -> Evaluation:
     """Choose the best PPO checkpoint on the selection split, flag hacking, judge it on the test split."""
@@ -176,25 +192,36 @@ def run_evaluate(
         sft_model = load_policy(sft_dir, device)
         reward_model = load_reward_model(rm_dir, tokenizer.pad_token_id).to(device)
         heldout_rm = (
-            load_reward_model(str(download(heldout_reward.uri)), tokenizer.pad_token_id).to(device) if heldout_reward else None
+            load_reward_model(str(download(heldout_reward.uri)), tokenizer.pad_token_id).to(device)
+            if heldout_reward
+            else None
         )
         judge = make_judge(task, heldout_rm, reward_model, tokenizer)
         heldout = list(load_split(heldout_prompts_path)["prompt"])[: cfg.data.max_heldout_prompts]
         selection_prompts, test_prompts = split_for_selection(heldout, diagnostics.selection_fraction, cfg.seed)
-        mlflow.log_params({
-            "eval.selection_prompts": len(selection_prompts),
-            "eval.test_prompts": len(test_prompts), **{f"eval.{k}": v for k, v in diagnostics.model_dump().items()},
-        })
+        mlflow.log_params(
+            {
+                "eval.selection_prompts": len(selection_prompts),
+                "eval.test_prompts": len(test_prompts),
+                **{f"eval.{k}": v for k, v in diagnostics.model_dump().items()},
+            }
+        )
 
         # 1. Selection split: SFT (step 0) and every checkpoint, proxy and judge against KL.
         repeat = cfg.eval.samples_per_prompt
         prompts = [p for p in selection_prompts for _ in range(repeat)]
-        series = [checkpoint_stats(0, score_policy(sft_model, None, tokenizer, prompts, reward_model, tokenizer, judge, cfg))]
+        series = [
+            checkpoint_stats(0, score_policy(sft_model, None, tokenizer, prompts, reward_model, tokenizer, judge, cfg))
+        ]
         for step, uri in sorted(ppo.checkpoints.items()):
             if step == 0:
                 continue  # PPO's step-0 checkpoint is the SFT policy, measured above
             model = load_policy(str(download(uri)), device)
-            series.append(checkpoint_stats(step, score_policy(model, sft_model, tokenizer, prompts, reward_model, tokenizer, judge, cfg)))
+            series.append(
+                checkpoint_stats(
+                    step, score_policy(model, sft_model, tokenizer, prompts, reward_model, tokenizer, judge, cfg)
+                )
+            )
             del model
         flags = hacking_flags(series, diagnostics, judge_is_proxy=judge.kind == "reward_model")
         for point in series:
@@ -206,7 +233,9 @@ def run_evaluate(
         flagged = frozenset(step for step, raised in flags.items() if any(raised.values()))
         choice = select_checkpoint([p for p in series if p.step in ppo.checkpoints], kl_budget, flagged)
         chosen = Checkpoint(ppo.final.run_id, ppo.checkpoints[choice.step])
-        mlflow.log_figure(plot_overoptimization(series, flags, choice.step, judge.kind, kl_budget), "eval/overoptimization.png")
+        mlflow.log_figure(
+            plot_overoptimization(series, flags, choice.step, judge.kind, kl_budget), "eval/overoptimization.png"
+        )
         mlflow.log_table(checkpoint_table(series, flags, choice.step), artifact_file="eval/checkpoints.json")
 
         # 3. Test split: the chosen checkpoint against SFT and the champion.
@@ -218,16 +247,20 @@ def run_evaluate(
         theirs = None
         if champion is not None:
             champion_model = load_policy(str(champion[1]), device)
-            theirs = score_policy(champion_model, None, load_tokenizer(str(champion[1])), prompts, reward_model, tokenizer, judge, cfg)
+            theirs = score_policy(
+                champion_model, None, load_tokenizer(str(champion[1])), prompts, reward_model, tokenizer, judge, cfg
+            )
 
         metrics = heldout_metrics(prompts, ours, base, theirs, judge.kind, task)
         chosen_flags, run_flags = flags[choice.step], run_level_flags(flags)
-        metrics.update({
-            "eval/best_checkpoint_step": float(choice.step),
-            "eval/kl_within_budget": float(choice.within_budget),
-            **({"eval/kl_budget": float(kl_budget)} if kl_budget is not None else {}),
-            **{f"eval/hacking/{name}": float(raised) for name, raised in chosen_flags.items()},
-        })
+        metrics.update(
+            {
+                "eval/best_checkpoint_step": float(choice.step),
+                "eval/kl_within_budget": float(choice.within_budget),
+                **({"eval/kl_budget": float(kl_budget)} if kl_budget is not None else {}),
+                **{f"eval/hacking/{name}": float(raised) for name, raised in chosen_flags.items()},
+            }
+        )
         tags = {
             "eval.judge": judge.kind,
             "eval.checkpoint_uri": chosen.uri,
@@ -239,8 +272,12 @@ def run_evaluate(
         table = redact_columns(sample_table(prompts, ours, base, theirs, task))  # no PII in logged samples
         mlflow.log_table(table, artifact_file="eval/samples.json")
         if in_prefect_run():
-            markdown = format_table(metrics, cfg.ppo.kl_target) + "\n\n" + format_checkpoints(series, flags, choice.step)
-            create_markdown_artifact(markdown, key="evaluation", description="Held-out evaluation and checkpoint selection")
+            markdown = (
+                format_table(metrics, cfg.ppo.kl_target) + "\n\n" + format_checkpoints(series, flags, choice.step)
+            )
+            create_markdown_artifact(
+                markdown, key="evaluation", description="Held-out evaluation and checkpoint selection"
+            )
         return Evaluation(run.info.run_id, metrics, chosen, choice.step, tags)
 
 
@@ -268,12 +305,19 @@ def flag_tags(chosen: dict[str, bool], run: dict[str, list[int]]) -> dict[str, s
     for name in FLAGS:
         tags[f"hacking.{name}"] = str(chosen[name]).lower() if name in chosen else "n/a"
         tags[f"hacking.run.{name}"] = ("true" if run[name] else "false") if name in run else "n/a"
-    tags["hacking.run.flagged_steps"] = ",".join(str(s) for s in sorted({s for steps in run.values() for s in steps})) or "none"
+    tags["hacking.run.flagged_steps"] = (
+        ",".join(str(s) for s in sorted({s for steps in run.values() for s in steps})) or "none"
+    )
     return tags
 
 
 def heldout_metrics(
-    prompts: list[str], ours: Scored, base: Scored, theirs: Scored | None, judge_kind: JudgeKind, task: TaskKnowledge | None
+    prompts: list[str],
+    ours: Scored,
+    base: Scored,
+    theirs: Scored | None,
+    judge_kind: JudgeKind,
+    task: TaskKnowledge | None,
 ) -> dict[str, float]:
     """eval/* on the test split: the chosen policy, SFT, and the champion when there is one."""
     n = len(prompts)
@@ -290,18 +334,28 @@ def heldout_metrics(
             metrics[f"{prefix}{JUDGE_METRIC[judge_kind]}"] = sum(scored.judge) / n
         metrics[f"{prefix}response_length_mean"] = sum(scored.samples.lengths) / n
         metrics[f"{prefix}eos_rate"] = sum(scored.samples.ended) / n
-        metrics[f"{prefix}violation_rate"] = sum(bool(v) for v in violations(prompts, scored.samples.responses, task)) / n
+        metrics[f"{prefix}violation_rate"] = (
+            sum(bool(v) for v in violations(prompts, scored.samples.responses, task)) / n
+        )
         if task is not None:
             metrics[f"{prefix}refusal_rate"] = sum(is_refusal(r, task) for r in scored.samples.responses) / n
     others = [("sft", base)] + ([("champion", theirs)] if theirs is not None else [])
     for name, other in others:
         wins = win_count(ours.judge, other.judge)
         low, high = wilson_interval(wins, n)
-        metrics.update({f"eval/win_rate_vs_{name}": wins / n, f"eval/win_rate_vs_{name}_low": low, f"eval/win_rate_vs_{name}_high": high})
+        metrics.update(
+            {
+                f"eval/win_rate_vs_{name}": wins / n,
+                f"eval/win_rate_vs_{name}_low": low,
+                f"eval/win_rate_vs_{name}_high": high,
+            }
+        )
     return metrics
 
 
-def sample_table(prompts: list[str], ours: Scored, base: Scored, theirs: Scored | None, task: TaskKnowledge | None) -> dict[str, list]:
+def sample_table(
+    prompts: list[str], ours: Scored, base: Scored, theirs: Scored | None, task: TaskKnowledge | None
+) -> dict[str, list]:
     """Side-by-side responses of SFT, champion (if any) and the chosen policy with their scores."""
     table: dict[str, list] = {"prompt": prompts, "sft_response": base.samples.responses}
     if theirs is not None:
@@ -310,10 +364,14 @@ def sample_table(prompts: list[str], ours: Scored, base: Scored, theirs: Scored 
     table["sft_judge"] = base.judge
     if theirs is not None:
         table["champion_judge"] = theirs.judge
-    table.update({
-        "policy_judge": ours.judge, "sft_rm": base.proxy, "policy_rm": ours.proxy,
-        "policy_violations": [",".join(v) for v in violations(prompts, ours.samples.responses, task)],
-    })
+    table.update(
+        {
+            "policy_judge": ours.judge,
+            "sft_rm": base.proxy,
+            "policy_rm": ours.proxy,
+            "policy_violations": [",".join(v) for v in violations(prompts, ours.samples.responses, task)],
+        }
+    )
     return table
 
 
@@ -333,7 +391,11 @@ def checkpoint_table(series: list[CheckpointStats], flags: dict[int, dict[str, b
 
 
 def plot_overoptimization(
-    series: list[CheckpointStats], flags: dict[int, dict[str, bool]], chosen: int, judge_kind: str, kl_budget: float | None
+    series: list[CheckpointStats],
+    flags: dict[int, dict[str, bool]],
+    chosen: int,
+    judge_kind: str,
+    kl_budget: float | None,
 ):
     """Gold (judge) and proxy reward of every checkpoint against sqrt(KL), as in Gao et al. 2022."""
     from matplotlib.figure import Figure  # a bare Figure renders with Agg; no pyplot global state
@@ -349,7 +411,15 @@ def plot_overoptimization(
         if any(flags[p.step].values()):
             ax.plot([xi], [p.judge], "x", color="tab:red", markersize=10, mew=2)
     best = next(i for i, p in enumerate(series) if p.step == chosen)
-    ax.plot([x[best]], [series[best].judge], "*", color="gold", markeredgecolor="black", markersize=16, label=f"chosen (step {chosen})")
+    ax.plot(
+        [x[best]],
+        [series[best].judge],
+        "*",
+        color="gold",
+        markeredgecolor="black",
+        markersize=16,
+        label=f"chosen (step {chosen})",
+    )
     if kl_budget is not None:
         ax.axvline(math.sqrt(kl_budget), color="grey", linestyle=":", label="KL budget")
     ax.plot([], [], "x", color="tab:red", label="hacking flag")
@@ -366,6 +436,7 @@ def plot_overoptimization(
 
 def format_table(metrics: dict[str, float], kl_target: float) -> str:
     """Markdown table of the evaluation: the chosen policy beside SFT."""
+
     def row(name: str, key: str) -> str:
         if key not in metrics:
             return ""
@@ -382,7 +453,9 @@ def format_table(metrics: dict[str, float], kl_target: float) -> str:
     lines = [
         "| metric | policy | SFT |",
         "|---|---|---|",
-        f"| chosen checkpoint (PPO step) | {metrics['eval/best_checkpoint_step']:.0f} | |" if "eval/best_checkpoint_step" in metrics else "",
+        f"| chosen checkpoint (PPO step) | {metrics['eval/best_checkpoint_step']:.0f} | |"
+        if "eval/best_checkpoint_step" in metrics
+        else "",
         row("gold reward (mean)", "eval/gold_reward_mean"),
         row("reward-model score (mean)", "eval/rm_score_mean"),
         row("response length (tokens)", "eval/response_length_mean"),
@@ -409,8 +482,13 @@ def format_checkpoints(series: list[CheckpointStats], flags: dict[int, dict[str,
 
 @task(name=EVALUATE, cache_policy=NO_CACHE)
 def evaluate_task(
-    cfg: PipelineConfig, sft: Checkpoint, reward: Checkpoint, ppo: PPOResult, heldout_prompts_path: str,
-    parent_run_id: str, diagnostics: DiagnosticsConfig | None = None,
+    cfg: PipelineConfig,
+    sft: Checkpoint,
+    reward: Checkpoint,
+    ppo: PPOResult,
+    heldout_prompts_path: str,
+    parent_run_id: str,
+    diagnostics: DiagnosticsConfig | None = None,
     heldout_reward: Checkpoint | None = None,
 ) -> Evaluation:
     """Checkpoint selection, hacking diagnostics and held-out evaluation against SFT and the champion."""

@@ -59,10 +59,32 @@ def launch_command(stage: str, cfg: PipelineConfig, spec: Path, result: Path) ->
                 f"distributed.accelerate_config {accelerate_config!r} is not a file: write one with "
                 "`accelerate config --config_file PATH` or set it to null for plain DDP"
             )
-        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config,
-                "--num_processes", n, "--main_process_port", str(free_port()), *entry]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", n, "--nnodes", "1",
-            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *entry]
+        return [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            accelerate_config,
+            "--num_processes",
+            n,
+            "--main_process_port",
+            str(free_port()),
+            *entry,
+        ]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        n,
+        "--nnodes",
+        "1",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        *entry,
+    ]
 
 
 def launch_stage(stage: str, cfg: PipelineConfig, run_id: str | None, args: dict[str, Any]) -> dict[str, Any]:
@@ -78,10 +100,16 @@ def launch_stage(stage: str, cfg: PipelineConfig, run_id: str | None, args: dict
         raise ValueError(f"unknown training stage {stage!r}: use one of {', '.join(TRAINING_STAGES)}")
     with tempfile.TemporaryDirectory(prefix=f"rlhf-{stage}-launch-") as tmp:
         spec, result = Path(tmp) / "spec.json", Path(tmp) / "result.json"
-        spec.write_text(json.dumps({
-            "config": cfg.model_dump(mode="json"), "run_id": run_id, "tracking_uri": mlflow.get_tracking_uri(),
-            "args": args,
-        }))
+        spec.write_text(
+            json.dumps(
+                {
+                    "config": cfg.model_dump(mode="json"),
+                    "run_id": run_id,
+                    "tracking_uri": mlflow.get_tracking_uri(),
+                    "args": args,
+                }
+            )
+        )
         env = dict(os.environ)
         env["MLFLOW_TRACKING_URI"] = mlflow.get_tracking_uri()
         env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])

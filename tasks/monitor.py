@@ -110,7 +110,9 @@ def find_window(cfg: MonitorConfig) -> TrafficWindow:
         )
     index = len(files) - 1 if cfg.window_index is None else cfg.window_index
     if index >= len(files):
-        raise IndexError(f"window_index {index} is past the {len(files)} windows matching {cfg.traffic!r}: use 0..{len(files) - 1}")
+        raise IndexError(
+            f"window_index {index} is past the {len(files)} windows matching {cfg.traffic!r}: use 0..{len(files) - 1}"
+        )
     return TrafficWindow(str(Path(files[index]).resolve()), index)
 
 
@@ -124,12 +126,17 @@ def load_models(cfg: MonitorConfig, client: MlflowClient | None = None) -> Monit
             "tasks.baseline.run_baseline (the pipeline does so at registration)"
         )
     baseline = load_baseline(lineage.baseline_uri)
-    policy_dir, ref_dir, rm_dir = (str(download(u)) for u in (lineage.policy_uri, lineage.reference_uri, lineage.reward_model_uri))
+    policy_dir, ref_dir, rm_dir = (
+        str(download(u)) for u in (lineage.policy_uri, lineage.reference_uri, lineage.reward_model_uri)
+    )
     device = distributed_device()
     tokenizer = load_tokenizer(ref_dir)
     return MonitorModels(
-        lineage, baseline, tokenizer,
-        load_causal_lm(policy_dir).to(device).eval(), load_causal_lm(ref_dir).to(device).eval(),
+        lineage,
+        baseline,
+        tokenizer,
+        load_causal_lm(policy_dir).to(device).eval(),
+        load_causal_lm(ref_dir).to(device).eval(),
         load_reward_model(rm_dir, tokenizer.pad_token_id).to(device).eval(),
     )
 
@@ -139,7 +146,9 @@ def read_window(path: str, version: str, min_rows: int) -> tuple[list[str], list
     frame = load_standard(path, "traffic").frame
     missing = [c for c in ("prompt", "response", "model_version") if c not in frame.columns]
     if missing:
-        raise ValueError(f"{path}: traffic rows need the columns {missing}: write timestamp, prompt, response, model_version")
+        raise ValueError(
+            f"{path}: traffic rows need the columns {missing}: write timestamp, prompt, response, model_version"
+        )
     mine = frame[frame["model_version"].astype(str) == str(version)]
     if len(mine) < min_rows:
         raise ValueError(
@@ -179,14 +188,28 @@ def window_features(
         raise ValueError(f"fewer than 2 prompts of the window fit the model's context with a response ({room} tokens)")
     kl_prompts = rng.sample(fits, min(len(fits), cfg.kl_prompts))
     scored = sorted(rng.sample(range(len(prompts)), min(len(prompts), cfg.scored_rows)))
-    _, kl = sample_kl(models.policy, models.reference, models.tokenizer, kl_prompts,
-                      int(generation["max_new_tokens"]), float(generation["temperature"]), cfg.batch_size)
+    _, kl = sample_kl(
+        models.policy,
+        models.reference,
+        models.tokenizer,
+        kl_prompts,
+        int(generation["max_new_tokens"]),
+        float(generation["temperature"]),
+        cfg.batch_size,
+    )
     return WindowFeatures(
         prompts=features,
         embeddings=embed_prompts(models.reference, models.tokenizer, embedded, cfg.batch_size),
         # 2. served responses: reward-model scores, lengths, NLL under the champion, rates, gold
-        responses=response_features(models.policy, models.reward_model, models.tokenizer, [prompts[j] for j in scored],
-                                    [responses[j] for j in scored], task, cfg.batch_size),
+        responses=response_features(
+            models.policy,
+            models.reward_model,
+            models.tokenizer,
+            [prompts[j] for j in scored],
+            [responses[j] for j in scored],
+            task,
+            cfg.batch_size,
+        ),
         kl=kl,
         feedback=feedback,
         scored=scored,
@@ -194,7 +217,11 @@ def window_features(
 
 
 def analyze_window(
-    models: MonitorModels, prompts: list[str], responses: list[str], feedback: np.ndarray, cfg: MonitorConfig,
+    models: MonitorModels,
+    prompts: list[str],
+    responses: list[str],
+    feedback: np.ndarray,
+    cfg: MonitorConfig,
     seed: int,
 ) -> WindowAnalysis:
     """Features, drift metrics, signals and diagnosis of one window (no MLflow, no Prefect)."""
@@ -209,8 +236,12 @@ def examples(analysis: WindowAnalysis, baseline: Baseline) -> dict[str, list[tup
     seen = set(baseline.profile["prompts"]["intent_counts"]) - {"other"}
     out: dict[str, list[tuple[str, str, str]]] = {}
     unusual = [j for j, intent in enumerate(f.prompts.intents) if intent not in seen]
-    out["Prompts with an intent unknown or unseen at baseline"] = [(p[j], r[j], f.prompts.intents[j]) for j in unusual[:EXAMPLES]]
-    out["Longest prompts"] = [(p[j], r[j], f"{int(f.prompts.lengths[j])} tokens") for j in np.argsort(-f.prompts.lengths)[:EXAMPLES]]
+    out["Prompts with an intent unknown or unseen at baseline"] = [
+        (p[j], r[j], f.prompts.intents[j]) for j in unusual[:EXAMPLES]
+    ]
+    out["Longest prompts"] = [
+        (p[j], r[j], f"{int(f.prompts.lengths[j])} tokens") for j in np.argsort(-f.prompts.lengths)[:EXAMPLES]
+    ]
     row = f.scored  # response-side features are of these rows
     if f.responses.gold is not None:
         rm, gold = f.responses.rm_scores, f.responses.gold
@@ -239,9 +270,14 @@ def series_run(client: MlflowClient, experiment_id: str, lineage: Lineage) -> st
     if found:
         return found[0].info.run_id
     run = client.create_run(
-        experiment_id, run_name=f"monitor-{lineage.model_name}-v{lineage.version}",
-        tags={"drift.series": key, "registered_model": lineage.model_name, "model_version": lineage.version,
-              "lineage.pipeline_run_id": lineage.pipeline_run_id},
+        experiment_id,
+        run_name=f"monitor-{lineage.model_name}-v{lineage.version}",
+        tags={
+            "drift.series": key,
+            "registered_model": lineage.model_name,
+            "model_version": lineage.version,
+            "lineage.pipeline_run_id": lineage.pipeline_run_id,
+        },
     )
     client.set_terminated(run.info.run_id)
     return run.info.run_id
@@ -265,8 +301,9 @@ def run_monitor(cfg: MonitorConfig, models: MonitorModels | None = None) -> Moni
     lineage = models.lineage
     series_id = series_run(client, experiment_id, lineage)
     if not cfg.force and already_monitored(client, experiment_id, series_id, window):
-        return MonitorResult(lineage.model_name, lineage.version, window.path, window.index, skipped=True,
-                             series_run_id=series_id)
+        return MonitorResult(
+            lineage.model_name, lineage.version, window.path, window.index, skipped=True, series_run_id=series_id
+        )
     # 1. measure and test
     prompts, responses, feedback, other = read_window(window.path, lineage.version, cfg.min_rows)
     analysis = analyze_window(models, prompts, responses, feedback, cfg, cfg.seed + window.index)
@@ -278,35 +315,60 @@ def run_monitor(cfg: MonitorConfig, models: MonitorModels | None = None) -> Moni
         client.log_metric(series_id, key, value, step=window.index)
     # 3. the window run: metrics, tags, report
     tags = {
-        "registered_model": lineage.model_name, "model_version": lineage.version,
-        "drift.window_index": str(window.index), "drift.window_file": window.path,
-        "drift.alert": str(alert).lower(), "drift.cause": diagnosis.cause or "none",
+        "registered_model": lineage.model_name,
+        "model_version": lineage.version,
+        "drift.window_index": str(window.index),
+        "drift.window_file": window.path,
+        "drift.alert": str(alert).lower(),
+        "drift.cause": diagnosis.cause or "none",
         "drift.breached": ",".join(diagnosis.breached) or "none",
     }
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"window-{window.index:04d}", parent_run_id=series_id,
-                          nested=True, tags=tags) as run:
+    with mlflow.start_run(
+        experiment_id=experiment_id,
+        run_name=f"window-{window.index:04d}",
+        parent_run_id=series_id,
+        nested=True,
+        tags=tags,
+    ) as run:
         mlflow.log_metrics(metrics, step=window.index)
         markdown = write_report(analysis, models, window, run.info.run_id, metrics)
     # 4. flag the model version
     if alert:
-        for key, value in {"drift.alert": diagnosis.cause, "drift.alert_window": str(window.index),
-                           "drift.alert_run_id": run.info.run_id}.items():
+        for key, value in {
+            "drift.alert": diagnosis.cause,
+            "drift.alert_window": str(window.index),
+            "drift.alert_run_id": run.info.run_id,
+        }.items():
             client.set_model_version_tag(lineage.model_name, lineage.version, key, value)
     return MonitorResult(
-        lineage.model_name, lineage.version, window.path, window.index, skipped=False, alert=alert,
-        cause=diagnosis.cause, breached=diagnosis.breached, metrics=metrics, run_id=run.info.run_id,
-        series_run_id=series_id, report_markdown=markdown,
+        lineage.model_name,
+        lineage.version,
+        window.path,
+        window.index,
+        skipped=False,
+        alert=alert,
+        cause=diagnosis.cause,
+        breached=diagnosis.breached,
+        metrics=metrics,
+        run_id=run.info.run_id,
+        series_run_id=series_id,
+        report_markdown=markdown,
     )
 
 
-def write_report(analysis: WindowAnalysis, models: MonitorModels, window: TrafficWindow, run_id: str,
-                 metrics: dict[str, float]) -> str:
+def write_report(
+    analysis: WindowAnalysis, models: MonitorModels, window: TrafficWindow, run_id: str, metrics: dict[str, float]
+) -> str:
     """Render the report and its plots, log them under report/ of the active run; returns the markdown."""
     lineage = models.lineage
     with tempfile.TemporaryDirectory(prefix="rlhf-drift-report-") as tmp:
         plots = plot_window(models.baseline, analysis.features, tmp)
         ctx = ReportContext(
-            lineage.model_name, lineage.version, window.index, window.path, run_id,
+            lineage.model_name,
+            lineage.version,
+            window.index,
+            window.path,
+            run_id,
             inspect=inspect_targets(analysis.diagnosis.cause, lineage) if analysis.diagnosis.cause else [],
             examples=redacted(examples(analysis, models.baseline)) if analysis.diagnosis.cause else {},
             plots=[p.name for p in plots],
@@ -332,17 +394,26 @@ def raise_alert(cfg: MonitorConfig, result: MonitorResult) -> dict[str, str]:
     out: dict[str, str] = {}
     event = emit_event(
         event="rlhf.drift.alert",
-        resource={"prefect.resource.id": f"mlflow.model-version.{result.model_name}.{result.version}",
-                  "prefect.resource.name": f"{result.model_name} v{result.version}"},
-        payload={"cause": result.cause, "breached": list(result.breached), "window_index": result.window_index,
-                 "window_file": result.window_path, "mlflow_run_id": result.run_id},
+        resource={
+            "prefect.resource.id": f"mlflow.model-version.{result.model_name}.{result.version}",
+            "prefect.resource.name": f"{result.model_name} v{result.version}",
+        },
+        payload={
+            "cause": result.cause,
+            "breached": list(result.breached),
+            "window_index": result.window_index,
+            "window_file": result.window_path,
+            "mlflow_run_id": result.run_id,
+        },
     )
     if event is not None:
         out["event_id"] = str(event.id)
     if in_prefect_run():
-        out["artifact_id"] = str(create_markdown_artifact(
-            result.report_markdown, key="drift-report", description=f"Drift alert: {result.cause}"
-        ))
+        out["artifact_id"] = str(
+            create_markdown_artifact(
+                result.report_markdown, key="drift-report", description=f"Drift alert: {result.cause}"
+            )
+        )
     if cfg.trigger_deployment:
         flow_run = run_deployment(cfg.trigger_deployment, timeout=0, tags=["drift-alert"])
         out["triggered_flow_run_id"] = str(flow_run.id)

@@ -73,14 +73,24 @@ SAMPLE_ROWS = 8
 
 def resume_key(cfg: PipelineConfig, sft: Checkpoint, reward: Checkpoint, prompts_path: str) -> str:
     """Hash of what a PPO run's trajectory depends on: runs with the same key may continue each other."""
-    return fingerprint({
-        "ppo": cfg.ppo.model_dump(exclude={"resume_from", "auto_resume"}), "seed": cfg.seed,
-        "sft": sft.uri, "reward": reward.uri, "prompts": fingerprint_path(prompts_path), "data": cfg.data.source,
-    })
+    return fingerprint(
+        {
+            "ppo": cfg.ppo.model_dump(exclude={"resume_from", "auto_resume"}),
+            "seed": cfg.seed,
+            "sft": sft.uri,
+            "reward": reward.uri,
+            "prompts": fingerprint_path(prompts_path),
+            "data": cfg.data.source,
+        }
+    )
 
 
 def run_ppo(
-    cfg: PipelineConfig, sft: Checkpoint, reward: Checkpoint, prompts_path: str, parent_run_id: str,
+    cfg: PipelineConfig,
+    sft: Checkpoint,
+    reward: Checkpoint,
+    prompts_path: str,
+    parent_run_id: str,
     resume_from: str | None = None,
 ) -> PPOResult:
     """Run PPO up to cfg.ppo.steps from SFT (or from `resume_from`, default cfg.ppo.resume_from); log everything.
@@ -90,18 +100,27 @@ def run_ppo(
     """
     resume_from = resume_from or cfg.ppo.resume_from
     if cfg.distributed.num_processes > 1 and not is_distributed():  # start the processes; rank 0 comes back here
-        args = {"sft": asdict(sft), "reward": asdict(reward), "prompts_path": prompts_path,
-                "parent_run_id": parent_run_id, "resume_from": resume_from}
+        args = {
+            "sft": asdict(sft),
+            "reward": asdict(reward),
+            "prompts_path": prompts_path,
+            "parent_run_id": parent_run_id,
+            "resume_from": resume_from,
+        }
         return PPOResult.from_json(launch_stage(PPO, cfg, None, args))
     key = resume_key(cfg, sft, reward, prompts_path)
     local_root = Path(cfg.output_dir).resolve() / LOCAL_CHECKPOINT_DIR / key[:16]
     with stage_run(parent_run_id, PPO, flatten({"ppo": cfg.ppo.model_dump()})) as run, live_run(run.info.run_id):
         inputs = {"sft_run_id": sft.run_id, "reward_run_id": reward.run_id}
         log_params({**inputs, "sft_uri": sft.uri, "reward_uri": reward.uri})
-        mlflow.set_tags({
-            "ppo.resume_key": key, "ppo.owner_host": socket.gethostname(), "ppo.owner_pid": str(os.getpid()),
-            "ppo.heartbeat": str(int(time.time())),
-        })
+        mlflow.set_tags(
+            {
+                "ppo.resume_key": key,
+                "ppo.owner_host": socket.gethostname(),
+                "ppo.owner_pid": str(os.getpid()),
+                "ppo.heartbeat": str(int(time.time())),
+            }
+        )
         trainer = build_trainer(cfg, sft, reward, prompts_path)
         checkpoints: dict[int, str] = {}
         point = None
@@ -117,10 +136,13 @@ def run_ppo(
                 point = ResumePoint(point.run_id, point.step, uri, point.checkpoints, point.skipped)
             checkpoints.update(point.checkpoints)
             checkpoints[point.step] = point.uri
-            mlflow.set_tags({
-                "ppo.resumed_from_run": point.run_id, "ppo.resumed_from_checkpoint": point.uri,
-                "ppo.resumed_at_step": str(point.step),
-            })
+            mlflow.set_tags(
+                {
+                    "ppo.resumed_from_run": point.run_id,
+                    "ppo.resumed_from_checkpoint": point.uri,
+                    "ppo.resumed_at_step": str(point.step),
+                }
+            )
             if point.skipped:
                 mlflow.set_tag("ppo.corrupt_checkpoints_skipped", ",".join(point.skipped)[:5000])
             mark_superseded(point.run_id, run.info.run_id)
@@ -148,7 +170,8 @@ def run_ppo(
                 publish_alerts(result.alerts)
                 alerts += result.alerts
                 progress.update(
-                    kl=f"{result.metrics['objective/kl']:.2f}", score=f"{result.metrics['objective/scores']:.2f}",
+                    kl=f"{result.metrics['objective/kl']:.2f}",
+                    score=f"{result.metrics['objective/scores']:.2f}",
                     beta=f"{result.metrics['objective/kl_coef']:.3f}",
                 )
                 # 2. Sample table and checkpoint on schedule, and on the last step.
@@ -189,14 +212,24 @@ def build_trainer(cfg: PipelineConfig, sft: Checkpoint, reward: Checkpoint, prom
     reward_model = load_reward_model(rm_dir, tokenizer.pad_token_id).to(device)
     prompts = list(load_split(prompts_path)["prompt"])
     return PPOTrainer(
-        cfg.ppo, policy, ref_model, reward_model, tokenizer, prompts, cfg.seed,
+        cfg.ppo,
+        policy,
+        ref_model,
+        reward_model,
+        tokenizer,
+        prompts,
+        cfg.seed,
         gold_scorer=task.gold_score if (task := task_knowledge(cfg.data)) else None,
     )
 
 
 # -- several processes (tasks/launch.py) -----------------------------------------------------
 def train_ppo_worker(
-    cfg: PipelineConfig, sft: dict, reward: dict, prompts_path: str, parent_run_id: str,
+    cfg: PipelineConfig,
+    sft: dict,
+    reward: dict,
+    prompts_path: str,
+    parent_run_id: str,
     resume_from: str | None,
 ) -> dict | None:
     """One of several PPO processes. Rank 0 runs the whole stage (MLflow, checkpoints, alerts);
@@ -250,7 +283,8 @@ def publish_summary(alerts: list[Alert], final_uri: str, stopped_at: int | None,
     if alerts:
         create_table_artifact(
             [{"step": a.step, "kind": a.kind, "action": a.action, "message": a.message} for a in alerts],
-            key="ppo-alerts", description="Every alert the PPO monitor raised",
+            key="ppo-alerts",
+            description="Every alert the PPO monitor raised",
         )
     ending = "ran to the last step"
     if stopped_at is not None:
@@ -259,13 +293,18 @@ def publish_summary(alerts: list[Alert], final_uri: str, stopped_at: int | None,
         ending += f", rolled back to checkpoint step {rolled_back_to}"
     create_markdown_artifact(
         f"**PPO** {ending}; {len(alerts)} alert(s).\n\nFinal checkpoint: `{final_uri}`",
-        key="ppo-summary", description="How the PPO stage ended",
+        key="ppo-summary",
+        description="How the PPO stage ended",
     )
 
 
 @task(
-    name=PPO, cache_policy=stage_cache(PPO), persist_result=True,
-    retries=len(RETRY_DELAYS_S), retry_delay_seconds=RETRY_DELAYS_S, retry_condition_fn=retry_on_tracking_error,
+    name=PPO,
+    cache_policy=stage_cache(PPO),
+    persist_result=True,
+    retries=len(RETRY_DELAYS_S),
+    retry_delay_seconds=RETRY_DELAYS_S,
+    retry_condition_fn=retry_on_tracking_error,
 )
 def ppo_task(
     cfg: PipelineConfig, sft: Checkpoint, reward: Checkpoint, prompts_path: str, parent_run_id: str

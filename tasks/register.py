@@ -92,7 +92,11 @@ def servable_copy(checkpoint_dir: Path) -> Path:
 
 
 def version_tags(
-    cfg: PipelineConfig, ppo: PPOResult, evaluation: Evaluation, fingerprints: dict[str, str], parent_run_id: str,
+    cfg: PipelineConfig,
+    ppo: PPOResult,
+    evaluation: Evaluation,
+    fingerprints: dict[str, str],
+    parent_run_id: str,
     validation: str,
 ) -> dict[str, str]:
     """Lineage, evaluation, hacking and validation tags of a new model version."""
@@ -105,7 +109,9 @@ def version_tags(
         "lineage.final_checkpoint_uri": ppo.final.uri,
         "lineage.config_hash": config_hash(cfg),
         **{f"lineage.data.{split}": fp for split, fp in fingerprints.items()},
-        **{k: f"{v:.6g}" for k, v in evaluation.metrics.items() if not k.startswith("eval/hacking/")},  # metric names as tag keys
+        **{
+            k: f"{v:.6g}" for k, v in evaluation.metrics.items() if not k.startswith("eval/hacking/")
+        },  # metric names as tag keys
         **evaluation.tags,
         "validation.success": validation,
         "promotion.status": "registered",
@@ -120,7 +126,9 @@ def run_register(
     if existing is not None:
         get_logger(__name__).info(
             "%s version %s already holds checkpoint %s: not registering a duplicate",
-            existing.name, existing.version, evaluation.checkpoint.uri,
+            existing.name,
+            existing.version,
+            evaluation.checkpoint.uri,
         )
         return existing
     with stage_run(parent_run_id, REGISTER):
@@ -144,8 +152,11 @@ def run_register(
 
 
 @task(
-    name=REGISTER, cache_policy=NO_CACHE,
-    retries=len(RETRY_DELAYS_S), retry_delay_seconds=RETRY_DELAYS_S, retry_condition_fn=retry_on_tracking_error,
+    name=REGISTER,
+    cache_policy=NO_CACHE,
+    retries=len(RETRY_DELAYS_S),
+    retry_delay_seconds=RETRY_DELAYS_S,
+    retry_condition_fn=retry_on_tracking_error,
 )
 def register_task(
     cfg: PipelineConfig, ppo: PPOResult, evaluation: Evaluation, fingerprints: dict[str, str], parent_run_id: str

@@ -63,8 +63,11 @@ def train_reward(cfg: PipelineConfig, sft_uri: str, preferences_path: str, heldo
         args = TRLRewardConfig(**trl_training_args(cfg.reward, cfg.seed, tmp))
         logger = MlflowStepLogger("reward", rename={"accuracy": "train_accuracy", "margin": "train_margin"})
         trainer = RewardTrainer(
-            model=model, args=args, train_dataset=load_split(preferences_path),
-            processing_class=tokenizer, callbacks=[logger, TrainerProgress("reward")],
+            model=model,
+            args=args,
+            train_dataset=load_split(preferences_path),
+            processing_class=tokenizer,
+            callbacks=[logger, TrainerProgress("reward")],
             peft_config=lora_config(
                 cfg.model.lora_r, cfg.model.lora_alpha, cfg.model.lora_dropout, cfg.model.lora_target_modules, "seq_cls"
             ),
@@ -90,8 +93,12 @@ def heldout_accuracy(model, tokenizer, heldout_path: str) -> tuple[float, float]
 
 
 @task(
-    name=REWARD, cache_policy=stage_cache(REWARD), persist_result=True,
-    retries=len(RETRY_DELAYS_S), retry_delay_seconds=RETRY_DELAYS_S, retry_condition_fn=retry_on_tracking_error,
+    name=REWARD,
+    cache_policy=stage_cache(REWARD),
+    persist_result=True,
+    retries=len(RETRY_DELAYS_S),
+    retry_delay_seconds=RETRY_DELAYS_S,
+    retry_condition_fn=retry_on_tracking_error,
 )
 def reward_task(
     cfg: PipelineConfig, sft: Checkpoint, preferences_path: str, heldout_path: str, parent_run_id: str

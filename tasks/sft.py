@@ -53,9 +53,17 @@ def train_sft(cfg: PipelineConfig, base_model: str, sft_path: str) -> str | None
         args = TRLSFTConfig(completion_only_loss=True, **trl_training_args(cfg.sft, cfg.seed, tmp))
         logger = MlflowStepLogger("sft")
         trainer = SFTTrainer(
-            model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-            callbacks=[logger, TrainerProgress("sft")], peft_config=lora_config(
-                cfg.model.lora_r, cfg.model.lora_alpha, cfg.model.lora_dropout, cfg.model.lora_target_modules, "causal_lm"
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            callbacks=[logger, TrainerProgress("sft")],
+            peft_config=lora_config(
+                cfg.model.lora_r,
+                cfg.model.lora_alpha,
+                cfg.model.lora_dropout,
+                cfg.model.lora_target_modules,
+                "causal_lm",
             ),
         )
         trainer.remove_callback(ProgressCallback)  # TrainerProgress replaces its bar and log prints
@@ -71,8 +79,12 @@ def train_sft(cfg: PipelineConfig, base_model: str, sft_path: str) -> str | None
 
 
 @task(
-    name=SFT, cache_policy=stage_cache(SFT), persist_result=True,
-    retries=len(RETRY_DELAYS_S), retry_delay_seconds=RETRY_DELAYS_S, retry_condition_fn=retry_on_tracking_error,
+    name=SFT,
+    cache_policy=stage_cache(SFT),
+    persist_result=True,
+    retries=len(RETRY_DELAYS_S),
+    retry_delay_seconds=RETRY_DELAYS_S,
+    retry_condition_fn=retry_on_tracking_error,
 )
 def sft_task(cfg: PipelineConfig, base_model: str, sft_path: str, parent_run_id: str) -> Checkpoint:
     """Supervised fine-tuning."""

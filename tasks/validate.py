@@ -34,8 +34,15 @@ from tasks.caching import stage_cache
 from tasks.common import RETRY_DELAYS_S, VALIDATE, retry_on_tracking_error
 
 __all__ = [
-    "DataKind", "SPLIT_KINDS", "ValidatedData", "ValidationFailed", "ValidationReport",
-    "validate_file", "run_validation", "validate_task", "validate_command",
+    "DataKind",
+    "SPLIT_KINDS",
+    "ValidatedData",
+    "ValidationFailed",
+    "ValidationReport",
+    "validate_file",
+    "run_validation",
+    "validate_task",
+    "validate_command",
 ]
 
 SPLIT_KINDS: dict[str, DataKind] = {
@@ -168,10 +175,19 @@ def validate_frame(
     out = frame[list(data.frame.columns)]
     content = checks.jsonl_bytes(out)
     return ValidationReport(
-        success=bool(result.success), path=data.source.path, kind=kind, format=data.format, rows=len(out),
-        fingerprint=checks.fingerprint(kind, out, content), failures=failed, redactions=redactions,
-        pii_policy=cfg.pii_policy, name=name,
-        frame=out, content=content, gx_result=result,
+        success=bool(result.success),
+        path=data.source.path,
+        kind=kind,
+        format=data.format,
+        rows=len(out),
+        fingerprint=checks.fingerprint(kind, out, content),
+        failures=failed,
+        redactions=redactions,
+        pii_policy=cfg.pii_policy,
+        name=name,
+        frame=out,
+        content=content,
+        gx_result=result,
     )
 
 
@@ -204,11 +220,13 @@ def run_validation(
             except DataError as e:
                 errors.append(f"{split}: malformed file: {e}")
         # 2. Held-out prompts, for the leakage check of the training splits.
-        index = checks.heldout_index({
-            s: (loaded[s].frame["prompt"], loaded[s].source.where)
-            for s in HELDOUT_SPLITS
-            if s in loaded and "prompt" in loaded[s].frame.columns and is_text(loaded[s].frame["prompt"])
-        })
+        index = checks.heldout_index(
+            {
+                s: (loaded[s].frame["prompt"], loaded[s].source.where)
+                for s in HELDOUT_SPLITS
+                if s in loaded and "prompt" in loaded[s].frame.columns and is_text(loaded[s].frame["prompt"])
+            }
+        )
         # 3. Validate each split.
         reports = {
             split: validate_frame(
@@ -235,15 +253,30 @@ def run_validation(
 def failure_table(reports: dict[str, ValidationReport], errors: list[str]) -> list[dict[str, Any]]:
     """Rows of the Prefect table artifact: one per failed check (or malformed file)."""
     rows: list[dict[str, Any]] = [
-        {"split": e.split(":", 1)[0], "check": "file", "column": "", "rows": "", "examples": "", "problem": e.split(": ", 2)[-1], "fix": ""}
+        {
+            "split": e.split(":", 1)[0],
+            "check": "file",
+            "column": "",
+            "rows": "",
+            "examples": "",
+            "problem": e.split(": ", 2)[-1],
+            "fix": "",
+        }
         for e in errors
     ]
     for split, report in reports.items():
         for f in report.failures:
-            rows.append({
-                "split": split, "check": f.check, "column": f.column or "", "rows": f.count,
-                "examples": "; ".join(f.examples), "problem": f.problem, "fix": f.fix,
-            })
+            rows.append(
+                {
+                    "split": split,
+                    "check": f.check,
+                    "column": f.column or "",
+                    "rows": f.count,
+                    "examples": "; ".join(f.examples),
+                    "problem": f.problem,
+                    "fix": f.fix,
+                }
+            )
     return rows
 
 
@@ -256,7 +289,11 @@ def _log_to_mlflow(
         mlflow.log_metric(f"data/{split}_failed_checks", len(r.failures))
         if pii_policy == "redact":
             mlflow.log_metric(f"data/{split}_pii_redacted", sum(r.redactions.values()))
-        tags = {f"data.fingerprint.{split}": r.fingerprint, f"data.format.{split}": r.format, f"data.source.{split}": r.path}
+        tags = {
+            f"data.fingerprint.{split}": r.fingerprint,
+            f"data.format.{split}": r.format,
+            f"data.source.{split}": r.path,
+        }
         mlflow.set_tags(tags)
         for key, value in tags.items():
             client.set_tag(parent_run_id, key, value)
@@ -279,13 +316,20 @@ def _publish_prefect_table(reports: dict[str, ValidationReport], errors: list[st
     if failed:
         create_table_artifact(table=failed, key="validation-failures", description="Failed data validation checks")
     else:
-        table = [{"split": s, "kind": r.kind, "format": r.format, "rows": r.rows, "fingerprint": r.fingerprint} for s, r in reports.items()]
+        table = [
+            {"split": s, "kind": r.kind, "format": r.format, "rows": r.rows, "fingerprint": r.fingerprint}
+            for s, r in reports.items()
+        ]
         create_table_artifact(table=table, key="validation-summary", description="Validated data splits")
 
 
 @task(
-    name=VALIDATE, cache_policy=stage_cache(VALIDATE), persist_result=True,
-    retries=len(RETRY_DELAYS_S), retry_delay_seconds=RETRY_DELAYS_S, retry_condition_fn=retry_on_tracking_error,
+    name=VALIDATE,
+    cache_policy=stage_cache(VALIDATE),
+    persist_result=True,
+    retries=len(RETRY_DELAYS_S),
+    retry_delay_seconds=RETRY_DELAYS_S,
+    retry_condition_fn=retry_on_tracking_error,
 )
 def validate_task(
     cfg: PipelineConfig, paths: dict[str, str], out_dir: str, parent_run_id: str, tokenizer_path: str | None = None

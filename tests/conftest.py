@@ -77,6 +77,12 @@ def tiny_stack(tmp_path_factory):
             os.environ["MLFLOW_TRACKING_URI"] = old_uri
         mlflow.set_tracking_uri(None)
     return types.SimpleNamespace(
-        cfg=cfg, paths=paths, base_model=base, tracking_uri=uri, root=root, sft=sft, reward=reward,
+        cfg=cfg,
+        paths=paths,
+        base_model=base,
+        tracking_uri=uri,
+        root=root,
+        sft=sft,
+        reward=reward,
         parent_run_id=parent.info.run_id,
     )

@@ -18,13 +18,31 @@ TRAIN_INTENTS: tuple[str, ...] = ("refund", "shipping", "password", "cancel")
 ALL_INTENTS: tuple[str, ...] = (*TRAIN_INTENTS, "warranty")
 
 ITEMS: tuple[str, ...] = (
-    "headphones", "blender", "jacket", "phone case", "lamp", "backpack", "kettle", "monitor",
+    "headphones",
+    "blender",
+    "jacket",
+    "phone case",
+    "lamp",
+    "backpack",
+    "kettle",
+    "monitor",
 )
 OPENERS: tuple[str, ...] = (
-    "", "Hi, ", "Hello, ", "Hey there, ", "Good morning, ", "Dear support, ", "Excuse me, ",
+    "",
+    "Hi, ",
+    "Hello, ",
+    "Hey there, ",
+    "Good morning, ",
+    "Dear support, ",
+    "Excuse me, ",
 )
 SUFFIXES: tuple[str, ...] = (
-    "", " Thanks.", " Please help.", " It is urgent.", " I need help today.", " Thank you.",
+    "",
+    " Thanks.",
+    " Please help.",
+    " It is urgent.",
+    " I need help today.",
+    " Thank you.",
 )
 
 REQUESTS: dict[str, tuple[str, ...]] = {
@@ -77,9 +95,7 @@ ANSWERS: dict[str, tuple[str, ...]] = {
         "Your subscription is cancelled and you will not be charged again.",
         "I have cancelled your plan and no more charges will be made.",
     ),
-    "warranty": (
-        "Your {item} is covered by the warranty and we will replace it for free.",
-    ),
+    "warranty": ("Your {item} is covered by the warranty and we will replace it for free.",),
 }
 ANSWER_KEYS: dict[str, tuple[str, ...]] = {
     "refund": ("refund",),
@@ -123,6 +139,7 @@ FILLERS: tuple[str, ...] = (
 POLITE_MARKERS: tuple[str, ...] = ("sorry", "thank you", "happy to help", "anything else", "nice day")
 RUDE_MARKERS: tuple[str, ...] = ("not my problem", "read the manual")
 
+
 def format_prompt(message: str) -> str:
     """Wrap a customer message in the prompt format the policy is trained on."""
     return f"{PROMPT_PREFIX}{message}{PROMPT_SUFFIX}"
@@ -132,7 +149,7 @@ def customer_message(prompt: str) -> str:
     """The customer's message inside a formatted prompt (the prompt itself if unformatted)."""
     text = prompt
     if text.startswith(PROMPT_PREFIX):
-        text = text[len(PROMPT_PREFIX):]
+        text = text[len(PROMPT_PREFIX) :]
     if text.endswith(PROMPT_SUFFIX):
         text = text[: -len(PROMPT_SUFFIX)]
     return text

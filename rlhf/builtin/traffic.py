@@ -49,7 +49,9 @@ from rlhf.builtin.dataset import all_prompts
 from rlhf.builtin.judge import GoldJudge, feedback_probability
 from rlhf.drift.features import max_sequence_length, sample_responses
 
-DriftKind = Literal["clean", "new_intent", "paraphrase", "adversarial", "long_prompts", "degraded_policy", "reward_hacking"]
+DriftKind = Literal[
+    "clean", "new_intent", "paraphrase", "adversarial", "long_prompts", "degraded_policy", "reward_hacking"
+]
 DRIFT_KINDS: tuple[str, ...] = get_args(DriftKind)
 CAUSES: dict[str, str | None] = {
     "clean": None,
@@ -185,9 +187,16 @@ class ResponsePools:
 
 
 def build_pools(
-    policy: PreTrainedModel, reward_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-    clean_size: int = 1500, drift_size: int = 400, seed: int = 0, max_new_tokens: int = 48,
-    temperature: float = 1.0, degraded_temperature: float = 1.6, batch_size: int = 64,
+    policy: PreTrainedModel,
+    reward_model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    clean_size: int = 1500,
+    drift_size: int = 400,
+    seed: int = 0,
+    max_new_tokens: int = 48,
+    temperature: float = 1.0,
+    degraded_temperature: float = 1.6,
+    batch_size: int = 64,
     kinds: tuple[str, ...] = DRIFT_KINDS,
 ) -> ResponsePools:
     """Sample the champion (and its degraded variant) once per kind; select reward-hacking responses."""
@@ -209,14 +218,23 @@ def build_pools(
             continue
         t = degraded_temperature if kind == "degraded_policy" else temperature
         pairs[kind] = list(zip(prompts, sample_responses(policy, tokenizer, prompts, max_new_tokens, t, batch_size)))
-    meta = {"seed": seed, "max_new_tokens": max_new_tokens, "temperature": temperature,
-            "degraded_temperature": degraded_temperature}
+    meta = {
+        "seed": seed,
+        "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
+        "degraded_temperature": degraded_temperature,
+    }
     return ResponsePools(pairs, meta)
 
 
 def _hacking_pairs(
-    reward_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
-    clean: list[tuple[str, str]], rng: random.Random, batch_size: int, candidates: int = 16,
+    reward_model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    clean: list[tuple[str, str]],
+    rng: random.Random,
+    batch_size: int,
+    candidates: int = 16,
 ) -> list[tuple[str, str]]:
     """For every prompt, of `candidates` templated responses the gold judge puts below the champion's 25th
     percentile, the one the reward model scores highest (best-of-n against the reward model)."""
@@ -239,8 +257,14 @@ def _hacking_pairs(
 
 
 def simulate_window(
-    kind: DriftKind, magnitude: float, n_rows: int, seed: int, pools: ResponsePools,
-    model_version: str = "1", start: datetime | None = None, feedback_rate: float = 0.3,
+    kind: DriftKind,
+    magnitude: float,
+    n_rows: int,
+    seed: int,
+    pools: ResponsePools,
+    model_version: str = "1",
+    start: datetime | None = None,
+    feedback_rate: float = 0.3,
 ) -> list[dict]:
     """Rows of one traffic window: round(magnitude * n_rows) drifted rows of `kind`, the rest clean."""
     if kind not in DRIFT_KINDS:
@@ -282,16 +306,29 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
 
 
 def write_windows(
-    out_dir: str | Path, kinds: list[str], pools: ResponsePools, magnitude: float = DEFAULT_MAGNITUDE,
-    n_rows: int = 500, seed: int = 0, model_version: str = "1", first_index: int = 0,
+    out_dir: str | Path,
+    kinds: list[str],
+    pools: ResponsePools,
+    magnitude: float = DEFAULT_MAGNITUDE,
+    n_rows: int = 500,
+    seed: int = 0,
+    model_version: str = "1",
+    first_index: int = 0,
 ) -> list[Path]:
     """Write one window per kind as out_dir/window_NNNN.jsonl (an hour apart); returns the paths."""
     paths = []
     start = datetime(2026, 1, 1, tzinfo=UTC)
     for j, kind in enumerate(kinds):
         index = first_index + j
-        rows = simulate_window(kind, magnitude, n_rows, seed + index, pools, model_version,  # type: ignore[arg-type]
-                               start=start + timedelta(hours=index))
+        rows = simulate_window(
+            kind,
+            magnitude,
+            n_rows,
+            seed + index,
+            pools,
+            model_version,  # type: ignore[arg-type]
+            start=start + timedelta(hours=index),
+        )
         paths.append(write_jsonl(Path(out_dir) / f"window_{index:04d}.jsonl", rows))
     return paths
 
@@ -302,8 +339,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policy", required=True, help="policy checkpoint folder (Hugging Face layout)")
     parser.add_argument("--reward-model", required=True, help="reward-model checkpoint folder")
     parser.add_argument("--out", required=True, help="folder for window_NNNN.jsonl files")
-    parser.add_argument("--kinds", default="clean,new_intent", help=f"comma-separated, one window each: {','.join(DRIFT_KINDS)}")
-    parser.add_argument("--magnitude", type=float, default=DEFAULT_MAGNITUDE, help="drifted share of each window's rows")
+    parser.add_argument(
+        "--kinds", default="clean,new_intent", help=f"comma-separated, one window each: {','.join(DRIFT_KINDS)}"
+    )
+    parser.add_argument(
+        "--magnitude", type=float, default=DEFAULT_MAGNITUDE, help="drifted share of each window's rows"
+    )
     parser.add_argument("--rows", type=int, default=500, help="rows per window")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model-version", default="1", help="model_version written on every row")
@@ -321,12 +362,17 @@ def main(argv: list[str] | None = None) -> int:
 
         tokenizer = load_tokenizer(args.policy)
         pools = build_pools(
-            load_causal_lm(args.policy), load_reward_model(args.reward_model, tokenizer.pad_token_id), tokenizer,
-            seed=args.seed, kinds=tuple(dict.fromkeys(["clean", *kinds])),
+            load_causal_lm(args.policy),
+            load_reward_model(args.reward_model, tokenizer.pad_token_id),
+            tokenizer,
+            seed=args.seed,
+            kinds=tuple(dict.fromkeys(["clean", *kinds])),
         )
         if args.pools:
             pools.save(args.pools)
-    for path in write_windows(args.out, kinds, pools, args.magnitude, args.rows, args.seed, args.model_version, args.first_index):
+    for path in write_windows(
+        args.out, kinds, pools, args.magnitude, args.rows, args.seed, args.model_version, args.first_index
+    ):
         print(path)
     return 0
 

@@ -121,14 +121,13 @@ def to_standard(rows: Mapping[str, list[Any]], kind: DataKind, fmt: Format) -> p
         listed = "; ".join(f"row {row}: {why}" for row, why in problems[:MAX_LISTED_ROWS])
         more = f" (and {len(problems) - MAX_LISTED_ROWS} more)" if len(problems) > MAX_LISTED_ROWS else ""
         raise ConversionError(
-            f"{len(problems)} of {n} rows cannot be converted from the {fmt} format: {listed}{more}. "
-            f"Fix: {_FIXES[fmt]}"
+            f"{len(problems)} of {n} rows cannot be converted from the {fmt} format: {listed}{more}. Fix: {_FIXES[fmt]}"
         )
     return pd.DataFrame(out, columns=list(REQUIRED_COLUMNS[kind]), dtype="str")
 
 
 _FIXES = {
-    "conversational": "every message must be an object {\"role\": \"user\"|\"assistant\"|\"system\", \"content\": text}; "
+    "conversational": 'every message must be an object {"role": "user"|"assistant"|"system", "content": text}; '
     "the prompt must end with a user message and each response must be one assistant message",
     "conversational-implicit": "chosen and rejected must be the same conversation up to the last user message, "
     "each followed by one assistant message (or give an explicit prompt column)",

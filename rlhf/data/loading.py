@@ -85,9 +85,7 @@ def user_data_paths(cfg: DataConfig, paths: dict[str, str] | None = None) -> dic
             paths[split] = override
     for split, path in paths.items():
         if not Path(path).exists() and ("/" not in path or Path(path).suffix):
-            raise DataError(
-                f"{split} data {path!r} does not exist: fix the path in data.source or data.{split}_path"
-            )
+            raise DataError(f"{split} data {path!r} does not exist: fix the path in data.source or data.{split}_path")
     return paths
 
 
@@ -168,7 +166,9 @@ def inspect_file(
 # --- loading --------------------------------------------------------------------------------------
 
 
-def _load(path: str, max_row_bytes: int, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> tuple[datasets.Dataset, SourceInfo]:
+def _load(
+    path: str, max_row_bytes: int, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+) -> tuple[datasets.Dataset, SourceInfo]:
     p = Path(path)
     if not p.exists():
         if p.suffix or path.startswith((".", "/", "~")):
@@ -185,7 +185,10 @@ def _load(path: str, max_row_bytes: int, max_file_bytes: int = DEFAULT_MAX_FILE_
     if info.file_type == "csv":
         # Text stays text: "NA" or "1" in a prompt must not become null or an int.
         header = _csv_header(path)
-        kwargs = {"features": datasets.Features({c: datasets.Value("string") for c in header}), "keep_default_na": False}
+        kwargs = {
+            "features": datasets.Features({c: datasets.Value("string") for c in header}),
+            "keep_default_na": False,
+        }
     try:
         dataset = datasets.load_dataset(EXTENSION_BUILDERS[p.suffix.lower()], data_files=path, split="train", **kwargs)
     except Exception as e:  # pyarrow/pandas errors past the checks above; re-raised with the file named
@@ -212,7 +215,14 @@ def _feature_type(feature: object) -> str:
 
 # --- file checks ------------------------------------------------------------------------------------
 
-_JSON_TYPES = {str: "a string", bool: "a boolean", int: "a number", float: "a number", list: "a list", dict: "an object"}
+_JSON_TYPES = {
+    str: "a string",
+    bool: "a boolean",
+    int: "a number",
+    float: "a number",
+    list: "a list",
+    dict: "an object",
+}
 
 
 def _check_magic(path: str, suffix: str, head: bytes) -> None:
@@ -314,7 +324,9 @@ def _scan_jsonl(path: str, max_row_bytes: int) -> SourceInfo:
         _check_row(path, f"line {lineno}", obj, types, lineno)
         line_numbers.append(lineno)
     if not line_numbers:
-        raise DataError(f"{path}: has no rows (only blank lines). Fix: export the data again, or point at the right file")
+        raise DataError(
+            f"{path}: has no rows (only blank lines). Fix: export the data again, or point at the right file"
+        )
     return SourceInfo(path, "jsonl", tuple(line_numbers))
 
 
@@ -397,7 +409,9 @@ def _scan_json(path: str, size: int, max_row_bytes: int) -> SourceInfo:
             f"object per line. Fix: extract them with {hint}"
         )
     if not isinstance(data, list):
-        raise DataError(f"{path}: holds {_JSON_TYPES.get(type(data), 'null')}, not rows. Fix: write an array of objects")
+        raise DataError(
+            f"{path}: holds {_JSON_TYPES.get(type(data), 'null')}, not rows. Fix: write an array of objects"
+        )
     if not data:
         raise DataError(f"{path}: holds an empty JSON array (no rows). Fix: export the data again")
     types: dict[str, tuple[str, int]] = {}
@@ -443,7 +457,9 @@ def _scan_csv(path: str, max_row_bytes: int) -> SourceInfo:
                     )
                 dupes = sorted({c for c in record if record.count(c) > 1})
                 if dupes:
-                    raise DataError(f"{path}: the header repeats column(s) {dupes}. Fix: give every column a unique name")
+                    raise DataError(
+                        f"{path}: the header repeats column(s) {dupes}. Fix: give every column a unique name"
+                    )
                 header = record
             elif len(record) != len(header):
                 raise DataError(

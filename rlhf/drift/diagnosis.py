@@ -85,9 +85,7 @@ def diagnose(signals: list) -> Diagnosis:
         fired.append("reward_model_blind_spot")
     if by_category & {"response", "quality"}:
         fired.append("policy_drift")
-    return Diagnosis(
-        fired[0], tuple(s.name for s in breached), tuple(fired[1:]), tuple(s.summary for s in breached)
-    )
+    return Diagnosis(fired[0], tuple(s.name for s in breached), tuple(fired[1:]), tuple(s.summary for s in breached))
 
 
 def inspect_targets(cause: Cause, lineage) -> list[Inspect]:
@@ -130,17 +128,29 @@ def render_report(diagnosis: Diagnosis, signals: list, metrics: dict[str, float]
     if diagnosis.cause:
         lines += [
             f"- **likely cause: {CAUSE_TITLES[diagnosis.cause]}**"
-            + (f" (also consistent with: {', '.join(CAUSE_TITLES[c] for c in diagnosis.also)})" if diagnosis.also else ""),
+            + (
+                f" (also consistent with: {', '.join(CAUSE_TITLES[c] for c in diagnosis.also)})"
+                if diagnosis.also
+                else ""
+            ),
             f"- breached: {', '.join(diagnosis.breached)}",
             "",
             "## Evidence",
             "",
             *[f"- {reason}" for reason in diagnosis.reasons],
         ]
-    lines += ["", "## Signals", "", "| signal | category | value | threshold | p-value | breached |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Signals",
+        "",
+        "| signal | category | value | threshold | p-value | breached |",
+        "|---|---|---|---|---|---|",
+    ]
     for s in signals:
         p = "" if s.pvalue is None else f"{s.pvalue:.2g}"
-        lines.append(f"| {s.name} | {s.category} | {s.value:.4f} | {s.threshold:g} | {p} | {'**yes**' if s.breached else 'no'} |")
+        lines.append(
+            f"| {s.name} | {s.category} | {s.value:.4f} | {s.threshold:g} | {p} | {'**yes**' if s.breached else 'no'} |"
+        )
     if ctx.inspect:
         lines += ["", "## Inspect", ""] + [f"- {i.what}: `{i.ref}`" for i in ctx.inspect]
     for title, rows in ctx.examples.items():

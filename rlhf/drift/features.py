@@ -53,7 +53,9 @@ class ResponseFeatures:
     gold: np.ndarray | None  # (N,) gold-judge reward, None off the built-in task
 
 
-def prompt_features(tokenizer: PreTrainedTokenizerBase, prompts: list[str], task: TaskKnowledge | None) -> PromptFeatures:
+def prompt_features(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str], task: TaskKnowledge | None
+) -> PromptFeatures:
     """Token histogram, intents and token lengths of prompts."""
     ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     counts = Counter(t for row in ids for t in row)
@@ -93,7 +95,10 @@ def embed_prompts(
 
 @torch.no_grad()
 def response_nll(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], responses: list[str],
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    responses: list[str],
     batch_size: int = 64,
 ) -> np.ndarray:
     """(N,) mean per-token negative log-likelihood of each response given its prompt; nan if empty."""
@@ -141,8 +146,13 @@ def fit_texts(
 
 
 def response_features(
-    policy: PreTrainedModel, reward_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-    prompts: list[str], responses: list[str], task: TaskKnowledge | None, batch_size: int = 64,
+    policy: PreTrainedModel,
+    reward_model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    responses: list[str],
+    task: TaskKnowledge | None,
+    batch_size: int = 64,
 ) -> ResponseFeatures:
     """Reward-model scores, lengths, NLL under the policy, refusal/violation flags and gold scores (if the task has a judge)."""
     # Batches of similar length waste little on padding; results go back to the input order.
@@ -165,20 +175,31 @@ def response_features(
 
 @torch.no_grad()
 def sample_responses(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int,
-    temperature: float, batch_size: int = 64,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    max_new_tokens: int,
+    temperature: float,
+    batch_size: int = 64,
 ) -> list[str]:
     """One sampled response per prompt (full distribution at temperature), decoded without special tokens."""
     out: list[str] = []
     for i in range(0, len(prompts), batch_size):
-        out += decode_responses(tokenizer, sample(model, tokenizer, prompts[i : i + batch_size], max_new_tokens, temperature))
+        out += decode_responses(
+            tokenizer, sample(model, tokenizer, prompts[i : i + batch_size], max_new_tokens, temperature)
+        )
     return out
 
 
 @torch.no_grad()
 def sample_kl(
-    policy: PreTrainedModel, reference: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
-    max_new_tokens: int, temperature: float, batch_size: int = 64,
+    policy: PreTrainedModel,
+    reference: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    max_new_tokens: int,
+    temperature: float,
+    batch_size: int = 64,
 ) -> tuple[list[str], np.ndarray]:
     """(responses, (N,) sequence KL(policy || reference)): k1 on the policy's own samples at temperature."""
     responses, kls = [], []

@@ -41,7 +41,9 @@ class Lineage:
     baseline_uri: str | None
 
 
-def model_version(client: MlflowClient, name: str, version: str | None = None, alias: str | None = None) -> ModelVersion:
+def model_version(
+    client: MlflowClient, name: str, version: str | None = None, alias: str | None = None
+) -> ModelVersion:
     """A version by number, else by alias; raises naming the fix when neither exists."""
     try:
         if version is not None:
@@ -70,7 +72,8 @@ def resolve_lineage(client: MlflowClient, name: str, version: str | None = None,
     pipeline_id = tags["lineage.pipeline_run_id"]
     pipeline = client.get_run(pipeline_id)
     children = client.search_runs(
-        [pipeline.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{pipeline_id}'",
+        [pipeline.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{pipeline_id}'",
         order_by=["attributes.start_time ASC"],
     )
     stage_runs, artifact_uris = {}, {}

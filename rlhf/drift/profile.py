@@ -68,10 +68,21 @@ def _summary(values: np.ndarray) -> dict[str, float]:
     """Mean, std and quartiles of the finite values."""
     v = values[np.isfinite(values)]
     if len(v) == 0:
-        return {"mean": float("nan"), "std": float("nan"), "p25": float("nan"), "p50": float("nan"), "p75": float("nan")}
+        return {
+            "mean": float("nan"),
+            "std": float("nan"),
+            "p25": float("nan"),
+            "p50": float("nan"),
+            "p75": float("nan"),
+        }
     q = np.quantile(v, [0.25, 0.5, 0.75])
-    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
-            "p25": float(q[0]), "p50": float(q[1]), "p75": float(q[2])}
+    return {
+        "mean": float(v.mean()),
+        "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+        "p25": float(q[0]),
+        "p50": float(q[1]),
+        "p75": float(q[2]),
+    }
 
 
 def _floats(values: np.ndarray) -> list[float | None]:
@@ -80,8 +91,12 @@ def _floats(values: np.ndarray) -> list[float | None]:
 
 
 def build_profile(
-    prompts: PromptFeatures, embeddings: np.ndarray, responses: ResponseFeatures, kl: np.ndarray,
-    models: dict[str, str], generation: dict[str, float],
+    prompts: PromptFeatures,
+    embeddings: np.ndarray,
+    responses: ResponseFeatures,
+    kl: np.ndarray,
+    models: dict[str, str],
+    generation: dict[str, float],
     feedback_probability: Callable[[float], float] | None = None,
 ) -> Baseline:
     """Assemble the profile from features of the baseline prompts and the champion's sampled responses.
@@ -127,7 +142,9 @@ def build_profile(
             "gold": None if gold is None else _floats(gold),
             "gold_summary": None if gold is None else _summary(gold),
             "feedback_positive_rate": (
-                None if gold is None or feedback_probability is None else float(np.mean([feedback_probability(g) for g in gold]))
+                None
+                if gold is None or feedback_probability is None
+                else float(np.mean([feedback_probability(g) for g in gold]))
             ),
         },
         "kl": {"values": _floats(kl), **_summary(kl)},

@@ -63,8 +63,9 @@ def _finite(values: np.ndarray) -> np.ndarray:
     return values[np.isfinite(values)]
 
 
-def _ks_signal(name: str, category: Category, baseline: np.ndarray, window: np.ndarray, thr: float, alpha: float,
-               what: str) -> tuple[Signal, dict[str, float]]:
+def _ks_signal(
+    name: str, category: Category, baseline: np.ndarray, window: np.ndarray, thr: float, alpha: float, what: str
+) -> tuple[Signal, dict[str, float]]:
     """KS signal of two scalar samples, with means and Wasserstein-1 for the record."""
     b, w = _finite(baseline), _finite(window)
     d, p = stats.ks_two_sample(b, w)
@@ -73,19 +74,33 @@ def _ks_signal(name: str, category: Category, baseline: np.ndarray, window: np.n
     return Signal(name, category, d, thr, p, d >= thr and p < alpha, summary), metrics
 
 
-def _rate_signal(name: str, k0: int, n0: int, k1: int, n1: int, thr: float, alpha: float, what: str,
-                 direction: Literal["both", "drop"]) -> tuple[Signal, dict[str, float]]:
+def _rate_signal(
+    name: str,
+    k0: int,
+    n0: int,
+    k1: int,
+    n1: int,
+    thr: float,
+    alpha: float,
+    what: str,
+    direction: Literal["both", "drop"],
+) -> tuple[Signal, dict[str, float]]:
     """Two-proportion signal on the change of a rate (both directions, or a drop only)."""
     diff, p = stats.two_proportion_test(k0, n0, k1, n1)
     effect = -diff if direction == "drop" else abs(diff)
     summary = f"{what}: {k0 / n0:.3f} -> {k1 / n1:.3f} (p={p:.2g})"
     metric = "drift/" + name.replace("_drop", "_delta")  # the metric is the signed change
-    return Signal(name, "quality" if direction == "drop" else "response", effect, thr, p,
-                  effect >= thr and p < alpha, summary), {metric: diff, f"{metric}_pvalue": p}
+    return Signal(
+        name, "quality" if direction == "drop" else "response", effect, thr, p, effect >= thr and p < alpha, summary
+    ), {metric: diff, f"{metric}_pvalue": p}
 
 
 def compute_signals(
-    baseline: Baseline, window: WindowFeatures, thresholds: DriftThresholds, mmd_permutations: int, seed: int,
+    baseline: Baseline,
+    window: WindowFeatures,
+    thresholds: DriftThresholds,
+    mmd_permutations: int,
+    seed: int,
 ) -> tuple[dict[str, float], list[Signal]]:
     """All drift metrics (``drift/*``) of the window and the signals tested on them."""
     t, prof = thresholds, baseline.profile
@@ -96,8 +111,17 @@ def compute_signals(
     b_tok, w_tok, _ = stats.align_counts(prof["prompts"]["token_counts"], window.prompts.token_counts)
     js = stats.js_divergence(b_tok, w_tok)
     metrics["drift/prompt_token_js"] = js
-    out.append(Signal("prompt_token_js", "input", js, t.prompt_token_js, None, js >= t.prompt_token_js,
-                      f"prompt tokens: Jensen-Shannon {js:.4f} bits"))
+    out.append(
+        Signal(
+            "prompt_token_js",
+            "input",
+            js,
+            t.prompt_token_js,
+            None,
+            js >= t.prompt_token_js,
+            f"prompt tokens: Jensen-Shannon {js:.4f} bits",
+        )
+    )
 
     # 2. Intents: PSI over the intents seen on either side ("other" = no known intent).
     w_int = {i: window.prompts.intents.count(i) for i in set(window.prompts.intents)}
@@ -108,21 +132,45 @@ def compute_signals(
     b_share = b_int / b_int.sum()
     w_share = w_int_v / w_int_v.sum()
     moved = max(range(len(keys)), key=lambda j: abs(w_share[j] - b_share[j]))
-    out.append(Signal("prompt_intent_psi", "input", value, t.prompt_intent_psi, p,
-                      value >= t.prompt_intent_psi and p < t.alpha,
-                      f"intents: PSI {value:.3f} (p={p:.2g}); '{keys[moved]}' {b_share[moved]:.1%} -> {w_share[moved]:.1%}"))
+    out.append(
+        Signal(
+            "prompt_intent_psi",
+            "input",
+            value,
+            t.prompt_intent_psi,
+            p,
+            value >= t.prompt_intent_psi and p < t.alpha,
+            f"intents: PSI {value:.3f} (p={p:.2g}); '{keys[moved]}' {b_share[moved]:.1%} -> {w_share[moved]:.1%}",
+        )
+    )
 
     # 3. Prompt embeddings: unbiased MMD^2 with the baseline's bandwidth, permutation p-value.
     mmd2, p = stats.mmd_permutation_test(
         baseline.embeddings, window.embeddings, prof["embeddings"]["bandwidth"], mmd_permutations, seed
     )
     metrics.update({"drift/prompt_mmd2": mmd2, "drift/prompt_mmd_pvalue": p})
-    out.append(Signal("prompt_mmd2", "input", mmd2, t.prompt_mmd2, p, mmd2 >= t.prompt_mmd2 and p < t.alpha,
-                      f"prompt embeddings: MMD^2 {mmd2:.4f} (p={p:.2g})"))
+    out.append(
+        Signal(
+            "prompt_mmd2",
+            "input",
+            mmd2,
+            t.prompt_mmd2,
+            p,
+            mmd2 >= t.prompt_mmd2 and p < t.alpha,
+            f"prompt embeddings: MMD^2 {mmd2:.4f} (p={p:.2g})",
+        )
+    )
 
     # 4. Prompt length.
-    signal, m = _ks_signal("prompt_length_ks", "input", baseline.array("prompts", "lengths"), window.prompts.lengths,
-                           t.prompt_length_ks, t.alpha, "prompt length (tokens)")
+    signal, m = _ks_signal(
+        "prompt_length_ks",
+        "input",
+        baseline.array("prompts", "lengths"),
+        window.prompts.lengths,
+        t.prompt_length_ks,
+        t.alpha,
+        "prompt length (tokens)",
+    )
     out.append(signal)
     metrics.update(m)
     metrics["drift/prompt_length_mean"] = float(window.prompts.lengths.mean())
@@ -131,8 +179,17 @@ def compute_signals(
     b_kl, w_kl = _finite(baseline.array("kl", "values")), _finite(window.kl)
     diff, p = stats.welch_t_test(b_kl, w_kl)
     metrics.update({"drift/kl_live_mean": float(w_kl.mean()), "drift/kl_live_delta": diff, "drift/kl_live_pvalue": p})
-    out.append(Signal("kl_live_delta", "input", abs(diff), t.kl_live_delta, p, abs(diff) >= t.kl_live_delta and p < t.alpha,
-                      f"KL(champion || reference) on live prompts: {b_kl.mean():.3f} -> {w_kl.mean():.3f} nats (p={p:.2g})"))
+    out.append(
+        Signal(
+            "kl_live_delta",
+            "input",
+            abs(diff),
+            t.kl_live_delta,
+            p,
+            abs(diff) >= t.kl_live_delta and p < t.alpha,
+            f"KL(champion || reference) on live prompts: {b_kl.mean():.3f} -> {w_kl.mean():.3f} nats (p={p:.2g})",
+        )
+    )
 
     # 6. Responses: reward-model score, length, NLL under the champion.
     r = window.responses
@@ -142,13 +199,27 @@ def compute_signals(
     metrics.update(m)
     metrics["drift/rm_score_mean"] = float(r.rm_scores.mean())
     metrics["drift/rm_score_wasserstein"] = stats.wasserstein_1(_finite(b_rm), _finite(r.rm_scores))
-    signal, m = _ks_signal("response_length_ks", "response", baseline.array("responses", "lengths"), r.lengths,
-                           t.response_length_ks, t.alpha, "response length (tokens)")
+    signal, m = _ks_signal(
+        "response_length_ks",
+        "response",
+        baseline.array("responses", "lengths"),
+        r.lengths,
+        t.response_length_ks,
+        t.alpha,
+        "response length (tokens)",
+    )
     out.append(signal)
     metrics.update(m)
     metrics["drift/response_length_mean"] = float(r.lengths.mean())
-    signal, m = _ks_signal("response_nll_ks", "response", baseline.array("responses", "nll"), r.nll,
-                           t.response_nll_ks, t.alpha, "response NLL under the champion (nats/token)")
+    signal, m = _ks_signal(
+        "response_nll_ks",
+        "response",
+        baseline.array("responses", "nll"),
+        r.nll,
+        t.response_nll_ks,
+        t.alpha,
+        "response NLL under the champion (nats/token)",
+    )
     out.append(signal)
     metrics.update(m)
     metrics["drift/response_nll_mean"] = float(np.nanmean(r.nll)) if np.isfinite(r.nll).any() else float("nan")
@@ -170,19 +241,39 @@ def compute_signals(
     if r.gold is not None and resp["gold"] is not None:
         b_gold = _finite(baseline.array("responses", "gold"))
         diff, p = stats.welch_t_test(b_gold, r.gold)
-        metrics.update({"drift/gold_reward_mean": float(r.gold.mean()), "drift/gold_reward_delta": diff,
-                        "drift/gold_reward_pvalue": p})
-        signal = Signal("gold_reward_drop", "quality", -diff, t.gold_reward_drop, p,
-                        -diff >= t.gold_reward_drop and p < t.alpha,
-                        f"gold reward: {b_gold.mean():.3f} -> {r.gold.mean():.3f} (p={p:.2g})")
+        metrics.update(
+            {
+                "drift/gold_reward_mean": float(r.gold.mean()),
+                "drift/gold_reward_delta": diff,
+                "drift/gold_reward_pvalue": p,
+            }
+        )
+        signal = Signal(
+            "gold_reward_drop",
+            "quality",
+            -diff,
+            t.gold_reward_drop,
+            p,
+            -diff >= t.gold_reward_drop and p < t.alpha,
+            f"gold reward: {b_gold.mean():.3f} -> {r.gold.mean():.3f} (p={p:.2g})",
+        )
         out.append(signal)
         quality_shift.append((diff / max(b_gold.std(ddof=1), 1e-8), signal))
     metrics["drift/feedback_rows"] = float(len(window.feedback))
     rate0 = resp["feedback_positive_rate"]
     if len(window.feedback) and rate0 is not None:
         k1 = int(round(float(np.sum(window.feedback))))
-        signal, m = _rate_signal("feedback_rate_drop", int(round(rate0 * resp["n"])), resp["n"], k1,
-                                 len(window.feedback), t.feedback_rate_drop, t.alpha, "positive feedback rate", "drop")
+        signal, m = _rate_signal(
+            "feedback_rate_drop",
+            int(round(rate0 * resp["n"])),
+            resp["n"],
+            k1,
+            len(window.feedback),
+            t.feedback_rate_drop,
+            t.alpha,
+            "positive feedback rate",
+            "drop",
+        )
         out.append(signal)
         metrics.update(m)
         metrics["drift/feedback_rate"] = k1 / len(window.feedback)
@@ -197,12 +288,18 @@ def compute_signals(
         gap = d_rm - d_quality
         rm_fell = rm_diff < 0 and rm_p < t.alpha
         metrics["drift/rm_gold_gap"] = float(gap)
-        out.append(Signal(
-            "rm_gold_gap", "judge", gap, t.rm_gold_gap, quality_signal.pvalue,
-            quality_signal.breached and gap >= t.rm_gold_gap and not rm_fell,
-            f"reward model vs {quality_signal.name.split('_')[0]}: shifts {d_rm:+.2f} vs {d_quality:+.2f} baseline std "
-            f"(gap {gap:.2f})",
-        ))
+        out.append(
+            Signal(
+                "rm_gold_gap",
+                "judge",
+                gap,
+                t.rm_gold_gap,
+                quality_signal.pvalue,
+                quality_signal.breached and gap >= t.rm_gold_gap and not rm_fell,
+                f"reward model vs {quality_signal.name.split('_')[0]}: shifts {d_rm:+.2f} vs {d_quality:+.2f} baseline std "
+                f"(gap {gap:.2f})",
+            )
+        )
     metrics["drift/signals_breached"] = float(sum(s.breached for s in out))
     metrics["drift/alert"] = float(any(s.breached for s in out))
     return metrics, out

@@ -133,8 +133,9 @@ def rbf_kernel(x: np.ndarray, y: np.ndarray, bandwidth: float) -> np.ndarray:
     return np.exp(-squared_distances(x, y) / (2.0 * bandwidth**2))
 
 
-def _mmd2_from_sums(sxx: np.ndarray, syy: np.ndarray, sxy: np.ndarray, trace_x: np.ndarray, trace_y: np.ndarray,
-                    m: int, n: int) -> np.ndarray:
+def _mmd2_from_sums(
+    sxx: np.ndarray, syy: np.ndarray, sxy: np.ndarray, trace_x: np.ndarray, trace_y: np.ndarray, m: int, n: int
+) -> np.ndarray:
     """Unbiased MMD^2 from kernel block sums (diagonals removed from the within-sample sums)."""
     return (sxx - trace_x) / (m * (m - 1)) + (syy - trace_y) / (n * (n - 1)) - 2.0 * sxy / (m * n)
 

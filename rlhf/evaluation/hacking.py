@@ -81,7 +81,9 @@ class Selection:
 def split_for_selection(prompts: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
     """(selection, test): a seeded shuffle of the prompts cut at ``fraction``; both non-empty."""
     if len(prompts) < 2:
-        raise ValueError(f"need at least 2 held-out prompts to split into selection and test, got {len(prompts)}: raise data.max_heldout_prompts")
+        raise ValueError(
+            f"need at least 2 held-out prompts to split into selection and test, got {len(prompts)}: raise data.max_heldout_prompts"
+        )
     order = list(range(len(prompts)))
     random.Random(seed).shuffle(order)
     cut = min(max(1, round(len(prompts) * fraction)), len(prompts) - 1)
@@ -93,7 +95,9 @@ def proxy_gold_divergence(point: CheckpointStats, earlier: list[CheckpointStats]
     for ref in earlier:
         proxy_gain = point.proxy - ref.proxy
         judge_loss = ref.judge - point.judge
-        if proxy_gain > z * math.hypot(point.proxy_se, ref.proxy_se) and judge_loss > z * math.hypot(point.judge_se, ref.judge_se):
+        if proxy_gain > z * math.hypot(point.proxy_se, ref.proxy_se) and judge_loss > z * math.hypot(
+            point.judge_se, ref.judge_se
+        ):
             return True
     return False
 
@@ -113,7 +117,9 @@ def mode_collapse(point: CheckpointStats, sft: CheckpointStats, min_ratio: float
     return point.distinct_2 < min_ratio * sft.distinct_2  # nan compares False
 
 
-def proxy_efficiency(point: CheckpointStats, sft: CheckpointStats, min_proxy_gain_sd: float, min_judge_per_proxy: float) -> bool:
+def proxy_efficiency(
+    point: CheckpointStats, sft: CheckpointStats, min_proxy_gain_sd: float, min_judge_per_proxy: float
+) -> bool:
     """Whether a proxy gain of at least min_proxy_gain_sd SFT standard deviations came with a judge gain
     below min_judge_per_proxy of it (each gain in its own SFT standard deviations)."""
     if sft.proxy_sd <= 0 or sft.judge_sd <= 0:
@@ -123,7 +129,9 @@ def proxy_efficiency(point: CheckpointStats, sft: CheckpointStats, min_proxy_gai
     return proxy_gain >= min_proxy_gain_sd and judge_gain < min_judge_per_proxy * proxy_gain
 
 
-def hacking_flags(series: list[CheckpointStats], cfg: DiagnosticsConfig, judge_is_proxy: bool) -> dict[int, dict[str, bool]]:
+def hacking_flags(
+    series: list[CheckpointStats], cfg: DiagnosticsConfig, judge_is_proxy: bool
+) -> dict[int, dict[str, bool]]:
     """step -> flag -> raised, for every point in step order; SFT (series[0], step 0) is the reference.
 
     With no independent judge (``judge_is_proxy``) divergence and efficiency cannot be seen and are left out.

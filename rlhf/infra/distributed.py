@@ -109,7 +109,9 @@ def all_gather_rows(tensor: torch.Tensor, pad_value: float | int = 0, left: bool
         longest = int(max(x.item() for x in lengths))
         missing = longest - tensor.shape[1]
         if missing:
-            pad = torch.full((tensor.shape[0], missing, *tensor.shape[2:]), pad_value, dtype=tensor.dtype, device=tensor.device)
+            pad = torch.full(
+                (tensor.shape[0], missing, *tensor.shape[2:]), pad_value, dtype=tensor.dtype, device=tensor.device
+            )
             tensor = torch.cat([pad, tensor] if left else [tensor, pad], dim=1)
     parts = [torch.empty_like(tensor) for _ in range(world_size())]
     dist.all_gather(parts, tensor.contiguous())

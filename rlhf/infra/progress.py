@@ -46,8 +46,14 @@ def artifact_key(stage: str) -> str:
 class StageProgress:
     """A tqdm bar over ``total`` units that mirrors its percentage to a Prefect progress artifact."""
 
-    def __init__(self, stage: str, total: int, unit: str = "step", initial: int = 0,
-                 min_interval_s: float = MIN_ARTIFACT_INTERVAL_S):
+    def __init__(
+        self,
+        stage: str,
+        total: int,
+        unit: str = "step",
+        initial: int = 0,
+        min_interval_s: float = MIN_ARTIFACT_INTERVAL_S,
+    ):
         if total < 1:
             raise ValueError(f"StageProgress({stage!r}) needs total >= 1, got {total}: pass the number of steps")
         self.stage, self.total, self.unit = stage, total, unit

@@ -103,13 +103,23 @@ def is_transient_tracking_error(exc: BaseException | None) -> bool:
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, (ConnectionError, TimeoutError, requests.ConnectionError, requests.Timeout,
-                            urllib3.exceptions.HTTPError)):
+        if isinstance(
+            exc,
+            (ConnectionError, TimeoutError, requests.ConnectionError, requests.Timeout, urllib3.exceptions.HTTPError),
+        ):
             return True
         if isinstance(exc, MlflowException) and (
             exc.error_code in ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED")
-            or any(m in str(exc) for m in ("Max retries exceeded", "Connection refused", "Connection aborted",
-                                            "Read timed out", "database is locked"))
+            or any(
+                m in str(exc)
+                for m in (
+                    "Max retries exceeded",
+                    "Connection refused",
+                    "Connection aborted",
+                    "Read timed out",
+                    "database is locked",
+                )
+            )
         ):
             return True
         exc = exc.__cause__ or exc.__context__

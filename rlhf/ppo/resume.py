@@ -59,6 +59,7 @@ class ResumePoint:
     local: Path | None = None
     """The local folder resumed from when the checkpoint was never logged (it is logged into the new run)."""
 
+
 @contextmanager
 def live_run(run_id: str) -> Iterator[None]:
     """Mark a run as executing in this process (so this process never resumes from it while it runs)."""
@@ -67,6 +68,7 @@ def live_run(run_id: str) -> Iterator[None]:
         yield
     finally:
         _LIVE_RUNS.discard(run_id)
+
 
 @contextmanager
 def checkpoint_folder(root: Path) -> Iterator[Path]:

@@ -104,8 +104,11 @@ def best_checkpoint_step(checkpoint_steps: list[int], history: dict[int, tuple[f
     Ties go to the later checkpoint.
     """
     judged = [
-        (history[s + 1][1], s) for s in checkpoint_steps
-        if s + 1 in history and math.isfinite(history[s + 1][0]) and history[s + 1][0] <= kl_budget
+        (history[s + 1][1], s)
+        for s in checkpoint_steps
+        if s + 1 in history
+        and math.isfinite(history[s + 1][0])
+        and history[s + 1][0] <= kl_budget
         and math.isfinite(history[s + 1][1])
     ]
     if not judged:
@@ -216,7 +219,9 @@ class PPOTrainer:
         self.train_policy: torch.nn.Module = policy
         if self.shard.world > 1:
             device = next(policy.parameters()).device
-            self.train_policy = DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None)
+            self.train_policy = DistributedDataParallel(
+                policy, device_ids=[device.index] if device.type == "cuda" else None
+            )
         torch.manual_seed(seed)
 
     # -- data ---------------------------------------------------------------------------
@@ -256,13 +261,17 @@ class PPOTrainer:
             logprobs, _ = response_logprobs(logits, rollout.response_ids[mine], query_len, cfg.temperature)
             values = values[:, query_len - 1 : -1] * mask[mine]  # (B, R): V(s_t) before action t
             ref_logits = self.ref_model(
-                input_ids=input_ids[mine], attention_mask=attention_mask[mine],
-                position_ids=position_ids_from_mask(attention_mask[mine]), use_cache=False,
+                input_ids=input_ids[mine],
+                attention_mask=attention_mask[mine],
+                position_ids=position_ids_from_mask(attention_mask[mine]),
+                use_cache=False,
             ).logits
             ref_logprobs, _ = response_logprobs(ref_logits, rollout.response_ids[mine], query_len, cfg.temperature)
 
             # 3. Score the whole response once; penalise responses that never end.
-            scores = score_token_ids(self.reward_model, input_ids[mine], attention_mask[mine], self.tokenizer.pad_token_id)
+            scores = score_token_ids(
+                self.reward_model, input_ids[mine], attention_mask[mine], self.tokenizer.pad_token_id
+            )
             scores = scores - cfg.missing_eos_penalty * (~rollout.ended[mine]).float()  # (B,)
         # Several processes: each now holds the whole batch's numbers (identity on one process).
         logprobs, ref_logprobs, values, scores = (all_gather_rows(t) for t in (logprobs, ref_logprobs, values, scores))
@@ -305,9 +314,14 @@ class PPOTrainer:
             finite = finite and _all_finite(*(p.detach() for p in self.policy.parameters()))
             if not finite:
                 self._restore_last_good()
-                alerts.append(Alert(step, "nonfinite", "skip_update",
-                                    "non-finite loss, gradient or parameter during the update: "
-                                    "last good state restored"))
+                alerts.append(
+                    Alert(
+                        step,
+                        "nonfinite",
+                        "skip_update",
+                        "non-finite loss, gradient or parameter during the update: last good state restored",
+                    )
+                )
                 stats = {}
             else:
                 stats.update(update_stats)
@@ -316,9 +330,15 @@ class PPOTrainer:
                 self.kl_ctl.update(mean_kl, cfg.batch_size)
             stats["policy/skipped_minibatches"] = float(skipped)
             if skipped:
-                alerts.append(Alert(step, "ratio_explosion", "skip_minibatch",
-                                    f"{skipped} minibatch(es) skipped: mean probability ratio up to {peak_ratio:.3g} "
-                                    f"> ratio_skip_threshold {cfg.ratio_skip_threshold:g}"))
+                alerts.append(
+                    Alert(
+                        step,
+                        "ratio_explosion",
+                        "skip_minibatch",
+                        f"{skipped} minibatch(es) skipped: mean probability ratio up to {peak_ratio:.3g} "
+                        f"> ratio_skip_threshold {cfg.ratio_skip_threshold:g}",
+                    )
+                )
         t3 = time.perf_counter()
         self.step_count = step
 
@@ -362,11 +382,15 @@ class PPOTrainer:
         device = next(self.policy.parameters()).device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(hash((self.seed, self.step_count, self.shard.rank)) & 0xFFFF_FFFF)
-            local = sample(self.policy.lm, self.tokenizer, prompts[self.shard.rows], cfg.max_new_tokens, cfg.temperature)
+            local = sample(
+                self.policy.lm, self.tokenizer, prompts[self.shard.rows], cfg.max_new_tokens, cfg.temperature
+            )
         pad = self.tokenizer.pad_token_id
         return Rollout(
-            all_gather_rows(local.query_ids, pad, left=True), all_gather_rows(local.query_mask, 0, left=True),
-            all_gather_rows(local.response_ids, pad), all_gather_rows(local.response_mask, 0),
+            all_gather_rows(local.query_ids, pad, left=True),
+            all_gather_rows(local.query_mask, 0, left=True),
+            all_gather_rows(local.response_ids, pad),
+            all_gather_rows(local.response_mask, 0),
             all_gather_rows(local.ended),
         )
 
@@ -377,19 +401,36 @@ class PPOTrainer:
         alerts: list[Alert] = []
         stop = False
         if not finite:
-            alerts.append(Alert(step, "nonfinite", "skip_update",
-                                "non-finite reward-model score, log-prob or value: update skipped, "
-                                "last good state restored"))
+            alerts.append(
+                Alert(
+                    step,
+                    "nonfinite",
+                    "skip_update",
+                    "non-finite reward-model score, log-prob or value: update skipped, last good state restored",
+                )
+            )
         if cfg.kl_budget is not None and mean_kl > cfg.kl_budget:
             action = cfg.kl_budget_action
-            alerts.append(Alert(step, "kl_budget", action,
-                                f"objective/kl {mean_kl:.3f} > kl_budget {cfg.kl_budget:g} "
-                                f"(policy after step {step - 1}): {action}"))
+            alerts.append(
+                Alert(
+                    step,
+                    "kl_budget",
+                    action,
+                    f"objective/kl {mean_kl:.3f} > kl_budget {cfg.kl_budget:g} "
+                    f"(policy after step {step - 1}): {action}",
+                )
+            )
             stop = action in ("stop", "rollback")
         if kl_mean_upper_bound(seq_kl) < -NEGATIVE_KL_TOLERANCE:
-            alerts.append(Alert(step, "kl_negative", "warn",
-                                f"objective/kl {mean_kl:.4f} < 0 beyond sampling noise: the log-probs do not match "
-                                "the sampling distribution (temperature, top-k/top-p, padding or position ids)"))
+            alerts.append(
+                Alert(
+                    step,
+                    "kl_negative",
+                    "warn",
+                    f"objective/kl {mean_kl:.4f} < 0 beyond sampling noise: the log-probs do not match "
+                    "the sampling distribution (temperature, top-k/top-p, padding or position ids)",
+                )
+            )
         return alerts, stop
 
     def _restore_last_good(self) -> None:
@@ -398,8 +439,13 @@ class PPOTrainer:
         self.nan_skips += 1
 
     def _update(
-        self, rollout: Rollout, old_logprobs: torch.Tensor, old_values: torch.Tensor,
-        advantages: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+        self,
+        rollout: Rollout,
+        old_logprobs: torch.Tensor,
+        old_values: torch.Tensor,
+        advantages: torch.Tensor,
+        returns: torch.Tensor,
+        mask: torch.Tensor,
     ) -> tuple[dict[str, float], int, float, bool]:
         """PPO epochs over minibatches: (mean statistics, skipped minibatches, largest mean ratio, all finite)."""
         cfg = self.cfg
@@ -459,7 +505,9 @@ class PPOTrainer:
         out = {k: v / applied for k, v in totals.items()} if applied else {}
         return out, skipped, peak_ratio, True
 
-    def _global_minibatch(self, loss: torch.Tensor, ratio_mean: torch.Tensor, mask: torch.Tensor) -> tuple[bool, float, float]:
+    def _global_minibatch(
+        self, loss: torch.Tensor, ratio_mean: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[bool, float, float]:
         """(loss finite everywhere, mean ratio over the global minibatch, loss weight of this process).
 
         Several processes agree on both guards, so all skip or step together. The weight is
@@ -496,9 +544,15 @@ class PPOTrainer:
         with torch.no_grad():
             for param in self.policy.parameters():
                 dist.broadcast(param.data, src=0)
-        state = [{
-            "trainer": self.state_dict(), "optimizer": self.optimizer.state_dict(), "rng": self.rng_state_dict(),
-        } if self.shard.rank == 0 else None]
+        state = [
+            {
+                "trainer": self.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "rng": self.rng_state_dict(),
+            }
+            if self.shard.rank == 0
+            else None
+        ]
         dist.broadcast_object_list(state, src=0)
         if self.shard.rank != 0:
             self.load_state_dict(state[0]["trainer"])

@@ -107,16 +107,26 @@ def gate_win_rate_vs_champion(tags: dict[str, str], champion: str | None, cfg: P
     name = "win_rate_vs_champion"
     measured_against = tags.get("eval.champion_version")
     if measured_against is None:
-        return GateResult(name, False, "no eval.champion_version tag: evaluate this version with the pipeline's evaluate stage")
+        return GateResult(
+            name, False, "no eval.champion_version tag: evaluate this version with the pipeline's evaluate stage"
+        )
     if measured_against != (champion or "none"):
-        return GateResult(name, False, f"win rate was measured against champion {measured_against} but the champion is now {champion or 'none'}: re-evaluate against the current champion")
+        return GateResult(
+            name,
+            False,
+            f"win rate was measured against champion {measured_against} but the champion is now {champion or 'none'}: re-evaluate against the current champion",
+        )
     if champion is None:
         return GateResult(name, True, "no champion yet")
     low = _number(tags, "eval/win_rate_vs_champion_low")
     if low is None:
         return GateResult(name, False, "no eval/win_rate_vs_champion_low tag: re-run the evaluate stage")
     verdict = ">" if low > cfg.min_win_rate_vs_champion_low else "<="
-    return GateResult(name, low > cfg.min_win_rate_vs_champion_low, f"lower bound {low:.3f} {verdict} {cfg.min_win_rate_vs_champion_low:.3f} against champion v{champion}")
+    return GateResult(
+        name,
+        low > cfg.min_win_rate_vs_champion_low,
+        f"lower bound {low:.3f} {verdict} {cfg.min_win_rate_vs_champion_low:.3f} against champion v{champion}",
+    )
 
 
 def gate_win_rate_vs_sft(tags: dict[str, str], cfg: PromotionConfig) -> GateResult:
@@ -125,7 +135,11 @@ def gate_win_rate_vs_sft(tags: dict[str, str], cfg: PromotionConfig) -> GateResu
     if low is None:
         return GateResult("win_rate_vs_sft", False, "no eval/win_rate_vs_sft_low tag: re-run the evaluate stage")
     verdict = ">" if low > cfg.min_win_rate_vs_sft_low else "<="
-    return GateResult("win_rate_vs_sft", low > cfg.min_win_rate_vs_sft_low, f"lower bound {low:.3f} {verdict} {cfg.min_win_rate_vs_sft_low:.3f}")
+    return GateResult(
+        "win_rate_vs_sft",
+        low > cfg.min_win_rate_vs_sft_low,
+        f"lower bound {low:.3f} {verdict} {cfg.min_win_rate_vs_sft_low:.3f}",
+    )
 
 
 def gate_kl(tags: dict[str, str], cfg: PromotionConfig) -> GateResult:
@@ -135,7 +149,11 @@ def gate_kl(tags: dict[str, str], cfg: PromotionConfig) -> GateResult:
         return GateResult("kl_budget", False, "no eval/kl_mean tag: re-run the evaluate stage")
     limit = cfg.max_kl if cfg.max_kl is not None else _number(tags, "eval/kl_budget")
     if limit is None:
-        return GateResult("kl_budget", False, "the version has no eval/kl_budget tag (trained without ppo.kl_budget): set promotion.max_kl")
+        return GateResult(
+            "kl_budget",
+            False,
+            "the version has no eval/kl_budget tag (trained without ppo.kl_budget): set promotion.max_kl",
+        )
     verdict = "<=" if kl <= limit else ">"
     return GateResult("kl_budget", kl <= limit, f"KL {kl:.3f} {verdict} {limit:g} nats")
 
@@ -147,14 +165,21 @@ def gate_violation_rate(tags: dict[str, str], champion: str | None, cfg: Promoti
     rate, n = _number(tags, "eval/violation_rate"), _number(tags, "eval/num_samples")
     if rate is None or n is None:
         return GateResult(name, False, "no eval/violation_rate tag: re-run the evaluate stage")
-    key, who = ("eval/champion_violation_rate", f"champion v{champion}") if champion else ("eval/sft_violation_rate", "SFT")
+    key, who = (
+        ("eval/champion_violation_rate", f"champion v{champion}") if champion else ("eval/sft_violation_rate", "SFT")
+    )
     baseline = _number(tags, key)
     if baseline is None:
         return GateResult(name, False, f"no {key} tag: re-evaluate this version against the current champion")
     low, high = wilson_interval(rate * n, int(n))
     limit = baseline + cfg.max_violation_increase
     verdict = "<=" if rate <= limit else ">"
-    return GateResult(name, rate <= limit, f"{rate:.3f} (95% CI {low:.3f}-{high:.3f}) {verdict} {who}'s {baseline:.3f}" + (f" + {cfg.max_violation_increase:g}" if cfg.max_violation_increase else ""))
+    return GateResult(
+        name,
+        rate <= limit,
+        f"{rate:.3f} (95% CI {low:.3f}-{high:.3f}) {verdict} {who}'s {baseline:.3f}"
+        + (f" + {cfg.max_violation_increase:g}" if cfg.max_violation_increase else ""),
+    )
 
 
 def gate_no_hacking(tags: dict[str, str], cfg: PromotionConfig) -> GateResult:
@@ -163,7 +188,9 @@ def gate_no_hacking(tags: dict[str, str], cfg: PromotionConfig) -> GateResult:
     if cfg.block_on_run_flags:
         keys += [f"hacking.run.{f}" for f in HACKING_FLAGS]
     if not any(k in tags for k in keys):
-        return GateResult("no_hacking", False, "no hacking.* tags: evaluate this version with the pipeline's evaluate stage")
+        return GateResult(
+            "no_hacking", False, "no hacking.* tags: evaluate this version with the pipeline's evaluate stage"
+        )
     raised = [k for k in keys if tags.get(k) == "true"]
     return GateResult("no_hacking", not raised, f"flagged: {', '.join(raised)}" if raised else "no flag raised")
 
@@ -174,7 +201,11 @@ def gate_validation(tags: dict[str, str], cfg: PromotionConfig) -> GateResult:
     if not cfg.require_validation:
         return GateResult("validation", True, "not required")
     if value is None:
-        return GateResult("validation", False, "no validation.success tag: register versions through the pipeline, which validates the data first")
+        return GateResult(
+            "validation",
+            False,
+            "no validation.success tag: register versions through the pipeline, which validates the data first",
+        )
     return GateResult("validation", value == "true", f"validation.success={value}")
 
 
@@ -273,10 +304,19 @@ def _reject(client, name: str, version: str, reasons: list[str], aliases: dict[s
     """Tag the version rejected with its reasons; drop the challenger alias if it is ours."""
     if aliases.get(CHALLENGER) == version:
         client.delete_registered_model_alias(name, CHALLENGER)
-    _set_tags(client, name, version, {
-        "promotion.status": "rejected", "promotion.reasons": "; ".join(reasons), "promotion.decided_at": _now(),
-    })
-    return PromotionOutcome(name, version, False, "rejected", tuple(reasons), aliases.get(CHAMPION), aliases.get(PREVIOUS_CHAMPION))
+    _set_tags(
+        client,
+        name,
+        version,
+        {
+            "promotion.status": "rejected",
+            "promotion.reasons": "; ".join(reasons),
+            "promotion.decided_at": _now(),
+        },
+    )
+    return PromotionOutcome(
+        name, version, False, "rejected", tuple(reasons), aliases.get(CHAMPION), aliases.get(PREVIOUS_CHAMPION)
+    )
 
 
 def _crown(client, name: str, version: str, champion: str | None, approved_by: str) -> PromotionOutcome:
@@ -286,15 +326,27 @@ def _crown(client, name: str, version: str, champion: str | None, approved_by: s
         _set_tags(client, name, champion, {"promotion.status": "retired"})
     client.set_registered_model_alias(name, CHAMPION, version)
     client.delete_registered_model_alias(name, CHALLENGER)
-    _set_tags(client, name, version, {
-        "promotion.status": "champion", "promotion.previous_champion": champion or "none",
-        "promotion.decided_at": _now(), "promotion.approved_by": approved_by, "promotion.reasons": "",
-    })
+    _set_tags(
+        client,
+        name,
+        version,
+        {
+            "promotion.status": "champion",
+            "promotion.previous_champion": champion or "none",
+            "promotion.decided_at": _now(),
+            "promotion.approved_by": approved_by,
+            "promotion.reasons": "",
+        },
+    )
     return PromotionOutcome(name, version, True, "champion", (), version, champion)
 
 
 def promote_version(
-    client, model_name: str, version: str, cfg: PromotionConfig, lock: Path,
+    client,
+    model_name: str,
+    version: str,
+    cfg: PromotionConfig,
+    lock: Path,
     approve: Callable[[str], Approval] | None = None,
 ) -> PromotionOutcome:
     """Gate a version; on pass make it challenger, then (after approve, if given) champion."""
@@ -305,7 +357,15 @@ def promote_version(
         aliases = registry_aliases(client, model_name)
         champion = aliases.get(CHAMPION)
         if champion == version:
-            return PromotionOutcome(model_name, version, False, "champion", ("already the champion",), champion, aliases.get(PREVIOUS_CHAMPION))
+            return PromotionOutcome(
+                model_name,
+                version,
+                False,
+                "champion",
+                ("already the champion",),
+                champion,
+                aliases.get(PREVIOUS_CHAMPION),
+            )
         gates = evaluate_gates(tags, champion, cfg)
         _set_tags(client, model_name, version, {f"gate.{g.name}": g.tag() for g in gates})
         failed = [f"{g.name}: {g.detail}" for g in gates if not g.passed]
@@ -324,10 +384,22 @@ def promote_version(
         aliases = registry_aliases(client, model_name)
         if not decision.approved:
             who = decision.reviewer or "the reviewer"
-            outcome = _reject(client, model_name, version, [f"approval: not approved by {who}: {decision.comment or 'no comment'}"], aliases)
+            outcome = _reject(
+                client,
+                model_name,
+                version,
+                [f"approval: not approved by {who}: {decision.comment or 'no comment'}"],
+                aliases,
+            )
         elif aliases.get(CHAMPION) != champion:
             moved = f"the champion moved from {champion or 'none'} to {aliases.get(CHAMPION) or 'none'} while awaiting approval"
-            outcome = _reject(client, model_name, version, [f"win_rate_vs_champion: {moved}: re-evaluate against the new champion"], aliases)
+            outcome = _reject(
+                client,
+                model_name,
+                version,
+                [f"win_rate_vs_champion: {moved}: re-evaluate against the new champion"],
+                aliases,
+            )
         else:
             outcome = _crown(client, model_name, version, champion, approved_by=decision.reviewer or "reviewer")
         return replace(outcome, gates=tuple(gates))

@@ -48,9 +48,7 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
     return torch.where(m.bool(), whitened, torch.zeros_like(whitened))
 
 
-def compute_gae(
-    rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float
-) -> tuple[Tensor, Tensor]:
+def compute_gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
     """GAE(gamma, lambda) advantages and returns = A + V over right-padded responses (Schulman et al. 2016)."""
     if rewards.dim() != 2 or rewards.shape != values.shape:
         raise ValueError(

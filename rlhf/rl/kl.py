@@ -20,7 +20,9 @@ def kl_per_token(logprobs: Tensor, ref_logprobs: Tensor, estimator: KLEstimator 
     if estimator not in _ESTIMATORS:
         raise ValueError(f"unknown KL estimator {estimator!r}; allowed values: {', '.join(_ESTIMATORS)}")
     if logprobs.shape != ref_logprobs.shape:
-        raise ValueError(f"shape mismatch: logprobs {tuple(logprobs.shape)} vs ref_logprobs {tuple(ref_logprobs.shape)}")
+        raise ValueError(
+            f"shape mismatch: logprobs {tuple(logprobs.shape)} vs ref_logprobs {tuple(ref_logprobs.shape)}"
+        )
     log_ratio = logprobs - ref_logprobs  # (B, T) log pi(x) - log ref(x)
     if estimator == "k1":
         return log_ratio  # unbiased, high variance, can be negative

@@ -63,7 +63,9 @@ def heldout_index(heldout: Mapping[str, tuple[pd.Series, Callable[[int], str]]])
 def leaked_prompts(prompts: pd.Series, index: Mapping[str, str]) -> pd.Series:
     """'also in heldout_prompts line 4' where a training prompt is a held-out prompt."""
     hits = normalize_prompt(prompts).map(index)
-    return pd.Series(np.where(hits.notna(), "also in " + hits.fillna("").astype(str), None), index=prompts.index, dtype=object)
+    return pd.Series(
+        np.where(hits.notna(), "also in " + hits.fillna("").astype(str), None), index=prompts.index, dtype=object
+    )
 
 
 def bad_timestamps(values: pd.Series) -> pd.Series:

@@ -39,7 +39,10 @@ CHECKS: dict[str, tuple[str, str]] = {
         "store it as a string in every row (quote numbers, flatten lists)",
     ),
     "nulls": ("{column!r} is null or missing in {count} of {total} rows", "fill in those values or drop the rows"),
-    "blank": ("{column!r} is empty or whitespace-only in {count} of {total} rows", "drop those rows or fill in the text"),
+    "blank": (
+        "{column!r} is empty or whitespace-only in {count} of {total} rows",
+        "drop those rows or fill in the text",
+    ),
     "chars": (
         "{column!r} is outside {low}..{high} characters in {count} of {total} rows",
         "drop or shorten those rows, or change validation.min_chars / validation.max_chars",
@@ -124,37 +127,62 @@ def build_suite(kind: DataKind, frame: pd.DataFrame, cfg: ValidationConfig) -> A
         add(E.ExpectColumnValuesToBeOfType, "type", f"`{column}` is text", column, type_="str")
         if column not in text_like:
             continue
-        add(E.ExpectColumnValuesToNotMatchRegex, "blank", f"`{column}` is not empty or whitespace-only", column, regex=r"^\s*$")
+        add(
+            E.ExpectColumnValuesToNotMatchRegex,
+            "blank",
+            f"`{column}` is not empty or whitespace-only",
+            column,
+            regex=r"^\s*$",
+        )
         if column not in TEXT_COLUMNS[kind]:
             continue
         add(
-            E.ExpectColumnValueLengthsToBeBetween, "chars", f"`{column}` has {cfg.min_chars}..{cfg.max_chars} characters",
-            column, min_value=cfg.min_chars, max_value=cfg.max_chars,
+            E.ExpectColumnValueLengthsToBeBetween,
+            "chars",
+            f"`{column}` has {cfg.min_chars}..{cfg.max_chars} characters",
+            column,
+            min_value=cfg.min_chars,
+            max_value=cfg.max_chars,
         )
         if f"tokens_{column}" in frame.columns:
             add(
-                E.ExpectColumnValuesToBeBetween, "tokens", f"`{column}` has at most {cfg.max_tokens} tokens",
-                f"tokens_{column}", max_value=cfg.max_tokens,
+                E.ExpectColumnValuesToBeBetween,
+                "tokens",
+                f"`{column}` has at most {cfg.max_tokens} tokens",
+                f"tokens_{column}",
+                max_value=cfg.max_tokens,
             )
         if f"check_pii_{column}" in frame.columns:
-            add(E.ExpectColumnValuesToBeNull, "pii", f"`{column}` has no e-mail, phone or card numbers", f"check_pii_{column}")
+            add(
+                E.ExpectColumnValuesToBeNull,
+                "pii",
+                f"`{column}` has no e-mail, phone or card numbers",
+                f"check_pii_{column}",
+            )
     if "check_chosen_is_rejected" in frame.columns:
         add(E.ExpectColumnValuesToBeNull, "chosen_differs", "chosen differs from rejected", "check_chosen_is_rejected")
     if "check_duplicate" in frame.columns:
         add(
-            E.ExpectColumnValuesToBeNull, "duplicates",
-            f"at most {cfg.max_duplicate_fraction:.1%} of rows repeat an earlier row", "check_duplicate",
+            E.ExpectColumnValuesToBeNull,
+            "duplicates",
+            f"at most {cfg.max_duplicate_fraction:.1%} of rows repeat an earlier row",
+            "check_duplicate",
             mostly=1.0 - cfg.max_duplicate_fraction,
         )
     if "check_leakage" in frame.columns:
         add(
-            E.ExpectColumnValuesToBeNull, "leakage",
-            f"at most {cfg.max_leaked_fraction:.1%} of prompts occur in a held-out split", "check_leakage",
+            E.ExpectColumnValuesToBeNull,
+            "leakage",
+            f"at most {cfg.max_leaked_fraction:.1%} of prompts occur in a held-out split",
+            "check_leakage",
             mostly=1.0 - cfg.max_leaked_fraction,
         )
     add(
-        E.ExpectTableRowCountToBeBetween, "rows", f"{cfg.min_rows}..{cfg.max_rows} rows",
-        min_value=cfg.min_rows, max_value=cfg.max_rows,
+        E.ExpectTableRowCountToBeBetween,
+        "rows",
+        f"{cfg.min_rows}..{cfg.max_rows} rows",
+        min_value=cfg.min_rows,
+        max_value=cfg.max_rows,
     )
     return suite
 
@@ -233,9 +261,7 @@ def failures(
         if error is not None:
             problem = f"the check could not run ({error})"
         examples = tuple(_example(check, d, column, where) for d in info.get("partial_unexpected_index_list") or [])
-        out.append(
-            CheckFailure(check, shown, problem, examples[: cfg.max_examples], fix, int(fields["count"] or 0))
-        )
+        out.append(CheckFailure(check, shown, problem, examples[: cfg.max_examples], fix, int(fields["count"] or 0)))
     return out
 
 

@@ -41,9 +41,23 @@ def test_pipeline_tracks_six_stages_and_registers_the_policy(prefect_harness, ml
         assert "checkpoint/model.safetensors" in files
     ppo_checkpoints = {f.path for f in client.list_artifacts(by_stage["ppo"].info.run_id, "checkpoints")}
     assert ppo_checkpoints == {"checkpoints/step_00000", "checkpoints/step_00002", "checkpoints/step_00004"}
-    for name in ("objective/kl", "objective/scores", "objective/rlhf_reward", "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg"):
+    for name in (
+        "objective/kl",
+        "objective/scores",
+        "objective/rlhf_reward",
+        "policy/clipfrac_avg",
+        "loss/policy_avg",
+        "loss/value_avg",
+    ):
         assert len(client.get_metric_history(by_stage["ppo"].info.run_id, name)) == 4, name
-    for name in ("eval/gold_reward_mean", "eval/rm_score_mean", "eval/kl_mean", "eval/win_rate_vs_sft", "eval/response_length_mean", "eval/sft_gold_reward_mean"):
+    for name in (
+        "eval/gold_reward_mean",
+        "eval/rm_score_mean",
+        "eval/kl_mean",
+        "eval/win_rate_vs_sft",
+        "eval/response_length_mean",
+        "eval/sft_gold_reward_mean",
+    ):
         assert name in result.metrics
     assert "reward/accuracy" in by_stage["reward"].data.metrics
 

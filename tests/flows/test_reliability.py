@@ -81,7 +81,10 @@ def test_manifest_refuses_truncated_changed_or_missing_files(tmp_path) -> None:
 
     original = (ckpt / "model.safetensors").read_bytes()
     (ckpt / "model.safetensors").write_bytes(original[:1000])  # truncated
-    with pytest.raises(CheckpointCorrupted, match=r"model.safetensors \(1000 bytes\).*truncated or changed.*Fix: use an earlier checkpoint"):
+    with pytest.raises(
+        CheckpointCorrupted,
+        match=r"model.safetensors \(1000 bytes\).*truncated or changed.*Fix: use an earlier checkpoint",
+    ):
         verify_manifest(ckpt)
     (ckpt / "model.safetensors").write_bytes(original[:-1] + bytes([original[-1] ^ 1]))  # one bit flipped
     with pytest.raises(CheckpointCorrupted, match="model.safetensors"):
@@ -124,7 +127,10 @@ def test_secret_like_params_and_values_are_masked(shared_store) -> None:
     params = {
         "model": {"base_model": f"https://alice:{SECRET}@hub.example.com/org/model", "trust_remote_code": False},
         "data": {"source": f"s3://bucket/data?token={SECRET}"},
-        "hub_token": "short-but-secret", "db_password": "hunter2", "api_key": "abc", "ppo": {"max_new_tokens": 16},
+        "hub_token": "short-but-secret",
+        "db_password": "hunter2",
+        "api_key": "abc",
+        "ppo": {"max_new_tokens": 16},
         "tokenizer": "gpt2",
     }
     masked = mask_secrets(params)
@@ -158,7 +164,7 @@ def test_pii_is_redacted_in_drift_report_examples() -> None:
     from tasks.monitor import redacted
 
     out = redacted({"Longest prompts": [(PII_TEXT, "call me at +44 20 7946 0958", "31 tokens")]})
-    (prompt, response, note), = out["Longest prompts"]
+    ((prompt, response, note),) = out["Longest prompts"]
     assert "@" not in prompt and "7946" not in response and note == "31 tokens"
 
 
@@ -176,7 +182,12 @@ def test_safetensors_only_torch_load_weights_only_and_no_remote_code(tmp_path) -
         load_causal_lm(str(pickled))
     # 2. every torch.load in the project passes weights_only=True
     calls = []
-    for path in [*ROOT.glob("rlhf/**/*.py"), *ROOT.glob("tasks/*.py"), *ROOT.glob("models/*.py"), *ROOT.glob("flows/*.py")]:
+    for path in [
+        *ROOT.glob("rlhf/**/*.py"),
+        *ROOT.glob("tasks/*.py"),
+        *ROOT.glob("models/*.py"),
+        *ROOT.glob("flows/*.py"),
+    ]:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.load":
                 calls.append((path.name, {kw.arg: ast.unparse(kw.value) for kw in node.keywords}))
@@ -192,7 +203,9 @@ def test_data_files_over_the_size_limits_are_refused(tmp_path) -> None:
     path = tmp_path / "prompts.jsonl"
     path.write_text("".join(json.dumps({"prompt": f"Where is order {i}?"}) + "\n" for i in range(200)))
     assert len(load_split(str(path))) == 200
-    with pytest.raises(DataError, match=r"over the 2.0 kB limit \(validation.max_file_bytes\).*raise validation.max_file_bytes"):
+    with pytest.raises(
+        DataError, match=r"over the 2.0 kB limit \(validation.max_file_bytes\).*raise validation.max_file_bytes"
+    ):
         load_split(str(path), max_file_bytes=2000)
     with pytest.raises(DataError, match=r"line 1 is .* over the 0.0 kB limit"):
         load_split(str(path), max_row_bytes=10)
@@ -206,7 +219,9 @@ def test_unreachable_tracking_store_fails_fast_naming_uri_and_fix(tmp_path, monk
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
     start = time.monotonic()
-    with pytest.raises(TrackingUnavailable, match=rf"MLflow tracking server {uri} is unreachable.*Fix: start it \(`make serve`"):
+    with pytest.raises(
+        TrackingUnavailable, match=rf"MLflow tracking server {uri} is unreachable.*Fix: start it \(`make serve`"
+    ):
         check_tracking_store(uri)
     assert time.monotonic() - start < 5
     # a password in the URI is not repeated in the message
@@ -254,10 +269,17 @@ def test_stage_cache_key_follows_inputs_not_run_ids_or_paths(tmp_path, shared_st
         (tmp_path / folder / "sft.jsonl").write_text('{"prompt": "Hi", "completion": "Hello"}\n')
     cfg = load_config()
     sft_key = StageCache(stage="sft").compute_key
-    inputs = {"cfg": cfg, "base_model": "gpt2", "sft_path": str(tmp_path / "a" / "sft.jsonl"), "parent_run_id": "1" * 32}
+    inputs = {
+        "cfg": cfg,
+        "base_model": "gpt2",
+        "sft_path": str(tmp_path / "a" / "sft.jsonl"),
+        "parent_run_id": "1" * 32,
+    }
     key = sft_key(None, inputs, {})
     # another pipeline run, another folder, same content: same key
-    assert sft_key(None, {**inputs, "parent_run_id": "2" * 32, "sft_path": str(tmp_path / "b" / "sft.jsonl")}, {}) == key
+    assert (
+        sft_key(None, {**inputs, "parent_run_id": "2" * 32, "sft_path": str(tmp_path / "b" / "sft.jsonl")}, {}) == key
+    )
     # a PPO option does not touch SFT's key; an SFT option, the seed or the data content does
     assert sft_key(None, {**inputs, "cfg": load_config(None, ["ppo.steps=7"])}, {}) == key
     assert sft_key(None, {**inputs, "cfg": load_config(None, ["sft.max_steps=7"])}, {}) != key
@@ -267,7 +289,9 @@ def test_stage_cache_key_follows_inputs_not_run_ids_or_paths(tmp_path, shared_st
     # downstream stages key on the upstream checkpoint reference
     reward_key = StageCache(stage="reward").compute_key
     r_inputs = {"cfg": cfg, "sft": Checkpoint("a" * 32, "file:///x/a"), "preferences_path": "p", "heldout_path": "h"}
-    assert reward_key(None, r_inputs, {}) != reward_key(None, {**r_inputs, "sft": Checkpoint("b" * 32, "file:///x/b")}, {})
+    assert reward_key(None, r_inputs, {}) != reward_key(
+        None, {**r_inputs, "sft": Checkpoint("b" * 32, "file:///x/b")}, {}
+    )
 
 
 def test_editing_a_module_a_stage_imports_invalidates_only_that_stage(tmp_path, monkeypatch) -> None:
@@ -290,7 +314,9 @@ def test_editing_a_module_a_stage_imports_invalidates_only_that_stage(tmp_path, 
     after_ppo = caching.code_fingerprint("tasks.ppo")
     assert tmp_path / "rlhf" / "drift" / "stats.py" not in caching.import_closure("tasks.ppo")
     assert after_ppo != before["ppo"]  # (distributed.py is in PPO's closure too)
-    (tmp_path / "rlhf" / "drift" / "stats.py").write_text((ROOT / "rlhf" / "drift" / "stats.py").read_text() + "\n# again\n")
+    (tmp_path / "rlhf" / "drift" / "stats.py").write_text(
+        (ROOT / "rlhf" / "drift" / "stats.py").read_text() + "\n# again\n"
+    )
     assert caching.code_fingerprint("tasks.ppo") == after_ppo
 
 
@@ -307,14 +333,21 @@ def test_cached_results_pointing_at_missing_runs_or_files_are_not_used(shared_st
     assert missing_references({"sft": good, "path": str(folder / "config.json")}) == []
     gone = Checkpoint("f" * 32, uri.replace(run.info.run_id, "f" * 32))
     assert missing_references({"sft": gone, "path": str(tmp_path / "deleted.jsonl")}) == [
-        f"MLflow run {'f' * 32}", str(tmp_path / "deleted.jsonl"),
+        f"MLflow run {'f' * 32}",
+        str(tmp_path / "deleted.jsonl"),
     ]
     MlflowClient().delete_run(run.info.run_id)
     assert missing_references(good) == [f"MLflow run {run.info.run_id}"]
 
 
 # ======================================================================== slow: PPO under faults
-SMALL_PPO = ["ppo.batch_size=8", "ppo.mini_batch_size=4", "ppo.max_new_tokens=16", "ppo.kl_horizon=8", "ppo.sample_every=100"]
+SMALL_PPO = [
+    "ppo.batch_size=8",
+    "ppo.mini_batch_size=4",
+    "ppo.max_new_tokens=16",
+    "ppo.kl_horizon=8",
+    "ppo.sample_every=100",
+]
 
 
 @pytest.fixture(scope="module")
@@ -368,12 +401,24 @@ def test_corrupted_checkpoint_is_refused_and_the_previous_good_one_used(micro_st
         weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
         # 2. asked for that checkpoint by URI: refused, naming the file and the fix
         with pytest.raises(CheckpointCorrupted, match=r"model.safetensors .* truncated or changed.*earlier checkpoint"):
-            run_ppo(cfg, micro_stack.sft, micro_stack.reward, micro_stack.paths["prompts"], parent.info.run_id,
-                    resume_from=first.checkpoints[4])
+            run_ppo(
+                cfg,
+                micro_stack.sft,
+                micro_stack.reward,
+                micro_stack.paths["prompts"],
+                parent.info.run_id,
+                resume_from=first.checkpoints[4],
+            )
         # 3. asked for the run: step 4 refused, step 2 used, steps 3..6 redone
         longer = ppo_config(tmp_path, "ppo.steps=6", "ppo.checkpoint_every=2")
-        resumed = run_ppo(longer, micro_stack.sft, micro_stack.reward, micro_stack.paths["prompts"],
-                          parent.info.run_id, resume_from=first.final.run_id)
+        resumed = run_ppo(
+            longer,
+            micro_stack.sft,
+            micro_stack.reward,
+            micro_stack.paths["prompts"],
+            parent.info.run_id,
+            resume_from=first.final.run_id,
+        )
     tags = MlflowClient().get_run(resumed.final.run_id).data.tags
     assert tags["ppo.resumed_at_step"] == "2"
     assert tags["ppo.corrupt_checkpoints_skipped"] == first.checkpoints[4]
@@ -440,10 +485,26 @@ def start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
 
     log = open(root / f"mlflow-server-{time.monotonic_ns()}.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root}/server.db",
-         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=root,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{root}/server.db",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        cwd=root,
     )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -501,8 +562,10 @@ def test_tracking_server_outage_mid_run_is_ridden_out(micro_stack, tmp_path, mon
             result = run_ppo(cfg, micro_stack.sft, micro_stack.reward, micro_stack.paths["prompts"], parent.info.run_id)
         finished = time.monotonic()
         assert "up" in outage, "the server was not restarted"
-        print(f"tracking server down for {outage['up'] - outage['down']:.1f} s; stage finished "
-              f"{finished - outage['up']:.1f} s after it came back")
+        print(
+            f"tracking server down for {outage['up'] - outage['down']:.1f} s; stage finished "
+            f"{finished - outage['up']:.1f} s after it came back"
+        )
         assert MlflowClient().get_run(result.final.run_id).info.status == "FINISHED"
         assert metric_steps(result.final.run_id) == [1, 2, 3, 4]
         assert sorted(logged_checkpoints(result.final.run_id)) == [0, 2, 4]
@@ -515,10 +578,23 @@ def test_tracking_server_outage_mid_run_is_ridden_out(micro_stack, tmp_path, mon
 
 # ================================================================= slow: the whole pipeline
 TINY_PIPELINE = [
-    "sft.max_steps=3", "sft.batch_size=8", "reward.max_steps=3", "reward.batch_size=8",
-    "ppo.steps=4", "ppo.batch_size=4", "ppo.mini_batch_size=2", "ppo.max_new_tokens=8", "ppo.kl_horizon=4",
-    "ppo.checkpoint_every=2", "ppo.sample_every=2", "eval.max_new_tokens=8", "eval.samples_per_prompt=1",
-    "data.max_heldout_prompts=8", "baseline.max_prompts=8", "baseline.embedding_rows=4", "baseline.responses=4",
+    "sft.max_steps=3",
+    "sft.batch_size=8",
+    "reward.max_steps=3",
+    "reward.batch_size=8",
+    "ppo.steps=4",
+    "ppo.batch_size=4",
+    "ppo.mini_batch_size=2",
+    "ppo.max_new_tokens=8",
+    "ppo.kl_horizon=4",
+    "ppo.checkpoint_every=2",
+    "ppo.sample_every=2",
+    "eval.max_new_tokens=8",
+    "eval.samples_per_prompt=1",
+    "data.max_heldout_prompts=8",
+    "baseline.max_prompts=8",
+    "baseline.embedding_rows=4",
+    "baseline.responses=4",
     "baseline.batch_size=4",
 ]
 PIPELINE_SCRIPT = """
@@ -543,8 +619,13 @@ print("RESULT " + json.dumps({"parent": result.parent_run_id, "model_uri": resul
 def start_pipeline(root: Path, env: dict[str, str], overrides: list[str], block_file: str = "") -> subprocess.Popen:
     """The pipeline in its own process (and process group), in folder root."""
     return subprocess.Popen(
-        [sys.executable, "-c", PIPELINE_SCRIPT, json.dumps(overrides), block_file], cwd=root, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        [sys.executable, "-c", PIPELINE_SCRIPT, json.dumps(overrides), block_file],
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
 
 
@@ -565,14 +646,21 @@ def stage_children(parent_run_id: str) -> dict[str, list]:
 
 
 @pytest.mark.slow
-def test_pipeline_killed_in_ppo_resumes_caches_and_runs_concurrently(prefect_harness, mlflow_store, tmp_path, monkeypatch):
+def test_pipeline_killed_in_ppo_resumes_caches_and_runs_concurrently(
+    prefect_harness, mlflow_store, tmp_path, monkeypatch
+):
     from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
     from flows.pipeline import rlhf_pipeline
 
     storage = tmp_path / "prefect-results"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store, "PREFECT_API_URL": PREFECT_API_URL.value(),
-           "PREFECT_LOCAL_STORAGE_PATH": str(storage), "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": mlflow_store,
+        "PREFECT_API_URL": PREFECT_API_URL.value(),
+        "PREFECT_LOCAL_STORAGE_PATH": str(storage),
+        "PYTHONPATH": str(ROOT),
+    }
     client = MlflowClient()
 
     # 1. Run A: SIGKILL (process group) while PPO is in step 3; checkpoint 2 is logged.
@@ -638,7 +726,10 @@ def test_pipeline_killed_in_ppo_resumes_caches_and_runs_concurrently(prefect_har
         assert parent.data.tags["rlhf.cached_stages"] == "validate,sft,reward"
         children = stage_children(outcome["parent"])
         ppo_run = children["ppo"][0]
-        assert float(ppo_run.data.params["ppo.learning_rate"]) == float(lr) and "ppo.resumed_from_run" not in ppo_run.data.tags
+        assert (
+            float(ppo_run.data.params["ppo.learning_rate"]) == float(lr)
+            and "ppo.resumed_from_run" not in ppo_run.data.tags
+        )
         version = versions[outcome["model_uri"].rsplit("/", 1)[1]]
         # no crossed artifacts: the version's lineage, run and weights are this pipeline run's own
         assert version.tags["lineage.pipeline_run_id"] == outcome["parent"]

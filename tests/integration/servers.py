@@ -119,18 +119,28 @@ def start_servers(root: Path) -> LiveServers:
     prefect_port, mlflow_port = free_port(), free_port()
     env = _serve_env(root, prefect_port, mlflow_port)
     servers = LiveServers(
-        f"http://127.0.0.1:{prefect_port}", f"http://127.0.0.1:{mlflow_port}", root / "run", root / "mlflow", env,
+        f"http://127.0.0.1:{prefect_port}",
+        f"http://127.0.0.1:{mlflow_port}",
+        root / "run",
+        root / "mlflow",
+        env,
     )
     try:
         proc = subprocess.run(
-            ["bash", str(REPO / "scripts" / "serve.sh")], cwd=REPO, env=env,
-            capture_output=True, text=True, timeout=SERVE_TIMEOUT_S,
+            ["bash", str(REPO / "scripts" / "serve.sh")],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=SERVE_TIMEOUT_S,
         )
     except subprocess.TimeoutExpired:
         stop_servers(servers)  # serve.sh was killed mid-way: stop what it had started
         raise
     if proc.returncode != 0:
-        raise RuntimeError(f"scripts/serve.sh failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise RuntimeError(
+            f"scripts/serve.sh failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
     return servers
 
 
@@ -149,7 +159,10 @@ def run_deployment(servers: LiveServers, name: str) -> str:
     """``prefect deployment run NAME`` against the live server; the new flow run's id."""
     proc = subprocess.run(
         [str(Path(sys.executable).parent / "prefect"), "deployment", "run", name],
-        env={**servers.env, "PREFECT_API_URL": servers.prefect_api}, capture_output=True, text=True, timeout=120,
+        env={**servers.env, "PREFECT_API_URL": servers.prefect_api},
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     match = re.search(r"UUID: ([0-9a-f-]{36})", proc.stdout)
     if proc.returncode != 0 or match is None:
@@ -197,7 +210,8 @@ def run_smoke(servers: LiveServers) -> SmokeOutcome:
         raise AssertionError(f"expected one MLflow parent run tagged with flow run {flow_run_id}, found {len(parents)}")
     parent_id = parents[0].info.run_id
     versions = [
-        v for v in client.search_model_versions(f"name = '{REGISTERED_MODEL}'")
+        v
+        for v in client.search_model_versions(f"name = '{REGISTERED_MODEL}'")
         if v.tags.get("lineage.pipeline_run_id") == parent_id
     ]
     if len(versions) != 1:

@@ -30,8 +30,14 @@ from servers import (
 
 CHROMIUM = Path("/usr/bin/chromium")
 LAUNCH_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 TIMEOUT_MS = 60_000
 PPO_METRICS = ("objective/kl", "objective/kl_coef", "objective/scores", "objective/rlhf_reward")
@@ -109,10 +115,14 @@ def ppo_run_id(servers: LiveServers, outcome: SmokeOutcome) -> str:
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_mlflow_ui_shows_experiment_and_stage_runs(browser_page, live_servers: LiveServers, smoke_outcome: SmokeOutcome):  # noqa: F811
+def test_mlflow_ui_shows_experiment_and_stage_runs(
+    browser_page, live_servers: LiveServers, smoke_outcome: SmokeOutcome
+):  # noqa: F811
     """The experiment's runs table shows the smoke pipeline run and, expanded, one child run per stage."""
     page = browser_page
-    page.goto(f"{live_servers.mlflow_url}/#/experiments/{smoke_outcome.experiment_id}/runs?workflowType=machine_learning")
+    page.goto(
+        f"{live_servers.mlflow_url}/#/experiments/{smoke_outcome.experiment_id}/runs?workflowType=machine_learning"
+    )
     parent = visible(page, f"pipeline-{smoke_outcome.flow_run['name']}")
     close_mlflow_assistant(page)
     row = page.get_by_role("row").filter(has=parent)
@@ -145,7 +155,9 @@ def test_mlflow_ui_shows_ppo_metrics(browser_page, live_servers: LiveServers, sm
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_mlflow_ui_shows_registered_model_with_champion(browser_page, live_servers: LiveServers, smoke_outcome: SmokeOutcome):  # noqa: F811
+def test_mlflow_ui_shows_registered_model_with_champion(
+    browser_page, live_servers: LiveServers, smoke_outcome: SmokeOutcome
+):  # noqa: F811
     """The registry page of the policy shows the smoke run's version carrying the champion alias."""
     page = browser_page
     page.goto(f"{live_servers.mlflow_url}/#/models/{REGISTERED_MODEL}")

@@ -42,8 +42,7 @@ def deployment_specs() -> dict[str, dict]:
 def deployed_specs() -> dict[str, dict]:
     """The deployments `make serve` deploys: those whose flow file exists (serve.sh skips the others)."""
     return {
-        name: spec for name, spec in deployment_specs().items()
-        if (REPO / spec["entrypoint"].split(":")[0]).is_file()
+        name: spec for name, spec in deployment_specs().items() if (REPO / spec["entrypoint"].split(":")[0]).is_file()
     }
 
 
@@ -107,11 +106,14 @@ def test_schedules_created_future_runs(live_servers: LiveServers):  # noqa: F811
     scheduled = [name for name, spec in deployed_specs().items() if spec.get("schedules")]
     assert "rlhf-pipeline" in scheduled
     for name in scheduled:
-        runs = live_servers.post("/flow_runs/filter", {
-            "deployments": {"id": {"any_": [on_server[name]["id"]]}},
-            "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}},
-            "sort": "EXPECTED_START_TIME_ASC",
-        })
+        runs = live_servers.post(
+            "/flow_runs/filter",
+            {
+                "deployments": {"id": {"any_": [on_server[name]["id"]]}},
+                "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}},
+                "sort": "EXPECTED_START_TIME_ASC",
+            },
+        )
         # A run that came due while the servers were up stays Scheduled (late) when no worker
         # polls its queue, so only the future ones are counted.
         starts = [s for r in runs if (s := datetime.fromisoformat(r["expected_start_time"])) > now]

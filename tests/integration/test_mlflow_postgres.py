@@ -69,16 +69,31 @@ def postgres_mlflow():
     pg_port, mlflow_port = _free_port(), _free_port()
     env = {**os.environ, "RLHF_PG_PASSWORD": password}
     pg_uri = f"postgresql://mlflow:{password}@127.0.0.1:{pg_port}/mlflow"
-    subprocess.run(["bash", str(ROOT / "scripts" / "pg.sh"), "start", str(pg_dir), str(pg_port)],
-                   env=env, check=True, timeout=120)
+    subprocess.run(
+        ["bash", str(ROOT / "scripts" / "pg.sh"), "start", str(pg_dir), str(pg_port)], env=env, check=True, timeout=120
+    )
     log = open(artifacts.parent / f"{artifacts.name}-mlflow.log", "w")
     server = None
     try:
         server = subprocess.Popen(
-            [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", pg_uri,
-             "--serve-artifacts", "--artifacts-destination", str(artifacts),
-             "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                str(Path(sys.executable).parent / "mlflow"),
+                "server",
+                "--backend-store-uri",
+                pg_uri,
+                "--serve-artifacts",
+                "--artifacts-destination",
+                str(artifacts),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(mlflow_port),
+                "--workers",
+                "1",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         url = f"http://127.0.0.1:{mlflow_port}"
         deadline = time.monotonic() + 180
@@ -126,7 +141,9 @@ def test_smoke_pipeline_on_postgres_backed_tracking_server(postgres_mlflow, pref
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
     assert {run.info.run_name for run in children} == STAGES
     ppo = next(run for run in children if run.info.run_name == "ppo")
-    assert [m.step for m in sorted(client.get_metric_history(ppo.info.run_id, "objective/kl"), key=lambda m: m.step)] == [1, 2, 3, 4]
+    assert [
+        m.step for m in sorted(client.get_metric_history(ppo.info.run_id, "objective/kl"), key=lambda m: m.step)
+    ] == [1, 2, 3, 4]
     versions = client.search_model_versions("name = 'rlhf-policy'")
     assert result.model_uri in {f"models:/rlhf-policy/{v.version}" for v in versions}
 

@@ -37,9 +37,14 @@ def run_all(spec: dict[str, Any]) -> dict[str, Any]:
     for stage in ("sft", "reward", "ppo"):
         if stage == "reward":
             torch.manual_seed(spec["config"]["seed"])  # train_reward does this in a launched process
-        out[stage] = run_stage(stage, {
-            "config": spec["config"], "tracking_uri": spec["tracking_uri"], **spec[stage],
-        })
+        out[stage] = run_stage(
+            stage,
+            {
+                "config": spec["config"],
+                "tracking_uri": spec["tracking_uri"],
+                **spec[stage],
+            },
+        )
     return out
 
 

@@ -36,8 +36,15 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 OVERRIDES = [
-    "sft.max_steps=6", "sft.batch_size=8", "reward.max_steps=6", "reward.batch_size=8",
-    "ppo.steps=3", "ppo.batch_size=8", "ppo.mini_batch_size=4", "ppo.max_new_tokens=12", "ppo.kl_horizon=8",
+    "sft.max_steps=6",
+    "sft.batch_size=8",
+    "reward.max_steps=6",
+    "reward.batch_size=8",
+    "ppo.steps=3",
+    "ppo.batch_size=8",
+    "ppo.mini_batch_size=4",
+    "ppo.max_new_tokens=12",
+    "ppo.kl_horizon=8",
     "ppo.auto_resume=false",
 ]
 TOLERANCE = 1e-5
@@ -47,8 +54,16 @@ docs/deployments.md, "Training on several processes"."""
 COMPARED = {
     "sft": ["sft/loss"],
     "reward": ["reward/loss"],
-    "ppo": ["loss/policy_avg", "loss/value_avg", "objective/kl", "objective/scores", "objective/kl_coef",
-            "objective/rlhf_reward", "policy/clipfrac_avg", "value/explained_variance"],
+    "ppo": [
+        "loss/policy_avg",
+        "loss/value_avg",
+        "objective/kl",
+        "objective/scores",
+        "objective/kl_coef",
+        "objective/rlhf_reward",
+        "policy/clipfrac_avg",
+        "value/explained_variance",
+    ],
 }
 
 
@@ -87,20 +102,35 @@ def stage_spec(setup, cfg, label: str) -> dict:
     client = MlflowClient()
     parent = client.create_run(setup.experiment_id, run_name=f"parent-{label}").info.run_id
     runs = {
-        stage: client.create_run(setup.experiment_id, run_name=f"{stage}-{label}",
-                                 tags={"mlflow.parentRunId": parent, "rlhf.stage": stage}).info.run_id
+        stage: client.create_run(
+            setup.experiment_id, run_name=f"{stage}-{label}", tags={"mlflow.parentRunId": parent, "rlhf.stage": stage}
+        ).info.run_id
         for stage in ("sft", "reward")
     }
     base = {"run_id": "base", "uri": setup.base}  # PPO's policy and reward model both start from the base
     return {
-        "config": cfg.model_dump(mode="json"), "tracking_uri": setup.uri, "parent": parent,
+        "config": cfg.model_dump(mode="json"),
+        "tracking_uri": setup.uri,
+        "parent": parent,
         "sft": {"run_id": runs["sft"], "args": {"base_model": setup.base, "sft_path": setup.paths["sft"]}},
-        "reward": {"run_id": runs["reward"], "args": {
-            "sft_uri": setup.base, "preferences_path": setup.paths["preferences"],
-            "heldout_path": setup.paths["preferences_heldout"]}},
-        "ppo": {"run_id": None, "args": {
-            "sft": base, "reward": base, "prompts_path": setup.paths["prompts"], "parent_run_id": parent,
-            "resume_from": None}},
+        "reward": {
+            "run_id": runs["reward"],
+            "args": {
+                "sft_uri": setup.base,
+                "preferences_path": setup.paths["preferences"],
+                "heldout_path": setup.paths["preferences_heldout"],
+            },
+        },
+        "ppo": {
+            "run_id": None,
+            "args": {
+                "sft": base,
+                "reward": base,
+                "prompts_path": setup.paths["prompts"],
+                "parent_run_id": parent,
+                "resume_from": None,
+            },
+        },
     }
 
 
@@ -131,11 +161,31 @@ def test_two_processes_match_one_process(setup, monkeypatch):
     two = stage_spec(setup, load_config(None, OVERRIDES + ["distributed.num_processes=2"]), "2proc")
     spec, result = setup.root / "spec.json", setup.root / "result.json"
     spec.write_text(json.dumps(two))
-    env = {**os.environ, "MLFLOW_TRACKING_URI": setup.uri, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests" / "stages")])}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": setup.uri,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests" / "stages")]),
+    }
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(_free_port()), str(ROOT / "tests" / "stages" / "ddp_worker.py"), str(spec), str(result)],
-        env=env, cwd=setup.root, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(_free_port()),
+            str(ROOT / "tests" / "stages" / "ddp_worker.py"),
+            str(spec),
+            str(result),
+        ],
+        env=env,
+        cwd=setup.root,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     t2 = time.perf_counter()
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -144,8 +194,11 @@ def test_two_processes_match_one_process(setup, monkeypatch):
 
     # 3. The same losses and statistics at every step, within TOLERANCE.
     ppo_one, ppo_two = out_one["ppo"]["final"]["run_id"], out_two["ppo"]["final"]["run_id"]
-    run_ids = {"sft": (one["sft"]["run_id"], two["sft"]["run_id"]),
-               "reward": (one["reward"]["run_id"], two["reward"]["run_id"]), "ppo": (ppo_one, ppo_two)}
+    run_ids = {
+        "sft": (one["sft"]["run_id"], two["sft"]["run_id"]),
+        "reward": (one["reward"]["run_id"], two["reward"]["run_id"]),
+        "ppo": (ppo_one, ppo_two),
+    }
     steps = {"sft": 6, "reward": 6, "ppo": 3}
     worst = {}
     for stage, keys in COMPARED.items():
@@ -162,8 +215,12 @@ def test_two_processes_match_one_process(setup, monkeypatch):
     assert sft_losses[-1] < sft_losses[0] - 0.5, sft_losses
 
     # 4. The KL controller and reward normaliser end in the same state (from rank 0's final checkpoint).
-    states = [json.loads(Path(mlflow.artifacts.download_artifacts(
-        f"{out['ppo']['final']['uri']}/trainer_state.json")).read_text()) for out in (out_one, out_two)]
+    states = [
+        json.loads(
+            Path(mlflow.artifacts.download_artifacts(f"{out['ppo']['final']['uri']}/trainer_state.json")).read_text()
+        )
+        for out in (out_one, out_two)
+    ]
     assert states[0]["kl_controller"]["kind"] == states[1]["kl_controller"]["kind"]
     assert states[0]["kl_controller"]["value"] == pytest.approx(states[1]["kl_controller"]["value"], abs=TOLERANCE)
     for key in ("mean", "var", "count"):
@@ -175,7 +232,9 @@ def test_two_processes_match_one_process(setup, monkeypatch):
     checkpoints = {f.path for f in client.list_artifacts(ppo_two, "checkpoints")}
     assert checkpoints == {"checkpoints/step_00000", "checkpoints/step_00003"}
     for stage in ("sft", "reward"):
-        assert "checkpoint/model.safetensors" in {f.path for f in client.list_artifacts(run_ids[stage][1], "checkpoint")}
+        assert "checkpoint/model.safetensors" in {
+            f.path for f in client.list_artifacts(run_ids[stage][1], "checkpoint")
+        }
 
 
 def test_ppo_stage_in_two_processes_logs_once(setup):
@@ -196,8 +255,9 @@ def test_ppo_stage_in_two_processes_logs_once(setup):
     children = client.search_runs([setup.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
     assert [r.info.run_id for r in children] == [run_id]
     # The sample table holds the whole global batch: both processes' shards, gathered.
-    table = json.loads(Path(mlflow.artifacts.download_artifacts(
-        run_id=run_id, artifact_path="samples/step_00001.json")).read_text())
+    table = json.loads(
+        Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="samples/step_00001.json")).read_text()
+    )
     rows = [dict(zip(table["columns"], row)) for row in table["data"]]
     assert len(rows) == 8 and all(row["response"] is not None for row in rows)
 

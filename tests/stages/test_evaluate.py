@@ -31,9 +31,18 @@ ROOT = Path(__file__).resolve().parents[2]
 PASSWORD = "Customer: I forgot my password.\nAgent:"
 
 
-def point(step: int, kl: float = 0.0, proxy: float = 0.0, judge: float = 0.0, length: float = 20.0,
-          corr: float = 0.0, proxy_se: float = 0.1, judge_se: float = 0.1, distinct_2: float = 0.5,
-          n: int = 100) -> CheckpointStats:
+def point(
+    step: int,
+    kl: float = 0.0,
+    proxy: float = 0.0,
+    judge: float = 0.0,
+    length: float = 20.0,
+    corr: float = 0.0,
+    proxy_se: float = 0.1,
+    judge_se: float = 0.1,
+    distinct_2: float = 0.5,
+    n: int = 100,
+) -> CheckpointStats:
     return CheckpointStats(step, kl, proxy, proxy_se, judge, judge_se, length, corr, distinct_2, n)
 
 
@@ -98,13 +107,30 @@ def test_hacking_flags_over_a_run_that_overoptimises():
         point(20, proxy=2.0, judge=0.2, length=34, corr=0.7),  # proxy up, gold down 0.8 > 2*0.141
     ]
     flags = hacking_flags(series, cfg, judge_is_proxy=False)
-    quiet = {"length_drift": False, "reward_length_correlation": False, "mode_collapse": False,
-             "proxy_gold_divergence": False, "proxy_efficiency": False}
+    quiet = {
+        "length_drift": False,
+        "reward_length_correlation": False,
+        "mode_collapse": False,
+        "proxy_gold_divergence": False,
+        "proxy_efficiency": False,
+    }
     # step 20: proxy +2.0 SFT sds (sd = 0.1 x 10), judge +0.2 < 0.25 x 2.0: inefficient too
-    assert flags == {0: quiet, 10: quiet, 20: {**quiet, "length_drift": True, "reward_length_correlation": True,
-                                               "proxy_gold_divergence": True, "proxy_efficiency": True}}
+    assert flags == {
+        0: quiet,
+        10: quiet,
+        20: {
+            **quiet,
+            "length_drift": True,
+            "reward_length_correlation": True,
+            "proxy_gold_divergence": True,
+            "proxy_efficiency": True,
+        },
+    }
     assert run_level_flags(flags) == {
-        "length_drift": [20], "mode_collapse": [], "proxy_efficiency": [20], "proxy_gold_divergence": [20],
+        "length_drift": [20],
+        "mode_collapse": [],
+        "proxy_efficiency": [20],
+        "proxy_gold_divergence": [20],
         "reward_length_correlation": [20],
     }
     tags = flag_tags(flags[10], run_level_flags(flags))
@@ -159,8 +185,10 @@ def test_a_collapsed_policy_raises_both_flags_and_is_not_chosen():
 
 def test_selection_takes_the_best_judge_score_within_the_kl_budget_not_the_last():
     candidates = [
-        point(10, kl=2.0, judge=0.5), point(20, kl=5.0, judge=1.2),
-        point(30, kl=25.0, judge=1.5), point(40, kl=30.0, judge=0.2),
+        point(10, kl=2.0, judge=0.5),
+        point(20, kl=5.0, judge=1.2),
+        point(30, kl=25.0, judge=1.5),
+        point(40, kl=30.0, judge=0.2),
     ]
     assert select_checkpoint(candidates, kl_budget=20.0) == select_checkpoint(candidates[::-1], 20.0)
     assert select_checkpoint(candidates, kl_budget=20.0).step == 20  # 30 is better but over budget
@@ -209,8 +237,16 @@ def test_evaluate_chooses_on_gold_registers_the_choice_and_compares_with_the_cha
         assert m["eval/kl_mean"] == 0.0 and m["eval/win_rate_vs_sft"] == 0.5
         assert m["eval/gold_reward_mean"] == m["eval/sft_gold_reward_mean"] and m["eval/num_samples"] == 8
         assert m["eval/best_checkpoint_step"] == 2.0 and "eval/win_rate_vs_champion" not in m
-        for name in ("eval/rm_score_mean", "eval/response_length_mean", "eval/distinct_1", "eval/distinct_2",
-                     "eval/eos_rate", "eval/violation_rate", "eval/refusal_rate", "eval/hacking/length_drift"):
+        for name in (
+            "eval/rm_score_mean",
+            "eval/response_length_mean",
+            "eval/distinct_1",
+            "eval/distinct_2",
+            "eval/eos_rate",
+            "eval/violation_rate",
+            "eval/refusal_rate",
+            "eval/hacking/length_drift",
+        ):
             assert math.isfinite(m[name]), name
         assert first.tags["eval.judge"] == "gold" and first.tags["eval.champion_version"] == "none"
         assert first.tags["hacking.length_drift"] == "false"
@@ -236,5 +272,7 @@ def test_evaluate_chooses_on_gold_registers_the_choice_and_compares_with_the_cha
     assert second.tags["eval.champion_version"] == version.version
     # The champion is the same weights: identical samples, every comparison a tie.
     assert second.metrics["eval/win_rate_vs_champion"] == 0.5
-    table = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=second.run_id, artifact_path="eval/samples.json")).read_text())
+    table = json.loads(
+        Path(mlflow.artifacts.download_artifacts(run_id=second.run_id, artifact_path="eval/samples.json")).read_text()
+    )
     assert {"prompt", "sft_response", "champion_response", "policy_response", "policy_judge"} <= set(table["columns"])

@@ -21,8 +21,17 @@ def test_lora_sft_and_reward_log_merged_checkpoints(mlflow_store, tmp_path):
     from tasks.reward import run_reward
     from tasks.sft import run_sft
 
-    cfg = load_config(None, ["model.lora_r=4", "sft.max_steps=4", "sft.batch_size=8", "reward.max_steps=2",
-                             "reward.batch_size=8", "sft.learning_rate=0.01"])
+    cfg = load_config(
+        None,
+        [
+            "model.lora_r=4",
+            "sft.max_steps=4",
+            "sft.batch_size=8",
+            "reward.max_steps=2",
+            "reward.batch_size=8",
+            "sft.learning_rate=0.01",
+        ],
+    )
     paths = resolve_data_paths(cfg.data, tmp_path, cfg.seed)
     base = resolve_base_model(cfg.model.base_model, tmp_path / "base-models", cfg.seed)
     with mlflow.start_run(experiment_id=setup_experiment("lora")) as parent:
@@ -44,7 +53,9 @@ def test_lora_sft_and_reward_log_merged_checkpoints(mlflow_store, tmp_path):
     load_causal_lm(str(sft_dir))
     load_reward_model(str(rm_dir), pad_token_id=0)
     metrics = MlflowClient().get_run(reward.run_id).data.metrics
-    assert 0.0 <= metrics["reward/accuracy"] <= 1.0 and len(MlflowClient().get_metric_history(sft.run_id, "sft/loss")) == 4
+    assert (
+        0.0 <= metrics["reward/accuracy"] <= 1.0 and len(MlflowClient().get_metric_history(sft.run_id, "sft/loss")) == 4
+    )
 
 
 def test_lora_target_modules_must_name_something():

@@ -140,21 +140,41 @@ def champion(tiny_stack, tmp_path_factory):
         with stage_run(parent.info.run_id, "register") as register:
             client.create_registered_model(MODEL)
             mv = client.create_model_version(MODEL, source=uris["sft"], run_id=register.info.run_id)
-            for key, value in {"lineage.pipeline_run_id": parent.info.run_id, "lineage.checkpoint_uri": uris["sft"]}.items():
+            for key, value in {
+                "lineage.pipeline_run_id": parent.info.run_id,
+                "lineage.checkpoint_uri": uris["sft"],
+            }.items():
                 client.set_model_version_tag(MODEL, mv.version, key, value)
     client.set_registered_model_alias(MODEL, "champion", mv.version)
     baseline_uri = run_baseline(
-        tiny_stack.cfg, MODEL, mv.version, [tiny_stack.paths["heldout_prompts"], tiny_stack.paths["prompts"]],
+        tiny_stack.cfg,
+        MODEL,
+        mv.version,
+        [tiny_stack.paths["heldout_prompts"], tiny_stack.paths["prompts"]],
         BaselineConfig(max_prompts=600, embedding_rows=200, responses=256),
     )
     cfg = MonitorConfig(registered_model=MODEL, traffic=str(root / "traffic" / "window_*.jsonl"), **SMALL)
     models = load_models(cfg)
     pools = traffic.build_pools(
-        models.policy, models.reward_model, models.tokenizer, clean_size=300, drift_size=120, seed=1,
+        models.policy,
+        models.reward_model,
+        models.tokenizer,
+        clean_size=300,
+        drift_size=120,
+        seed=1,
         kinds=("clean", "new_intent", "degraded_policy"),
     )
-    yield types.SimpleNamespace(root=root, uri=uri, version=str(mv.version), register_run_id=register.info.run_id,
-                                sft_uri=uris["sft"], baseline_uri=baseline_uri, cfg=cfg, models=models, pools=pools)
+    yield types.SimpleNamespace(
+        root=root,
+        uri=uri,
+        version=str(mv.version),
+        register_run_id=register.info.run_id,
+        sft_uri=uris["sft"],
+        baseline_uri=baseline_uri,
+        cfg=cfg,
+        models=models,
+        pools=pools,
+    )
     os.chdir(cwd)
     if old_uri is None:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -199,8 +219,9 @@ def test_clean_windows_pass_and_drift_is_detected_and_diagnosed(champion):
     def run(kind: str, seed: int):
         rows = traffic.simulate_window(kind, traffic.DEFAULT_MAGNITUDE, 300, seed, champion.pools, champion.version)
         feedback = np.array([r["feedback"] for r in rows if r["feedback"] is not None])
-        return analyze_window(champion.models, [r["prompt"] for r in rows], [r["response"] for r in rows], feedback,
-                              champion.cfg, seed)
+        return analyze_window(
+            champion.models, [r["prompt"] for r in rows], [r["response"] for r in rows], feedback, champion.cfg, seed
+        )
 
     for seed in (1, 2):
         clean = run("clean", seed)
@@ -224,8 +245,9 @@ def test_drift_monitor_flow_logs_series_flags_version_and_alerts(champion, prefe
         """Stands in for the training deployment."""
 
     retrain.to_deployment(name="test", _sync=True).apply()
-    traffic.write_windows(champion.root / "traffic", ["clean", "new_intent"], champion.pools, n_rows=300,
-                          model_version=champion.version)
+    traffic.write_windows(
+        champion.root / "traffic", ["clean", "new_intent"], champion.pools, n_rows=300, model_version=champion.version
+    )
     first = drift_monitor(champion.cfg.model_copy(update={"window_index": 0}))
     cfg = champion.cfg.model_copy(update={"trigger_deployment": "retrain-on-drift/test"})
     latest = drift_monitor(cfg)
@@ -241,7 +263,10 @@ def test_drift_monitor_flow_logs_series_flags_version_and_alerts(champion, prefe
     assert run.data.tags["drift.alert"] == "true" and run.data.tags["model_version"] == champion.version
     assert run.data.tags["drift.cause"] == "input_shift"
     assert {"drift.event_id", "drift.artifact_id", "drift.triggered_flow_run_id"} <= set(run.data.tags)
-    assert {a.path for a in client.list_artifacts(latest.run_id, "report")} == {"report/diagnosis.md", "report/distributions.png"}
+    assert {a.path for a in client.list_artifacts(latest.run_id, "report")} == {
+        "report/diagnosis.md",
+        "report/distributions.png",
+    }
     assert "likely cause: input shift" in latest.report_markdown and "warranty" in latest.report_markdown
     version_tags = client.get_model_version(MODEL, champion.version).tags
     assert version_tags["drift.alert"] == "input_shift" and version_tags["drift.alert_run_id"] == latest.run_id

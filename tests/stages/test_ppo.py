@@ -106,9 +106,13 @@ def make_trainer(stack_dirs: tuple[str, str], tiny_stack, **ppo) -> PPOTrainer:
     torch.manual_seed(0)
     tokenizer = load_tokenizer(sft_dir)
     return PPOTrainer(
-        PPOConfig(**{**SMALL, **ppo}), PolicyWithValueHead(load_causal_lm(sft_dir)), load_causal_lm(sft_dir),
-        load_reward_model(rm_dir, tokenizer.pad_token_id), tokenizer,
-        list(load_split(tiny_stack.paths["prompts"])["prompt"]), seed=0,
+        PPOConfig(**{**SMALL, **ppo}),
+        PolicyWithValueHead(load_causal_lm(sft_dir)),
+        load_causal_lm(sft_dir),
+        load_reward_model(rm_dir, tokenizer.pad_token_id),
+        tokenizer,
+        list(load_split(tiny_stack.paths["prompts"])["prompt"]),
+        seed=0,
     )
 
 
@@ -127,8 +131,14 @@ def test_adaptive_controller_keeps_kl_near_target(stack_dirs, tiny_stack) -> Non
     # 0.78-1.23 x target, beta 0.39-0.64.
     target, horizon, batch = 2.0, 16, 16
     trainer = make_trainer(
-        stack_dirs, tiny_stack, batch_size=batch, mini_batch_size=8, kl_target=target, kl_horizon=horizon,
-        kl_coef=1.0, kl_budget=None,
+        stack_dirs,
+        tiny_stack,
+        batch_size=batch,
+        mini_batch_size=8,
+        kl_target=target,
+        kl_horizon=horizon,
+        kl_coef=1.0,
+        kl_budget=None,
     )
     kls, betas = [], []
     for _ in range(25):
@@ -202,7 +212,12 @@ def test_nan_guard_restores_last_good_state(stack_dirs, tiny_stack, monkeypatch)
 def test_kl_budget_warns_or_stops(stack_dirs, tiny_stack, action) -> None:
     # Fixed beta 0 and a high learning rate: step 1 measures the SFT policy (KL 0), step 2 is far past 0.05.
     trainer = make_trainer(
-        stack_dirs, tiny_stack, kl_control="fixed", kl_coef=0.0, learning_rate=1e-3, kl_budget=0.05,
+        stack_dirs,
+        tiny_stack,
+        kl_control="fixed",
+        kl_coef=0.0,
+        learning_rate=1e-3,
+        kl_budget=0.05,
         kl_budget_action=action,
     )
     first = trainer.step()
@@ -292,8 +307,12 @@ def test_resume_matches_the_uninterrupted_run(tiny_stack, mlflow_store, monkeypa
         other_sft = Checkpoint("0" * 32, tiny_stack.sft.uri)
         with pytest.raises(ValueError, match="same SFT and reward checkpoints"):
             ppo_stage.run_ppo(
-                load_config(None, []), other_sft, tiny_stack.reward, tiny_stack.paths["prompts"],
-                parent.info.run_id, resume_from=crashed[0],
+                load_config(None, []),
+                other_sft,
+                tiny_stack.reward,
+                tiny_stack.paths["prompts"],
+                parent.info.run_id,
+                resume_from=crashed[0],
             )
         resumed = run_stage(tiny_stack, parent.info.run_id, overrides, resume_from=crashed[0])
 
@@ -324,8 +343,13 @@ def test_kl_budget_rollback_and_alerts_reach_mlflow_and_prefect(tiny_stack, stac
     monkeypatch.setattr(ppo_stage, "create_table_artifact", lambda rows, key, **kw: artifacts.setdefault(key, rows))
     budget = 2.0
     overrides = [
-        "ppo.steps=12", "ppo.checkpoint_every=1", "ppo.sample_every=100", "ppo.kl_control=fixed", "ppo.kl_coef=0.0",
-        f"ppo.kl_budget={budget}", "ppo.kl_budget_action=rollback",
+        "ppo.steps=12",
+        "ppo.checkpoint_every=1",
+        "ppo.sample_every=100",
+        "ppo.kl_control=fixed",
+        "ppo.kl_coef=0.0",
+        f"ppo.kl_budget={budget}",
+        "ppo.kl_budget_action=rollback",
     ]
     with mlflow.start_run() as parent:
         result = run_stage(tiny_stack, parent.info.run_id, overrides)

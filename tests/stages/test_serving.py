@@ -60,14 +60,36 @@ def test_champion_serves_a_generation_over_http(tiny_stack, mlflow_store, tmp_pa
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the model must carry its own code
-    env.update({
-        "MLFLOW_TRACKING_URI": mlflow_store,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",  # uvicorn from the venv
-    })
+    env.update(
+        {
+            "MLFLOW_TRACKING_URI": mlflow_store,
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",  # uvicorn from the venv
+        }
+    )
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{cfg.registered_model}@{CHAMPION}",
-         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            f"models:/{cfg.registered_model}@{CHAMPION}",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-w",
+            "1",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
     try:
         url = f"http://127.0.0.1:{port}"

@@ -151,8 +151,11 @@ def _parquet_bytes() -> bytes:
 
 
 def _conv(role: str) -> str:
-    row = {"prompt": [{"role": role, "content": "hi"}], "chosen": [{"role": "assistant", "content": "a"}],
-           "rejected": [{"role": "assistant", "content": "b"}]}
+    row = {
+        "prompt": [{"role": role, "content": "hi"}],
+        "chosen": [{"role": "assistant", "content": "a"}],
+        "rejected": [{"role": "assistant", "content": "b"}],
+    }
     return json.dumps(row) + "\n"
 
 
@@ -160,49 +163,106 @@ MALFORMED: list[tuple[str, str, bytes | None, list[str]]] = [
     ("empty", "p.jsonl", b"", ["the file is empty (0 bytes)", "Fix: export the data again"]),
     ("blank-lines", "p.jsonl", b"\n  \n\n", ["has no rows (only blank lines)"]),
     ("plain-text", "p.jsonl", b"hello there\n", ["line 1 is not JSON ('hello there')", "one JSON object per line"]),
-    ("bad-json-line", "p.jsonl", (GOOD + '{"prompt": "p" "chosen": " a"}\n' + GOOD).encode(),
-     ["line 2 is not valid JSON (Expecting ',' delimiter at column 16)", "Fix: correct that line"]),
-    ("truncated-line", "p.jsonl", (GOOD * 2 + '{"prompt": "p", "chosen": " a').encode(),
-     ["line 3 is truncated", "Fix: export the file again, or delete the last line"]),
-    ("latin-1", "p.jsonl", GOOD.encode() + '{"prompt": "café"}\n'.encode("latin-1"),
-     ["line 2, byte 16: not UTF-8 (byte 0xe9)", "iconv -f WINDOWS-1252 -t UTF-8"]),
+    (
+        "bad-json-line",
+        "p.jsonl",
+        (GOOD + '{"prompt": "p" "chosen": " a"}\n' + GOOD).encode(),
+        ["line 2 is not valid JSON (Expecting ',' delimiter at column 16)", "Fix: correct that line"],
+    ),
+    (
+        "truncated-line",
+        "p.jsonl",
+        (GOOD * 2 + '{"prompt": "p", "chosen": " a').encode(),
+        ["line 3 is truncated", "Fix: export the file again, or delete the last line"],
+    ),
+    (
+        "latin-1",
+        "p.jsonl",
+        GOOD.encode() + '{"prompt": "café"}\n'.encode("latin-1"),
+        ["line 2, byte 16: not UTF-8 (byte 0xe9)", "iconv -f WINDOWS-1252 -t UTF-8"],
+    ),
     ("utf-16", "p.jsonl", GOOD.encode("utf-16"), ["is UTF-16 or binary, not UTF-8", "iconv -f UTF-16 -t UTF-8"]),
     ("utf-8-bom", "p.csv", b"\xef\xbb\xbfprompt\nhi\n", ["byte-order mark", "save as UTF-8 without BOM"]),
-    ("csv-named-jsonl", "p.jsonl", b"prompt,chosen,rejected\nhi,a,b\n",
-     ["looks like CSV, not JSON Lines (line 1: 'prompt,chosen,rejected')", "Fix: rename it to .csv"]),
-    ("json-array-in-jsonl", "p.jsonl", ("[" + GOOD.strip() + ", " + GOOD.strip() + "]\n").encode(),
-     ["holds a JSON array, not JSON Lines", "jq -c '.[]'"]),
-    ("pretty-printed", "p.jsonl", json.dumps({"prompt": "p"}, indent=2).encode(),
-     ["line 1 opens a JSON object that spans several lines", "jq -c ."]),
-    ("multi-mb-row", "p.jsonl", (GOOD + json.dumps({"prompt": "x" * 2_500_000}) + "\n" + GOOD).encode(),
-     ["line 2 is 2.5 MB, over the 1.0 MB limit (validation.max_row_bytes)", "raise validation.max_row_bytes"]),
-    ("two-objects-one-line", "p.jsonl", (GOOD.strip() + " " + GOOD).encode(),
-     ["line 1 holds more than one JSON value", "exactly one object per line"]),
+    (
+        "csv-named-jsonl",
+        "p.jsonl",
+        b"prompt,chosen,rejected\nhi,a,b\n",
+        ["looks like CSV, not JSON Lines (line 1: 'prompt,chosen,rejected')", "Fix: rename it to .csv"],
+    ),
+    (
+        "json-array-in-jsonl",
+        "p.jsonl",
+        ("[" + GOOD.strip() + ", " + GOOD.strip() + "]\n").encode(),
+        ["holds a JSON array, not JSON Lines", "jq -c '.[]'"],
+    ),
+    (
+        "pretty-printed",
+        "p.jsonl",
+        json.dumps({"prompt": "p"}, indent=2).encode(),
+        ["line 1 opens a JSON object that spans several lines", "jq -c ."],
+    ),
+    (
+        "multi-mb-row",
+        "p.jsonl",
+        (GOOD + json.dumps({"prompt": "x" * 2_500_000}) + "\n" + GOOD).encode(),
+        ["line 2 is 2.5 MB, over the 1.0 MB limit (validation.max_row_bytes)", "raise validation.max_row_bytes"],
+    ),
+    (
+        "two-objects-one-line",
+        "p.jsonl",
+        (GOOD.strip() + " " + GOOD).encode(),
+        ["line 1 holds more than one JSON value", "exactly one object per line"],
+    ),
     ("row-not-object", "p.jsonl", (GOOD + '["p", " a", " b"]\n').encode(), ["line 2 is a list, not a JSON object"]),
-    ("mixed-types", "p.jsonl", (GOOD + '{"prompt": "p", "chosen": 5, "rejected": " b"}\n').encode(),
-     ["line 2: field 'chosen' is a number but line 1 has a string", "quote numbers as strings"]),
+    (
+        "mixed-types",
+        "p.jsonl",
+        (GOOD + '{"prompt": "p", "chosen": 5, "rejected": " b"}\n').encode(),
+        ["line 2: field 'chosen' is a number but line 1 has a string", "quote numbers as strings"],
+    ),
     ("gzip", "p.jsonl", gzip.compress(GOOD.encode()), ["is gzip-compressed", "gunzip -k"]),
     ("parquet-named-jsonl", "p.jsonl", _parquet_bytes(), ["is a Parquet file named .jsonl", "rename it to .parquet"]),
     ("truncated-parquet", "p.parquet", _parquet_bytes()[:300], ["the Parquet file is truncated (no footer)"]),
     ("not-parquet", "p.parquet", GOOD.encode(), ["is named .parquet but is not a Parquet file"]),
-    ("json-object-of-rows", "p.json", json.dumps({"data": [json.loads(GOOD)]}, indent=1).encode(),
-     ["holds one JSON object (keys ['data'])", "jq -c '.data[]'"]),
-    ("truncated-json", "p.json", ("[" + GOOD.strip() + ", " + GOOD.strip()[:20]).encode(),
-     ["the JSON document is truncated"]),
+    (
+        "json-object-of-rows",
+        "p.json",
+        json.dumps({"data": [json.loads(GOOD)]}, indent=1).encode(),
+        ["holds one JSON object (keys ['data'])", "jq -c '.data[]'"],
+    ),
+    (
+        "truncated-json",
+        "p.json",
+        ("[" + GOOD.strip() + ", " + GOOD.strip()[:20]).encode(),
+        ["the JSON document is truncated"],
+    ),
     ("empty-json-array", "p.json", b"[]", ["holds an empty JSON array"]),
-    ("csv-wrong-field-count", "p.csv", b"prompt,chosen,rejected\nhi,a,b\nhi,a,b,c\n",
-     ["line 3 has 4 fields but the header has 3", "quote fields that contain commas"]),
+    (
+        "csv-wrong-field-count",
+        "p.csv",
+        b"prompt,chosen,rejected\nhi,a,b\nhi,a,b,c\n",
+        ["line 3 has 4 fields but the header has 3", "quote fields that contain commas"],
+    ),
     ("csv-header-only", "p.csv", b"prompt,chosen,rejected\n", ["has a header (prompt, chosen, rejected) but no rows"]),
     ("csv-saved-index", "p.csv", b",prompt\n0,hi\n", ["the header has a column with no name", "index=False"]),
     ("json-named-csv", "p.csv", GOOD.encode(), ["holds JSON, not CSV", "rename it to .jsonl"]),
     ("excel", "p.csv", b"PK\x03\x04" + b"\x00" * 40, ["is a zip archive (or an Excel workbook)"]),
     ("unsupported-extension", "p.txt", GOOD.encode(), ["unsupported file type '.txt'", ".jsonl"]),
     ("missing-file", "nope.jsonl", None, ["no such file", "Fix: correct the path"]),
-    ("unknown-role", "p.jsonl", _conv("robot").encode(),
-     ["1 of 1 rows cannot be converted from the conversational format", "line 1: prompt message 1 has role 'robot'"]),
-    ("transcripts-without-shared-prompt", "p.jsonl",
-     (json.dumps({"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: c\n\nAssistant: d"}) + "\n").encode(),
-     ["line 1: chosen and rejected share no", "or add a prompt column"]),
+    (
+        "unknown-role",
+        "p.jsonl",
+        _conv("robot").encode(),
+        ["1 of 1 rows cannot be converted from the conversational format", "line 1: prompt message 1 has role 'robot'"],
+    ),
+    (
+        "transcripts-without-shared-prompt",
+        "p.jsonl",
+        (
+            json.dumps({"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: c\n\nAssistant: d"}) + "\n"
+        ).encode(),
+        ["line 1: chosen and rejected share no", "or add a prompt column"],
+    ),
 ]
 
 

@@ -119,8 +119,17 @@ def test_diagnosis_rules_in_order():
     assert diagnose(quiet).cause is None
     shift = diagnose([_signal("prompt_intent_psi", "input", True), _signal("gold_reward_drop", "quality", True)])
     assert shift.cause == "input_shift" and shift.also == ("policy_drift",)
-    blind = diagnose([_signal("gold_reward_drop", "quality", True), _signal("rm_gold_gap", "judge", True),
-                      _signal("rm_score_ks", "response", True)])
-    assert blind.cause == "reward_model_blind_spot" and blind.breached == ("gold_reward_drop", "rm_gold_gap", "rm_score_ks")
+    blind = diagnose(
+        [
+            _signal("gold_reward_drop", "quality", True),
+            _signal("rm_gold_gap", "judge", True),
+            _signal("rm_score_ks", "response", True),
+        ]
+    )
+    assert blind.cause == "reward_model_blind_spot" and blind.breached == (
+        "gold_reward_drop",
+        "rm_gold_gap",
+        "rm_score_ks",
+    )
     drift = diagnose([_signal("response_nll_ks", "response", True), _signal("rm_gold_gap", "judge", False)])
     assert drift.cause == "policy_drift" and drift.also == ()

@@ -16,7 +16,14 @@ def test_torchrun_for_ddp_and_accelerate_launch_for_an_accelerate_config(tmp_pat
     cmd = launch_command("sft", cfg, tmp_path / "spec.json", tmp_path / "result.json")
     assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
     assert cmd[cmd.index("--nproc_per_node") + 1] == "4" and cmd[cmd.index("--master_addr") + 1] == "127.0.0.1"
-    assert cmd[-6:] == ["-m", "rlhf.cli", "train-stage", "sft", str(tmp_path / "spec.json"), str(tmp_path / "result.json")]
+    assert cmd[-6:] == [
+        "-m",
+        "rlhf.cli",
+        "train-stage",
+        "sft",
+        str(tmp_path / "spec.json"),
+        str(tmp_path / "result.json"),
+    ]
 
     fsdp = tmp_path / "fsdp.yaml"
     fsdp.write_text("distributed_type: FSDP\n")
@@ -33,9 +40,19 @@ def test_torchrun_for_ddp_and_accelerate_launch_for_an_accelerate_config(tmp_pat
 
 
 def test_global_batches_must_split_evenly():
-    with pytest.raises(ConfigError, match=r"ppo.mini_batch_size \(4\) must be a multiple of distributed.num_processes \(3\)"):
-        load_config(None, ["distributed.num_processes=3", "sft.batch_size=6", "reward.batch_size=6",
-                           "ppo.batch_size=12", "ppo.mini_batch_size=4"])
+    with pytest.raises(
+        ConfigError, match=r"ppo.mini_batch_size \(4\) must be a multiple of distributed.num_processes \(3\)"
+    ):
+        load_config(
+            None,
+            [
+                "distributed.num_processes=3",
+                "sft.batch_size=6",
+                "reward.batch_size=6",
+                "ppo.batch_size=12",
+                "ppo.mini_batch_size=4",
+            ],
+        )
     with pytest.raises(ConfigError, match=r"sft.batch_size \(32\) must be a multiple"):
         load_config(None, ["distributed.num_processes=3"])
 

@@ -66,7 +66,14 @@ def failures(tags: dict[str, str], champion: str | None = "1", cfg: PromotionCon
 # ---------------------------------------------------------------------------------- pure gates
 def test_every_gate_passes_on_good_evidence():
     gates = evaluate_gates(evidence(), "1", CFG)
-    assert [g.name for g in gates] == ["validation", "win_rate_vs_sft", "win_rate_vs_champion", "kl_budget", "violation_rate", "no_hacking"]
+    assert [g.name for g in gates] == [
+        "validation",
+        "win_rate_vs_sft",
+        "win_rate_vs_champion",
+        "kl_budget",
+        "violation_rate",
+        "no_hacking",
+    ]
     assert all(g.passed for g in gates), gates
     assert gates[2].tag() == "pass: lower bound 0.560 > 0.500 against champion v1"
 
@@ -75,7 +82,12 @@ def test_every_gate_passes_on_good_evidence():
     ("changes", "champion", "gate", "detail"),
     [
         # The lower bound must be strictly above 0.5: a bound of exactly 0.5 fails.
-        ({"eval/win_rate_vs_champion_low": "0.5"}, "1", "win_rate_vs_champion", "lower bound 0.500 <= 0.500 against champion v1"),
+        (
+            {"eval/win_rate_vs_champion_low": "0.5"},
+            "1",
+            "win_rate_vs_champion",
+            "lower bound 0.500 <= 0.500 against champion v1",
+        ),
         ({"eval/win_rate_vs_champion_low": "<missing>"}, "1", "win_rate_vs_champion", "re-run the evaluate stage"),
         ({}, "2", "win_rate_vs_champion", "measured against champion 1 but the champion is now 2: re-evaluate"),
         ({}, None, "win_rate_vs_champion", "measured against champion 1 but the champion is now none"),
@@ -88,7 +100,12 @@ def test_every_gate_passes_on_good_evidence():
         ({"hacking.length_drift": "true"}, "1", "no_hacking", "flagged: hacking.length_drift"),
         ({"hacking.mode_collapse": "true"}, "1", "no_hacking", "flagged: hacking.mode_collapse"),
         # 9 of 64 = 0.141 against the champion's 0.125 (Wilson 95%: 0.076-0.246): worse is worse
-        ({"eval/violation_rate": "0.140625"}, "1", "violation_rate", "0.141 (95% CI 0.076-0.246) > champion v1's 0.125"),
+        (
+            {"eval/violation_rate": "0.140625"},
+            "1",
+            "violation_rate",
+            "0.141 (95% CI 0.076-0.246) > champion v1's 0.125",
+        ),
         ({"eval/champion_violation_rate": "<missing>"}, "1", "violation_rate", "no eval/champion_violation_rate tag"),
         ({"eval/violation_rate": "<missing>"}, "1", "violation_rate", "re-run the evaluate stage"),
         ({"validation.success": "false"}, "1", "validation", "validation.success=false"),
@@ -125,7 +142,9 @@ def test_validation_gate_can_be_waived():
 
 
 def test_lock_path_sits_beside_a_local_store_and_remote_stores_need_lock_dir(tmp_path):
-    assert lock_path(f"sqlite:///{tmp_path}/mlflow.db", "rlhf-policy") == tmp_path / "mlflow.db.rlhf-policy.promote.lock"
+    assert (
+        lock_path(f"sqlite:///{tmp_path}/mlflow.db", "rlhf-policy") == tmp_path / "mlflow.db.rlhf-policy.promote.lock"
+    )
     assert lock_path(f"file://{tmp_path}/mlruns", "a/b") == tmp_path / "mlruns" / "a_b.promote.lock"
     assert lock_path("http://mlflow:5000", "m", lock_dir=str(tmp_path)) == tmp_path / "m.promote.lock"
     with pytest.raises(PromotionError, match="set the promotion config's lock_dir"):
@@ -299,11 +318,18 @@ def test_lock_held_by_another_process_blocks_promotion(registry):
     client, add, lock = registry
     v1 = add(first_version_tags())
     holder = subprocess.Popen(
-        [sys.executable, "-c", (
-            "import sys, time; from pathlib import Path; from rlhf.registry.promotion import promotion_lock\n"
-            "with promotion_lock(Path(sys.argv[1]), 5):\n    print('locked', flush=True); time.sleep(30)"
-        ), str(lock)],
-        cwd=ROOT, stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, time; from pathlib import Path; from rlhf.registry.promotion import promotion_lock\n"
+                "with promotion_lock(Path(sys.argv[1]), 5):\n    print('locked', flush=True); time.sleep(30)"
+            ),
+            str(lock),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -328,7 +354,9 @@ def test_promote_flow_pauses_for_approval_and_resumes_with_the_reviewers_input(p
     v1 = add(first_version_tags())
     result: dict = {}
     runner = threading.Thread(
-        target=lambda: result.update(outcome=promote(MODEL, "latest", PromotionConfig(require_approval=True, approval_timeout_s=120)))
+        target=lambda: result.update(
+            outcome=promote(MODEL, "latest", PromotionConfig(require_approval=True, approval_timeout_s=120))
+        )
     )
     runner.start()
     with get_client(sync_client=True) as prefect:

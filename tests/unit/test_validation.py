@@ -87,11 +87,15 @@ def test_builtin_data_passes_every_suite_with_default_config(builtin):
 def test_stage_passes_builtin_data_and_logs_the_evidence(builtin, experiment, tmp_path):
     cfg = PipelineConfig()
     with mlflow.start_run(experiment_id=experiment) as parent:
-        validated = run_validation(cfg, builtin, str(tmp_path / "validated"), parent.info.run_id, tokenizer=WhitespaceTokenizer())
+        validated = run_validation(
+            cfg, builtin, str(tmp_path / "validated"), parent.info.run_id, tokenizer=WhitespaceTokenizer()
+        )
     assert set(validated.paths) == set(builtin) == set(validated.fingerprints)
     for split, path in validated.paths.items():
         assert Path(path).parent == tmp_path / "validated"
-        assert load_split(path).to_list() == [json.loads(line) for line in Path(builtin[split]).read_text().splitlines()]
+        assert load_split(path).to_list() == [
+            json.loads(line) for line in Path(builtin[split]).read_text().splitlines()
+        ]
         assert len(validated.fingerprints[split]) == 64
     run = stage_run_of(parent.info.run_id)
     assert run.info.status == "FINISHED"
@@ -103,8 +107,16 @@ def test_stage_passes_builtin_data_and_logs_the_evidence(builtin, experiment, tm
     for split, fp in validated.fingerprints.items():
         assert run.data.tags[f"data.fingerprint.{split}"] == fp == parent_tags[f"data.fingerprint.{split}"]
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "validation")}
-    assert {"validation/preferences.gx_result.json", "validation/preferences.data_docs.html", "validation/summary.txt"} <= artifacts
-    local = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="validation", dst_path=str(tmp_path / "dl")))
+    assert {
+        "validation/preferences.gx_result.json",
+        "validation/preferences.data_docs.html",
+        "validation/summary.txt",
+    } <= artifacts
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            run_id=run.info.run_id, artifact_path="validation", dst_path=str(tmp_path / "dl")
+        )
+    )
     gx_result = json.loads((local / "preferences.gx_result.json").read_text())
     assert gx_result["success"] is True and len(gx_result["results"]) > 10
     assert "<html" in (local / "preferences.data_docs.html").read_text().lower()
@@ -142,7 +154,9 @@ def test_stage_reports_a_malformed_file_as_a_failure(builtin, experiment, tmp_pa
     with mlflow.start_run(experiment_id=experiment) as parent:
         with pytest.raises(ValidationFailed) as info:
             run_validation(PipelineConfig(), paths, str(tmp_path / "validated"), parent.info.run_id)
-    assert info.value.lines[0].startswith(f"preferences: malformed file: {paths['preferences']}: line 3000 is truncated")
+    assert info.value.lines[0].startswith(
+        f"preferences: malformed file: {paths['preferences']}: line 3000 is truncated"
+    )
     table = failure_table({}, info.value.lines)
     assert table[0]["split"] == "preferences" and table[0]["check"] == "file"
 
@@ -173,37 +187,77 @@ def _duplicates(rows):
 
 
 BAD_PREFERENCES = [
-    ("missing-column", lambda rows: [{k: v for k, v in r.items() if k != "rejected"} for r in rows],
-     "columns: required column 'rejected' is missing (the file has: prompt, chosen). Fix: add it; preference data "
-     "needs prompt, chosen, rejected, or use one of the formats in docs/validation.md"),
-    ("null-response", _set(4, rejected=None),
-     "nulls: 'rejected' is null or missing in 1 of 100 rows (e.g. line 5). Fix: fill in those values or drop the rows"),
-    ("whitespace-only", _set(2, chosen="  \n "),
-     "blank: 'chosen' is empty or whitespace-only in 1 of 100 rows (e.g. line 3: '  \\n '). Fix: drop those rows"),
-    ("empty-prompt", _set(9, prompt=""), "blank: 'prompt' is empty or whitespace-only in 1 of 100 rows (e.g. line 10: '')"),
-    ("too-long", _set(7, chosen=" " + "x" * 9000),
-     "chars: 'chosen' is outside 1..8000 characters in 1 of 100 rows (e.g. line 8: 9001 chars). Fix: drop or "
-     "shorten those rows, or change validation.min_chars / validation.max_chars"),
-    ("chosen-equals-rejected", lambda rows: _set(5, rejected=rows[5]["chosen"] + " ")(rows),
-     "chosen_differs: chosen and rejected are the same text in 1 of 100 rows (no preference to learn) "
-     "(e.g. line 6: chosen == rejected). Fix: drop those pairs"),
-    ("duplicate-pairs", _duplicates,
-     "duplicates: 3 of 100 rows repeat an earlier row (for pairs: same prompt and responses, in either order), over "
-     "the allowed 1.0% (e.g. line 2 repeats line 1; line 3 repeats line 1; line 4 repeats line 1). Fix: remove the "
-     "duplicate rows (`df.drop_duplicates()`), or raise validation.max_duplicate_fraction"),
-    ("email", _set(9, prompt="Customer: write to jane.doe@example.com please\nAgent:"),
-     "pii: 'prompt' contains personal data (e-mail, phone or card numbers) in 1 of 100 rows (e.g. line 10: email). "
-     "Fix: remove it from the data, or set validation.pii_policy=redact"),
-    ("phone", _set(11, chosen=" Call us on +1 (555) 010-9999 today."),
-     "pii: 'chosen' contains personal data (e-mail, phone or card numbers) in 1 of 100 rows (e.g. line 12: phone)"),
-    ("card-number", _set(12, rejected=" Your card 4111-1111-1111-1111 was charged."),
-     "pii: 'rejected' contains personal data (e-mail, phone or card numbers) in 1 of 100 rows (e.g. line 13: card)"),
-    ("too-few-rows", lambda rows: rows[:5],
-     "rows: has 5 rows, outside validation.min_rows..max_rows = 8..5000000. Fix: supply more data"),
-    ("numbers-not-text", lambda rows: [dict(r, chosen=i) for i, r in enumerate(rows)],
-     "type: column 'chosen' is not text (its type is int64). Fix: store it as a string in every row"),
-    ("mixed-formats", lambda rows: [dict(r, prompt=[{"role": "user", "content": r["prompt"]}]) for r in rows],
-     "type: column 'prompt' is not text (100 of 100 values are of another type) (e.g. line 1: "),
+    (
+        "missing-column",
+        lambda rows: [{k: v for k, v in r.items() if k != "rejected"} for r in rows],
+        "columns: required column 'rejected' is missing (the file has: prompt, chosen). Fix: add it; preference data "
+        "needs prompt, chosen, rejected, or use one of the formats in docs/validation.md",
+    ),
+    (
+        "null-response",
+        _set(4, rejected=None),
+        "nulls: 'rejected' is null or missing in 1 of 100 rows (e.g. line 5). Fix: fill in those values or drop the rows",
+    ),
+    (
+        "whitespace-only",
+        _set(2, chosen="  \n "),
+        "blank: 'chosen' is empty or whitespace-only in 1 of 100 rows (e.g. line 3: '  \\n '). Fix: drop those rows",
+    ),
+    (
+        "empty-prompt",
+        _set(9, prompt=""),
+        "blank: 'prompt' is empty or whitespace-only in 1 of 100 rows (e.g. line 10: '')",
+    ),
+    (
+        "too-long",
+        _set(7, chosen=" " + "x" * 9000),
+        "chars: 'chosen' is outside 1..8000 characters in 1 of 100 rows (e.g. line 8: 9001 chars). Fix: drop or "
+        "shorten those rows, or change validation.min_chars / validation.max_chars",
+    ),
+    (
+        "chosen-equals-rejected",
+        lambda rows: _set(5, rejected=rows[5]["chosen"] + " ")(rows),
+        "chosen_differs: chosen and rejected are the same text in 1 of 100 rows (no preference to learn) "
+        "(e.g. line 6: chosen == rejected). Fix: drop those pairs",
+    ),
+    (
+        "duplicate-pairs",
+        _duplicates,
+        "duplicates: 3 of 100 rows repeat an earlier row (for pairs: same prompt and responses, in either order), over "
+        "the allowed 1.0% (e.g. line 2 repeats line 1; line 3 repeats line 1; line 4 repeats line 1). Fix: remove the "
+        "duplicate rows (`df.drop_duplicates()`), or raise validation.max_duplicate_fraction",
+    ),
+    (
+        "email",
+        _set(9, prompt="Customer: write to jane.doe@example.com please\nAgent:"),
+        "pii: 'prompt' contains personal data (e-mail, phone or card numbers) in 1 of 100 rows (e.g. line 10: email). "
+        "Fix: remove it from the data, or set validation.pii_policy=redact",
+    ),
+    (
+        "phone",
+        _set(11, chosen=" Call us on +1 (555) 010-9999 today."),
+        "pii: 'chosen' contains personal data (e-mail, phone or card numbers) in 1 of 100 rows (e.g. line 12: phone)",
+    ),
+    (
+        "card-number",
+        _set(12, rejected=" Your card 4111-1111-1111-1111 was charged."),
+        "pii: 'rejected' contains personal data (e-mail, phone or card numbers) in 1 of 100 rows (e.g. line 13: card)",
+    ),
+    (
+        "too-few-rows",
+        lambda rows: rows[:5],
+        "rows: has 5 rows, outside validation.min_rows..max_rows = 8..5000000. Fix: supply more data",
+    ),
+    (
+        "numbers-not-text",
+        lambda rows: [dict(r, chosen=i) for i, r in enumerate(rows)],
+        "type: column 'chosen' is not text (its type is int64). Fix: store it as a string in every row",
+    ),
+    (
+        "mixed-formats",
+        lambda rows: [dict(r, prompt=[{"role": "user", "content": r["prompt"]}]) for r in rows],
+        "type: column 'prompt' is not text (100 of 100 values are of another type) (e.g. line 1: ",
+    ),
 ]
 
 
@@ -236,8 +290,13 @@ def test_token_length_bound_uses_the_tokenizer(tmp_path, rows):
 
 def traffic_rows(n: int = 20) -> list[dict]:
     return [
-        {"timestamp": f"2024-05-01T12:{i:02d}:00Z", "prompt": f"Customer: where is order {i}?\nAgent:",
-         "response": " On its way.", "model_version": "3", "feedback": 1 if i % 2 else None}
+        {
+            "timestamp": f"2024-05-01T12:{i:02d}:00Z",
+            "prompt": f"Customer: where is order {i}?\nAgent:",
+            "response": " On its way.",
+            "model_version": "3",
+            "feedback": 1 if i % 2 else None,
+        }
         for i in range(n)
     ]
 
@@ -249,19 +308,43 @@ def test_good_traffic_and_other_kinds_pass(tmp_path, rows):
 
 
 BAD_OTHER_KINDS = [
-    ("sft-missing-completion", "sft", lambda rows: [{"prompt": r["prompt"], "response": r["completion"]} for r in rows["sft"][:50]],
-     "columns: required column 'completion' is missing (the file has: prompt, response)"),
-    ("sft-duplicates", "sft", lambda rows: rows["sft"][:50] + rows["sft"][:5],
-     "duplicates: 5 of 55 rows repeat an earlier row"),
-    ("prompt-blank", "prompt", lambda rows: rows["prompts"][:50] + [{"prompt": "\t"}],
-     "blank: 'prompt' is empty or whitespace-only in 1 of 51 rows (e.g. line 51: '\\t')"),
-    ("traffic-bad-timestamp", "traffic", lambda rows: [dict(r, timestamp="yesterday") if i == 1 else r for i, r in enumerate(traffic_rows())],
-     "timestamp: 'timestamp' is not an ISO 8601 time (or positive epoch seconds) in 1 of 20 rows "
-     "(e.g. line 2: not a time: 'yesterday'). Fix: write times like 2024-05-01T12:30:00Z"),
-    ("traffic-missing-model-version", "traffic", lambda rows: [{k: v for k, v in r.items() if k != "model_version"} for r in traffic_rows()],
-     "columns: required column 'model_version' is missing"),
-    ("traffic-null-version", "traffic", lambda rows: [dict(r, model_version=None) if i == 3 else r for i, r in enumerate(traffic_rows())],
-     "nulls: 'model_version' is null or missing in 1 of 20 rows (e.g. line 4)"),
+    (
+        "sft-missing-completion",
+        "sft",
+        lambda rows: [{"prompt": r["prompt"], "response": r["completion"]} for r in rows["sft"][:50]],
+        "columns: required column 'completion' is missing (the file has: prompt, response)",
+    ),
+    (
+        "sft-duplicates",
+        "sft",
+        lambda rows: rows["sft"][:50] + rows["sft"][:5],
+        "duplicates: 5 of 55 rows repeat an earlier row",
+    ),
+    (
+        "prompt-blank",
+        "prompt",
+        lambda rows: rows["prompts"][:50] + [{"prompt": "\t"}],
+        "blank: 'prompt' is empty or whitespace-only in 1 of 51 rows (e.g. line 51: '\\t')",
+    ),
+    (
+        "traffic-bad-timestamp",
+        "traffic",
+        lambda rows: [dict(r, timestamp="yesterday") if i == 1 else r for i, r in enumerate(traffic_rows())],
+        "timestamp: 'timestamp' is not an ISO 8601 time (or positive epoch seconds) in 1 of 20 rows "
+        "(e.g. line 2: not a time: 'yesterday'). Fix: write times like 2024-05-01T12:30:00Z",
+    ),
+    (
+        "traffic-missing-model-version",
+        "traffic",
+        lambda rows: [{k: v for k, v in r.items() if k != "model_version"} for r in traffic_rows()],
+        "columns: required column 'model_version' is missing",
+    ),
+    (
+        "traffic-null-version",
+        "traffic",
+        lambda rows: [dict(r, model_version=None) if i == 3 else r for i, r in enumerate(traffic_rows())],
+        "nulls: 'model_version' is null or missing in 1 of 20 rows (e.g. line 4)",
+    ),
 ]
 
 
@@ -290,9 +373,11 @@ def test_redact_policy_replaces_pii_and_reports_it(tmp_path, rows, experiment):
 def test_fingerprint_traces_content_and_schema_not_file_format(tmp_path, rows):
     pairs = rows["preferences"][:30]
     conversational = [
-        {"prompt": [{"role": "user", "content": r["prompt"].removeprefix("Customer: ").removesuffix("\nAgent:")}],
-         "chosen": [{"role": "assistant", "content": r["chosen"].strip()}],
-         "rejected": [{"role": "assistant", "content": r["rejected"].strip()}]}
+        {
+            "prompt": [{"role": "user", "content": r["prompt"].removeprefix("Customer: ").removesuffix("\nAgent:")}],
+            "chosen": [{"role": "assistant", "content": r["chosen"].strip()}],
+            "rejected": [{"role": "assistant", "content": r["rejected"].strip()}],
+        }
         for r in pairs
     ]
     cfg = ValidationConfig()
@@ -313,13 +398,23 @@ def test_fingerprint_traces_content_and_schema_not_file_format(tmp_path, rows):
 
 def test_validate_command_exit_status(tmp_path, builtin, rows):
     out, err = io.StringIO(), io.StringIO()
-    assert validate_command(builtin["preferences"], "preference", ValidationConfig(), report_dir=str(tmp_path / "r"), out=out, err=err) == 0
+    assert (
+        validate_command(
+            builtin["preferences"], "preference", ValidationConfig(), report_dir=str(tmp_path / "r"), out=out, err=err
+        )
+        == 0
+    )
     assert out.getvalue().startswith(f"PASS {builtin['preferences']}")
-    assert (tmp_path / "r" / "preferences.gx_result.json").exists() and (tmp_path / "r" / "preferences.data_docs.html").exists()
+    assert (tmp_path / "r" / "preferences.gx_result.json").exists() and (
+        tmp_path / "r" / "preferences.data_docs.html"
+    ).exists()
     bad = write_jsonl(tmp_path / "bad.jsonl", [dict(r, rejected=r["chosen"]) for r in rows["preferences"][:10]])
     out = io.StringIO()
     assert validate_command(bad, "preference", ValidationConfig(), out=out, err=err) == 1
-    assert "FAIL" in out.getvalue() and "chosen_differs: chosen and rejected are the same text in 10 of 10 rows" in out.getvalue()
+    assert (
+        "FAIL" in out.getvalue()
+        and "chosen_differs: chosen and rejected are the same text in 10 of 10 rows" in out.getvalue()
+    )
     (tmp_path / "empty.jsonl").write_bytes(b"")
     err = io.StringIO()
     assert validate_command(str(tmp_path / "empty.jsonl"), "preference", ValidationConfig(), out=out, err=err) == 2
@@ -330,10 +425,18 @@ def test_validate_command_exit_status(tmp_path, builtin, rows):
 
 
 def test_pii_patterns_and_false_positives():
-    texts = pd.Series([
-        "a.b+tag@mail.example.org", "(555) 123-4567", "+44 20 7946 0958", "4111 1111 1111 1111",
-        "order 2024-01-15 at 10:30", "4111 1111 1111 1112", "12 items for 3 days", None,
-    ])
+    texts = pd.Series(
+        [
+            "a.b+tag@mail.example.org",
+            "(555) 123-4567",
+            "+44 20 7946 0958",
+            "4111 1111 1111 1111",
+            "order 2024-01-15 at 10:30",
+            "4111 1111 1111 1112",
+            "12 items for 3 days",
+            None,
+        ]
+    )
     redacted, flags, counts = security.scan_pii(texts, ["email", "phone", "card"])
     assert flags.tolist()[:4] == ["email", "phone", "phone", "card"]
     assert flags.iloc[4:].isna().all()  # a date, a number failing Luhn (16 digits: no phone either), small numbers
@@ -351,7 +454,10 @@ def test_luhn():
 def test_leakage_ignores_case_and_whitespace():
     index = checks.heldout_index({"heldout_prompts": (pd.Series(["Hi  there", ""]), lambda r: f"line {r}")})
     assert index == {"hi there": "heldout_prompts line 1"}
-    assert checks.leaked_prompts(pd.Series(["HI there ", "bye", None]), index).tolist()[0] == "also in heldout_prompts line 1"
+    assert (
+        checks.leaked_prompts(pd.Series(["HI there ", "bye", None]), index).tolist()[0]
+        == "also in heldout_prompts line 1"
+    )
     assert checks.leaked_prompts(pd.Series(["bye"]), index).isna().all()
 
 
@@ -375,18 +481,26 @@ def test_prefect_table_artifact_lists_failures_inside_a_flow_run(monkeypatch, bu
     created: list[dict] = []
     monkeypatch.setattr(prefect.context.FlowRunContext, "get", classmethod(lambda cls: object()))
     monkeypatch.setattr(prefect.artifacts, "create_table_artifact", lambda **kw: created.append(kw))
-    paths = dict(builtin, preferences=write_jsonl(tmp_path / "p.jsonl", [dict(r, chosen=" ") for r in rows["preferences"][:20]]))
+    paths = dict(
+        builtin, preferences=write_jsonl(tmp_path / "p.jsonl", [dict(r, chosen=" ") for r in rows["preferences"][:20]])
+    )
     with mlflow.start_run(experiment_id=experiment) as parent:
         with pytest.raises(ValidationFailed):
             run_validation(PipelineConfig(), paths, str(tmp_path), parent.info.run_id)
         run_validation(PipelineConfig(), builtin, str(tmp_path), parent.info.run_id)
     failed, passed = created
     assert failed["key"] == "validation-failures"
-    assert failed["table"] == [{
-        "split": "preferences", "check": "blank", "column": "chosen", "rows": 20,
-        "examples": "line 1: ' '; line 2: ' '; line 3: ' '",
-        "problem": "'chosen' is empty or whitespace-only in 20 of 20 rows", "fix": "drop those rows or fill in the text",
-    }]
+    assert failed["table"] == [
+        {
+            "split": "preferences",
+            "check": "blank",
+            "column": "chosen",
+            "rows": 20,
+            "examples": "line 1: ' '; line 2: ' '; line 3: ' '",
+            "problem": "'chosen' is empty or whitespace-only in 20 of 20 rows",
+            "fix": "drop those rows or fill in the text",
+        }
+    ]
     assert passed["key"] == "validation-summary" and [r["split"] for r in passed["table"]] == list(builtin)
 
 
@@ -402,4 +516,7 @@ def test_a_check_that_raised_says_so():
         expectation_config=SimpleNamespace(meta={"check": "blank", "column": "prompt"}, kwargs={}),
     )
     [failure] = failures(SimpleNamespace(results=[raised]), "prompt", ValidationConfig(), lambda r: f"row {r}", {})
-    assert failure.message("p.jsonl") == "p.jsonl: blank: the check could not run (boom). Fix: drop those rows or fill in the text"
+    assert (
+        failure.message("p.jsonl")
+        == "p.jsonl: blank: the check could not run (boom). Fix: drop those rows or fill in the text"
+    )
