@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 WORK_POOL = "rlhf-process"
@@ -35,7 +34,6 @@ SERVE_TIMEOUT_S = 420
 SMOKE_TIMEOUT_S = 600  # measured 383 s on the 2-core machine under load average ~10 (docs/deployments.md)
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
-_cache: dict[str, Any] = {}
 
 
 def artifacts_dir() -> Path:
@@ -219,31 +217,3 @@ def run_smoke(servers: LiveServers) -> SmokeOutcome:
     client.set_registered_model_alias(REGISTERED_MODEL, CHAMPION, versions[0].version)
     shutil.rmtree(outputs / parent_id if outputs_existed else outputs, ignore_errors=True)
     return SmokeOutcome(flow_run_id, flow_run, parent_id, experiment.experiment_id, versions[0].version)
-
-
-@pytest.fixture(scope="session")
-def live_servers(request, tmp_path_factory) -> LiveServers:
-    """The servers of scripts/serve.sh, started once per session and stopped at its end."""
-    if "servers" not in _cache:
-        try:
-            servers = start_servers(tmp_path_factory.mktemp("live-servers"))
-            request.config.add_cleanup(lambda: stop_servers(servers))
-            _cache["servers"] = servers
-        except Exception as e:  # remember the failure so the next module does not start them again
-            _cache["servers"] = e
-    if isinstance(_cache["servers"], Exception):
-        raise _cache["servers"]
-    return _cache["servers"]
-
-
-@pytest.fixture(scope="session")
-def smoke_outcome(live_servers: LiveServers) -> SmokeOutcome:
-    """One completed run of the smoke deployment (run once per session)."""
-    if "smoke" not in _cache:
-        try:
-            _cache["smoke"] = run_smoke(live_servers)
-        except Exception as e:  # remember the failure so the next test does not run the flow again
-            _cache["smoke"] = e
-    if isinstance(_cache["smoke"], Exception):
-        raise _cache["smoke"]
-    return _cache["smoke"]

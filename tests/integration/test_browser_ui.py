@@ -24,8 +24,6 @@ from servers import (
     LiveServers,
     SmokeOutcome,
     artifacts_dir,
-    live_servers,  # noqa: F401 - session fixture
-    smoke_outcome,  # noqa: F401 - session fixture
 )
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -117,7 +115,7 @@ def ppo_run_id(servers: LiveServers, outcome: SmokeOutcome) -> str:
 @pytest.mark.integration
 def test_mlflow_ui_shows_experiment_and_stage_runs(
     browser_page, live_servers: LiveServers, smoke_outcome: SmokeOutcome
-):  # noqa: F811
+):
     """The experiment's runs table shows the smoke pipeline run and, expanded, one child run per stage."""
     page = browser_page
     page.goto(
@@ -134,7 +132,7 @@ def test_mlflow_ui_shows_experiment_and_stage_runs(
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_mlflow_ui_shows_ppo_metrics(browser_page, live_servers: LiveServers, smoke_outcome: SmokeOutcome):  # noqa: F811
+def test_mlflow_ui_shows_ppo_metrics(browser_page, live_servers: LiveServers, smoke_outcome: SmokeOutcome):
     """The PPO run's overview lists its objective/* metrics; its charts plot the KL and its coefficient per step."""
     page = browser_page
     run_url = f"{live_servers.mlflow_url}/#/experiments/{smoke_outcome.experiment_id}/runs/{ppo_run_id(live_servers, smoke_outcome)}"
@@ -157,7 +155,7 @@ def test_mlflow_ui_shows_ppo_metrics(browser_page, live_servers: LiveServers, sm
 @pytest.mark.integration
 def test_mlflow_ui_shows_registered_model_with_champion(
     browser_page, live_servers: LiveServers, smoke_outcome: SmokeOutcome
-):  # noqa: F811
+):
     """The registry page of the policy shows the smoke run's version carrying the champion alias."""
     page = browser_page
     page.goto(f"{live_servers.mlflow_url}/#/models/{REGISTERED_MODEL}")
@@ -170,7 +168,7 @@ def test_mlflow_ui_shows_registered_model_with_champion(
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_prefect_ui_shows_deployments(browser_page, live_servers: LiveServers, smoke_outcome: SmokeOutcome):  # noqa: F811
+def test_prefect_ui_shows_deployments(browser_page, live_servers: LiveServers, smoke_outcome: SmokeOutcome):
     """The deployments page lists the weekly pipeline and the smoke deployment."""
     page = browser_page
     page.goto(f"{live_servers.prefect_url}/deployments")
@@ -181,7 +179,7 @@ def test_prefect_ui_shows_deployments(browser_page, live_servers: LiveServers, s
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_prefect_ui_shows_completed_smoke_run(browser_page, live_servers: LiveServers, smoke_outcome: SmokeOutcome):  # noqa: F811
+def test_prefect_ui_shows_completed_smoke_run(browser_page, live_servers: LiveServers, smoke_outcome: SmokeOutcome):
     """The smoke flow run's page shows it Completed and lists the task run of every stage."""
     page = browser_page
     page.goto(f"{live_servers.prefect_url}/runs/flow-run/{smoke_outcome.flow_run_id}")

@@ -23,8 +23,6 @@ from servers import (
     WORK_POOL,
     LiveServers,
     SmokeOutcome,
-    live_servers,  # noqa: F401 - session fixture
-    smoke_outcome,  # noqa: F401 - session fixture
 )
 
 from rlhf.config import PipelineConfig, PromotionConfig
@@ -77,7 +75,7 @@ def test_deployment_specs_schedules_and_limits():
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_deploy_all_creates_every_deployment_with_a_form(live_servers: LiveServers):  # noqa: F811
+def test_deploy_all_creates_every_deployment_with_a_form(live_servers: LiveServers):
     """Every deployable entry is on the server, with its limit, queue and a parameter form from the pydantic models."""
     on_server = server_deployments(live_servers)
     assert set(on_server) == set(deployed_specs())
@@ -99,7 +97,7 @@ def test_deploy_all_creates_every_deployment_with_a_form(live_servers: LiveServe
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_schedules_created_future_runs(live_servers: LiveServers):  # noqa: F811
+def test_schedules_created_future_runs(live_servers: LiveServers):
     """The weekly pipeline (and the hourly monitor, once deployed) have scheduled runs in the future."""
     on_server = server_deployments(live_servers)
     now = datetime.now(UTC)
@@ -125,7 +123,7 @@ def test_schedules_created_future_runs(live_servers: LiveServers):  # noqa: F811
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_worker_runs_smoke_deployment_to_completed(live_servers: LiveServers, smoke_outcome: SmokeOutcome):  # noqa: F811
+def test_worker_runs_smoke_deployment_to_completed(live_servers: LiveServers, smoke_outcome: SmokeOutcome):
     """`prefect deployment run rlhf-pipeline/smoke` is picked up by the worker and completes."""
     flow_run = smoke_outcome.flow_run
     assert flow_run["state_type"] == "COMPLETED"
@@ -136,7 +134,7 @@ def test_worker_runs_smoke_deployment_to_completed(live_servers: LiveServers, sm
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_registry_over_http_has_the_version_with_its_alias(live_servers: LiveServers, smoke_outcome: SmokeOutcome):  # noqa: F811
+def test_registry_over_http_has_the_version_with_its_alias(live_servers: LiveServers, smoke_outcome: SmokeOutcome):
     """Over HTTP: the alias resolves to the smoke run's version, with stage runs, PPO metrics and served artifacts."""
     client = MlflowClient(live_servers.mlflow_url)
     version = client.get_model_version_by_alias(REGISTERED_MODEL, CHAMPION)
@@ -160,7 +158,7 @@ def test_registry_over_http_has_the_version_with_its_alias(live_servers: LiveSer
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_stage_progress_is_a_progress_artifact_on_the_server(live_servers: LiveServers):  # noqa: F811
+def test_stage_progress_is_a_progress_artifact_on_the_server(live_servers: LiveServers):
     """Inside a flow run, StageProgress keeps a progress artifact at the bar's percentage."""
 
     @flow(name="progress-check")
