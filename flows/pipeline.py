@@ -76,7 +76,18 @@ def rlhf_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineResult:
         )
         if cached:
             logger.info("Unchanged inputs and code: reused the results of %s", ", ".join(cached))
-        evaluation = evaluate_task(config, sft, reward, ppo, data.paths["heldout_prompts"], parent_id)
+        # Without a gold judge, an independently trained reward model (another seed) judges, so the
+        # proxy's own blind spots are not also the judge's (divergence and efficiency flags need one).
+        judge = None
+        if not config.data.is_builtin:
+            judge_config = config.model_copy(update={"seed": config.seed + 1})
+            judge, _ = call_stage(
+                reward_task, judge_config, sft, data.paths["preferences"], data.paths["preferences_heldout"], parent_id
+            )
+            mlflow.set_tag("rlhf.judge_reward_run", judge.run_id)
+        evaluation = evaluate_task(
+            config, sft, reward, ppo, data.paths["heldout_prompts"], parent_id, heldout_reward=judge
+        )
         mlflow.log_metrics(evaluation.metrics)
         version = register_task(config, ppo, evaluation, data.fingerprints, parent_id)
         mlflow.set_tags({"registry.version": version.version, "registry.reused": str(version.reused).lower()})

@@ -95,6 +95,28 @@ def test_bad_preference_data_stops_the_flow_before_training(prefect_harness, mlf
     assert not (Path("mlartifacts").exists() and any(Path("mlartifacts").rglob("model.safetensors")))
 
 
+@pytest.mark.slow
+def test_user_data_is_judged_by_an_independent_reward_model(mlflow_store, prefect_harness, tmp_path):
+    """With no gold judge, a second reward model (another seed) judges; divergence and efficiency are checked."""
+    from flows.pipeline import rlhf_pipeline
+    from rlhf.builtin.dataset import write_builtin_dataset
+
+    data = write_builtin_dataset(tmp_path / "data", seed=0)["sft"].parent  # the same files, as a user's folder
+    result = rlhf_pipeline(load_config(SMOKE, [f"data.source={data}", "output_dir=outputs"]))
+
+    client = MlflowClient()
+    parent = client.get_run(result.parent_run_id)
+    judge_run = client.get_run(parent.data.tags["rlhf.judge_reward_run"])
+    proxy_run_id = dict(kv.split("=") for kv in parent.data.tags["rlhf.stage_runs"].split(","))["reward"]
+    assert judge_run.data.tags["rlhf.stage"] == "reward" and judge_run.info.run_id != proxy_run_id
+    evaluate = next(
+        r for r in client.search_runs([parent.info.experiment_id]) if r.data.tags.get("rlhf.stage") == "evaluate"
+    )
+    assert evaluate.data.tags["eval.judge"] == "heldout_reward_model"
+    assert evaluate.data.tags["hacking.proxy_efficiency"] in ("true", "false")  # measured, not "n/a"
+    assert "eval/gold_reward_mean" not in result.metrics and "eval/heldout_rm_score_mean" in result.metrics
+
+
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
