@@ -94,7 +94,7 @@ def read_back(store: Path) -> dict:
         for key in PPO_TIMING:
             ppo[key] = sum(m.value for m in client.get_metric_history(ppo_run.info.run_id, key))
         ppo["steps"] = len(client.get_metric_history(ppo_run.info.run_id, "timing/step_s"))
-        lengths = client.get_metric_history(ppo_run.info.run_id, "response_length/mean")
+        lengths = client.get_metric_history(ppo_run.info.run_id, "response/length_mean")
         ppo["response_length_mean"] = sum(m.value for m in lengths) / max(len(lengths), 1)
     parent_s = (parent.info.end_time - parent.info.start_time) / 1000
     return {"stages": stages, "parent_run_s": parent_s, "ppo_timing": ppo, "metrics": parent.data.metrics}

@@ -90,7 +90,7 @@ def ppo_growth(args: argparse.Namespace) -> dict:
             "load": load,
             "step_s": summary([m["timing/step_s"] for m in metrics]),
             **{f"{k}_median": v for k, v in med.items()},
-            "response_length_mean": statistics.mean(m["response_length/mean"] for m in metrics),
+            "response_length_mean": statistics.mean(m["response/length_mean"] for m in metrics),
             "episodes_per_s": batch / med["step_s"],
         }
         rows.append(row)

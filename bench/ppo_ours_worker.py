@@ -82,7 +82,7 @@ def main() -> None:
         steps.append(
             {
                 "step_s": time.perf_counter() - t,
-                "tokens": m["response_length/mean"] * args.batch_size,
+                "tokens": m["response/length_mean"] * args.batch_size,
                 "scores": m["objective/scores"],
                 "kl": m["objective/kl"],
                 "generation_s": m["timing/generation_s"],

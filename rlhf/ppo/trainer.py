@@ -351,7 +351,7 @@ class PPOTrainer:
             "objective/scores": scores.mean().item(),
             "objective/non_score_reward": non_score_reward.sum(1).mean().item(),
             "objective/rlhf_reward": rlhf_reward,
-            "response_length/mean": rollout.lengths.float().mean().item(),
+            "response/length_mean": rollout.lengths.float().mean().item(),
             "response/eos_rate": rollout.ended.float().mean().item(),
             "policy/nan_skips": float(self.nan_skips),
             "timing/generation_s": t1 - t0,
