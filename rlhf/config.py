@@ -124,6 +124,10 @@ class SFTConfig(_Section):
     batch_size: int = Field(32, ge=1, description="Sequences per optimizer step")
     learning_rate: float = Field(3e-3, gt=0, description="Peak AdamW learning rate (linear decay)")
     max_length: int = Field(128, ge=8, description="Longest prompt+completion in tokens; longer rows are truncated")
+    activation_checkpointing: bool = Field(
+        False,
+        description="Recompute activations in the backward pass to save memory (about 20% slower); off unless the model does not fit",
+    )
 
 
 class RewardConfig(_Section):
@@ -131,6 +135,10 @@ class RewardConfig(_Section):
     batch_size: int = Field(32, ge=1, description="Preference pairs per optimizer step")
     learning_rate: float = Field(1e-3, gt=0, description="Peak AdamW learning rate (linear decay)")
     max_length: int = Field(128, ge=8, description="Longest prompt+response in tokens; longer pairs are dropped")
+    activation_checkpointing: bool = Field(
+        False,
+        description="Recompute activations in the backward pass to save memory (about 20% slower); off unless the model does not fit",
+    )
 
 
 class PPOConfig(_Section):

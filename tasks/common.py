@@ -138,6 +138,8 @@ def trl_training_args(section: SFTConfig | RewardConfig, seed: int, output_dir: 
         "seed": seed,
         "data_seed": seed,
         "dataloader_num_workers": 0,
+        # TRL turns gradient checkpointing on by default; a model that fits needs no recomputation
+        "activation_checkpointing": section.activation_checkpointing,
         "use_cpu": not on_gpu,
         "bf16": on_gpu and torch.cuda.is_bf16_supported(),
     }
