@@ -183,6 +183,33 @@ def test_a_collapsed_policy_raises_both_flags_and_is_not_chosen():
     assert select_checkpoint([collapsed], 12.0, flagged).step == 60
 
 
+def test_a_policy_that_gives_one_template_to_every_prompt_is_flagged_from_its_samples():
+    """The collapse issue 15 found, reproduced from responses: SFT answers each intent (gold judge scores),
+    the collapsed policy gives the password template to every prompt, which the reward model loves."""
+    from rlhf.builtin import support
+    from rlhf.builtin.dataset import build_builtin_rows
+    from tasks.evaluate import Samples, Scored, checkpoint_stats
+
+    rows = build_builtin_rows(0)["sft"][:64]
+    prompts = [r["prompt"] for r in rows]
+    template = " Sorry for the trouble! " + support.ANSWERS["password"][0].format(item="lamp") + " Have a nice day!"
+    gold = SUPPORT_TASK.gold_score
+
+    def scored(responses: list[str], proxy: list[float]) -> Scored:
+        lengths = [len(r.split()) for r in responses]
+        samples = Samples(responses, lengths, [True] * len(responses), [0.0] * len(responses))
+        return Scored(samples, proxy, [gold(p, r) for p, r in zip(prompts, responses)])
+
+    sft_responses = [r["completion"] for r in rows]
+    sft_proxy = [(-2.0 if i % 2 else -2.6) for i in range(len(rows))]  # sd 0.3
+    sft = checkpoint_stats(0, scored(sft_responses, sft_proxy))
+    collapsed = checkpoint_stats(60, scored([template] * len(rows), [1.0] * len(rows)))
+    flags = hacking_flags([sft, collapsed], DiagnosticsConfig(), judge_is_proxy=False)
+    assert collapsed.distinct_2 < 0.6 * sft.distinct_2
+    assert flags[60]["mode_collapse"] and flags[60]["proxy_efficiency"]
+    assert not any(flags[0].values())
+
+
 def test_selection_takes_the_best_judge_score_within_the_kl_budget_not_the_last():
     candidates = [
         point(10, kl=2.0, judge=0.5),
