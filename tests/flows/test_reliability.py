@@ -436,9 +436,10 @@ def test_lost_tracking_connection_is_retried_and_the_unlogged_checkpoint_kept(
     from prefect import flow
     from prefect.cache_policies import NO_CACHE
 
+    import rlhf.ppo.resume as ppo_resume
     import tasks.ppo as ppo_stage
 
-    real_log_checkpoint, failures = ppo_stage.log_checkpoint, []
+    real_log_checkpoint, failures = ppo_resume.log_checkpoint, []
 
     def connection_lost_at_step_4(local, artifact_path):
         if artifact_path.endswith("step_00004") and not failures:
@@ -450,7 +451,7 @@ def test_lost_tracking_connection_is_retried_and_the_unlogged_checkpoint_kept(
             )
         return real_log_checkpoint(local, artifact_path)
 
-    monkeypatch.setattr(ppo_stage, "log_checkpoint", connection_lost_at_step_4)
+    monkeypatch.setattr(ppo_resume, "log_checkpoint", connection_lost_at_step_4)
     cfg = ppo_config(tmp_path, "ppo.steps=6", "ppo.checkpoint_every=2")
     ppo_no_wait = ppo_stage.ppo_task.with_options(retry_delay_seconds=0, cache_policy=NO_CACHE, persist_result=False)
 
@@ -467,11 +468,11 @@ def test_lost_tracking_connection_is_retried_and_the_unlogged_checkpoint_kept(
     runs = client.search_runs([parent.info.experiment_id], "tags.`rlhf.stage` = 'ppo'", order_by=["start_time ASC"])
     first, retried = runs
     assert first.info.status == "FAILED" and retried.info.run_id == result.final.run_id
-    assert sorted(ppo_stage.logged_checkpoints(first.info.run_id)) == [0, 2]
+    assert sorted(ppo_resume.logged_checkpoints(first.info.run_id)) == [0, 2]
     # 2. Prefect's retry resumed from that local checkpoint, logged it into its own run and went on.
     assert retried.data.tags["ppo.resumed_at_step"] == "4"
     assert retried.info.run_id in retried.data.tags["ppo.resumed_from_checkpoint"]
-    assert sorted(ppo_stage.logged_checkpoints(retried.info.run_id)) == [4, 6]
+    assert sorted(ppo_resume.logged_checkpoints(retried.info.run_id)) == [4, 6]
     assert sorted(result.checkpoints) == [0, 2, 4, 6]
     assert metric_steps(result.final.run_id) == [1, 2, 3, 4, 5, 6]  # nothing lost, nothing twice
     assert not (tmp_path / "outputs" / "ppo-checkpoints").exists() or not any(

@@ -14,6 +14,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+import rlhf.ppo.resume as ppo_resume
 import rlhf.ppo.trainer as ppo_trainer
 import tasks.ppo as ppo_stage
 from models.generation import sample
@@ -24,7 +25,7 @@ from rlhf.data.loading import load_split
 from rlhf.infra.tracking import download
 from rlhf.ppo.trainer import LastGoodState, PPOTrainer, best_checkpoint_step
 from rlhf.rl.normalize import RunningMoments
-from tasks.common import Checkpoint
+from tasks.common import Checkpoint, PPOResult
 
 SMALL = {"batch_size": 8, "mini_batch_size": 4, "max_new_tokens": 16, "kl_horizon": 8}
 """The smallest iteration that exercises every part: 8 episodes of up to 16 tokens, 2 minibatches."""
@@ -260,7 +261,7 @@ def test_exploding_ratio_skips_the_minibatch(stack_dirs, tiny_stack) -> None:
 
 
 # ------------------------------------------------------------------------- the whole stage
-def run_stage(tiny_stack, parent_run_id: str, overrides: list[str], **kwargs) -> ppo_stage.PPOResult:
+def run_stage(tiny_stack, parent_run_id: str, overrides: list[str], **kwargs) -> PPOResult:
     """tasks.ppo.run_ppo on the tiny stack with SMALL settings plus overrides."""
     cfg = load_config(None, [f"ppo.{k}={v}" for k, v in SMALL.items()] + overrides)
     return ppo_stage.run_ppo(
@@ -303,7 +304,7 @@ def test_resume_matches_the_uninterrupted_run(tiny_stack, mlflow_store, monkeypa
 
         # 3. Resume by run id: the latest complete checkpoint is step 4; steps 5 and 6 are redone.
         #    Against another SFT run it refuses: that would be a different run.
-        assert ppo_stage.resolve_resume_uri(crashed[0]).endswith("checkpoints/step_00004")
+        assert ppo_resume.resolve_resume_uri(crashed[0]).endswith("checkpoints/step_00004")
         other_sft = Checkpoint("0" * 32, tiny_stack.sft.uri)
         with pytest.raises(ValueError, match="same SFT and reward checkpoints"):
             ppo_stage.run_ppo(
