@@ -37,7 +37,7 @@ from prefect.context import TaskRunContext
 from rlhf.config import PipelineConfig
 from rlhf.infra.integrity import fingerprint, fingerprint_path
 from rlhf.infra.tracking import tracking_uri
-from tasks.common import PPO, REWARD, SFT, VALIDATE, Checkpoint
+from tasks.common import PPO, RETRY_ON_TRACKING_ERROR, REWARD, SFT, VALIDATE, Checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 EXCLUDED_INPUTS = frozenset({"parent_run_id", "out_dir"})
@@ -156,6 +156,12 @@ class StageCache(CachePolicy):
 def stage_cache(stage: str) -> CachePolicy:
     """The cache policy of a stage task: StageCache + Prefect's TASK_SOURCE."""
     return StageCache(stage=stage) + TASK_SOURCE
+
+
+def cached_stage(stage: str) -> dict[str, Any]:
+    """The @task options of a cached stage: its name, its cache key, a persisted result, and retries
+    when the tracking store's connection failed."""
+    return {"name": stage, "cache_policy": stage_cache(stage), "persist_result": True, **RETRY_ON_TRACKING_ERROR}
 
 
 # -- cached results -------------------------------------------------------------------------

@@ -48,6 +48,14 @@ def retry_on_tracking_error(task: Any, task_run: Any, state: Any) -> bool:
     return isinstance(exc, BaseException) and is_transient_tracking_error(exc)
 
 
+RETRY_ON_TRACKING_ERROR: dict[str, Any] = {
+    "retries": len(RETRY_DELAYS_S),
+    "retry_delay_seconds": RETRY_DELAYS_S,
+    "retry_condition_fn": retry_on_tracking_error,
+}
+"""The @task options of a stage that talks to the tracking store: retried only when its connection failed."""
+
+
 # -- handover types ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Checkpoint:

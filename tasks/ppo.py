@@ -63,8 +63,8 @@ from rlhf.ppo.resume import (
     step_of,
 )
 from rlhf.ppo.trainer import ALERT_KINDS, Alert, PPOTrainer, StepResult
-from tasks.caching import stage_cache
-from tasks.common import PPO, RETRY_DELAYS_S, Checkpoint, PPOResult, retry_on_tracking_error
+from tasks.caching import cached_stage
+from tasks.common import PPO, Checkpoint, PPOResult
 from tasks.launch import launch_stage
 
 SAMPLE_ROWS = 8
@@ -298,14 +298,7 @@ def publish_summary(alerts: list[Alert], final_uri: str, stopped_at: int | None,
     )
 
 
-@task(
-    name=PPO,
-    cache_policy=stage_cache(PPO),
-    persist_result=True,
-    retries=len(RETRY_DELAYS_S),
-    retry_delay_seconds=RETRY_DELAYS_S,
-    retry_condition_fn=retry_on_tracking_error,
-)
+@task(**cached_stage(PPO))
 def ppo_task(
     cfg: PipelineConfig, sft: Checkpoint, reward: Checkpoint, prompts_path: str, parent_run_id: str
 ) -> PPOResult:

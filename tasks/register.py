@@ -37,7 +37,7 @@ from rlhf.drift.lineage import BASELINE_TAG
 from rlhf.infra.integrity import MANIFEST
 from rlhf.infra.tracking import download, stage_run
 from rlhf.ppo.trainer import OPTIMIZER_FILE, RNG_FILE
-from tasks.common import REGISTER, RETRY_DELAYS_S, Evaluation, PPOResult, config_hash, retry_on_tracking_error
+from tasks.common import REGISTER, RETRY_ON_TRACKING_ERROR, Evaluation, PPOResult, config_hash
 
 TRAINING_ONLY_FILES = (OPTIMIZER_FILE, RNG_FILE, "training_args.bin", MANIFEST)
 """Files that resume or describe training but play no part in serving (not shipped with the model).
@@ -151,13 +151,7 @@ def run_register(
         return RegisteredVersion(cfg.registered_model, version, f"models:/{cfg.registered_model}/{version}")
 
 
-@task(
-    name=REGISTER,
-    cache_policy=NO_CACHE,
-    retries=len(RETRY_DELAYS_S),
-    retry_delay_seconds=RETRY_DELAYS_S,
-    retry_condition_fn=retry_on_tracking_error,
-)
+@task(name=REGISTER, cache_policy=NO_CACHE, **RETRY_ON_TRACKING_ERROR)
 def register_task(
     cfg: PipelineConfig, ppo: PPOResult, evaluation: Evaluation, fingerprints: dict[str, str], parent_run_id: str
 ) -> RegisteredVersion:

@@ -29,8 +29,8 @@ from rlhf.infra.distributed import device, is_distributed
 from rlhf.infra.hf_logging import MlflowStepLogger
 from rlhf.infra.progress import TrainerProgress
 from rlhf.infra.tracking import download, flatten, log_checkpoint, stage_run
-from tasks.caching import stage_cache
-from tasks.common import RETRY_DELAYS_S, REWARD, Checkpoint, retry_on_tracking_error, save_trained, trl_training_args
+from tasks.caching import cached_stage
+from tasks.common import REWARD, Checkpoint, save_trained, trl_training_args
 from tasks.launch import launch_stage
 
 
@@ -92,14 +92,7 @@ def heldout_accuracy(model, tokenizer, heldout_path: str) -> tuple[float, float]
     return (chosen > rejected).float().mean().item(), (chosen - rejected).mean().item()
 
 
-@task(
-    name=REWARD,
-    cache_policy=stage_cache(REWARD),
-    persist_result=True,
-    retries=len(RETRY_DELAYS_S),
-    retry_delay_seconds=RETRY_DELAYS_S,
-    retry_condition_fn=retry_on_tracking_error,
-)
+@task(**cached_stage(REWARD))
 def reward_task(
     cfg: PipelineConfig, sft: Checkpoint, preferences_path: str, heldout_path: str, parent_run_id: str
 ) -> Checkpoint:

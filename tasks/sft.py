@@ -23,8 +23,8 @@ from rlhf.data.loading import load_split
 from rlhf.infra.hf_logging import MlflowStepLogger
 from rlhf.infra.progress import TrainerProgress
 from rlhf.infra.tracking import flatten, log_checkpoint, stage_run
-from tasks.caching import stage_cache
-from tasks.common import RETRY_DELAYS_S, SFT, Checkpoint, retry_on_tracking_error, save_trained, trl_training_args
+from tasks.caching import cached_stage
+from tasks.common import SFT, Checkpoint, save_trained, trl_training_args
 from tasks.launch import launch_stage
 
 
@@ -78,14 +78,7 @@ def train_sft(cfg: PipelineConfig, base_model: str, sft_path: str) -> str | None
     return uri
 
 
-@task(
-    name=SFT,
-    cache_policy=stage_cache(SFT),
-    persist_result=True,
-    retries=len(RETRY_DELAYS_S),
-    retry_delay_seconds=RETRY_DELAYS_S,
-    retry_condition_fn=retry_on_tracking_error,
-)
+@task(**cached_stage(SFT))
 def sft_task(cfg: PipelineConfig, base_model: str, sft_path: str, parent_run_id: str) -> Checkpoint:
     """Supervised fine-tuning."""
     return run_sft(cfg, base_model, sft_path, parent_run_id)

@@ -30,8 +30,8 @@ from rlhf.infra.security import scan_pii
 from rlhf.infra.tracking import flatten, stage_run
 from rlhf.validation import checks
 from rlhf.validation.suite import TEXT_COLUMNS, CheckFailure, data_docs_html, failures, is_text, run_suite
-from tasks.caching import stage_cache
-from tasks.common import RETRY_DELAYS_S, VALIDATE, retry_on_tracking_error
+from tasks.caching import cached_stage
+from tasks.common import VALIDATE
 
 __all__ = [
     "DataKind",
@@ -323,14 +323,7 @@ def _publish_prefect_table(reports: dict[str, ValidationReport], errors: list[st
         create_table_artifact(table=table, key="validation-summary", description="Validated data splits")
 
 
-@task(
-    name=VALIDATE,
-    cache_policy=stage_cache(VALIDATE),
-    persist_result=True,
-    retries=len(RETRY_DELAYS_S),
-    retry_delay_seconds=RETRY_DELAYS_S,
-    retry_condition_fn=retry_on_tracking_error,
-)
+@task(**cached_stage(VALIDATE))
 def validate_task(
     cfg: PipelineConfig, paths: dict[str, str], out_dir: str, parent_run_id: str, tokenizer_path: str | None = None
 ) -> ValidatedData:
