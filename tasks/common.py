@@ -1,5 +1,6 @@
-"""What the stages share: their names, the references they hand each other, retry settings,
-and the training arguments and save protocol of the two TRL-trained stages (SFT, reward model).
+"""What the stages share: their names, the references they hand each other, retry settings, the
+pipeline's parent run, and the training arguments and save protocol of the two TRL-trained
+stages (SFT, reward model).
 
 Stages hand each other references (MLflow run ids, artifact URIs), never live objects,
 so any stage can be re-run or resumed alone.
