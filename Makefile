@@ -32,7 +32,7 @@ drift-demo: install  ## After `make demo`: simulate a clean and a drifted (new_i
 	rm -rf $(DRIFT_DEMO)
 	$(BIN)/rlhf traffic --kind clean --out $(DRIFT_DEMO)
 	$(BIN)/rlhf traffic --kind new_intent --out $(DRIFT_DEMO)
-	$(BIN)/rlhf monitor --traffic '$(DRIFT_DEMO)/window_*.jsonl' --all --force $(ARGS)
+	$(BIN)/rlhf monitor --traffic '$(DRIFT_DEMO)/window_*.jsonl' --all --force --report $(ARGS)
 
 test: install  ## The full test suite
 	$(BIN)/pytest $(PYTEST_ARGS)

@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--all", action="store_true", help="monitor every window of the glob, in order")
     monitor.add_argument("--force", action="store_true", help="measure windows that were monitored already again")
     monitor.add_argument("--fail-on-alert", action="store_true", help="exit 1 when a window alerts")
+    monitor.add_argument(
+        "--report", action="store_true", help="also print each window's full diagnosis report (markdown)"
+    )
     add_config_options(monitor, "monitor.min_rows=50")
 
     traffic = sub.add_parser(
@@ -150,7 +153,7 @@ def run_stage(stage: str, spec: dict[str, Any]) -> Any:
     cfg = PipelineConfig.model_validate(spec["config"])
     mlflow.set_tracking_uri(spec["tracking_uri"])
     logs_here = distributed.is_main_process() and spec["run_id"]
-    with mlflow.start_run(run_id=spec["run_id"]) if logs_here else nullcontext():
+    with mlflow.start_run(run_id=spec["run_id"], log_system_metrics=True) if logs_here else nullcontext():
         return stage_function(cfg, **spec["args"])
 
 
@@ -249,8 +252,9 @@ def monitored_overrides(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
-def check_monitored_version(cfg: Any) -> None:
-    """Fail before Prefect starts when the monitored version (cfg: MonitorConfig) or its baseline is missing."""
+def check_monitored_version(cfg: Any) -> Any:
+    """Fail before Prefect starts when the monitored version (cfg: MonitorConfig) or its baseline is missing;
+    returns its lineage."""
     import mlflow
 
     from rlhf.drift.lineage import LineageError, resolve_lineage
@@ -264,6 +268,7 @@ def check_monitored_version(cfg: Any) -> None:
             f"{lineage.model_name} v{lineage.version} has no drift baseline (tag baseline.uri): register it with "
             "`rlhf run`, which computes one, or monitor another version with --alias / --set monitor.version=N"
         )
+    return lineage
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:
@@ -288,17 +293,26 @@ def cmd_monitor(args: argparse.Namespace) -> int:
             f"window {cfg.monitor.window_index} is past the {len(files)} windows matching {cfg.monitor.traffic!r}: "
             f"pass --window 0..{len(files) - 1}, or leave it out for the latest"
         )
-    check_monitored_version(cfg.monitor)
+    lineage = check_monitored_version(cfg.monitor)
     windows = (
         [load_config(args.config, [*overrides, f"monitor.window_index={i}"]).monitor for i in range(len(files))]
         if args.all
         else [cfg.monitor]
     )
+    from tasks.monitor import find_window, read_window
+
+    for window in windows:  # a window the monitor cannot use fails here, in one line, before Prefect starts
+        try:
+            read_window(find_window(window).path, lineage.version, window.min_rows)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     from flows.monitor import drift_monitor
 
     results = [drift_monitor(window) for window in windows]
     for result in results:
         print(monitor_summary(result, cfg.monitor.experiment))
+        if args.report and result.report_markdown:
+            print(f"\n{result.report_markdown}")
     alerted = [r for r in results if r.alert]
     return 1 if alerted and args.fail_on_alert else 0
 
