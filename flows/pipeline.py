@@ -78,7 +78,7 @@ def rlhf_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineResult:
             logger.info("Unchanged inputs and code: reused the results of %s", ", ".join(cached))
         evaluation = evaluate_task(config, sft, reward, ppo, data.paths["heldout_prompts"], parent_id)
         mlflow.log_metrics(evaluation.metrics)
-        version = register_task(config, ppo, evaluation, data.fingerprints, parent_id)
+        version = register_task(config, ppo, evaluation, data.fingerprints, parent_id, reward)
         mlflow.set_tags({"registry.version": version.version, "registry.reused": str(version.reused).lower()})
         if version.baseline_uri is None:  # a version reused from an earlier run keeps its baseline
             baseline_task(

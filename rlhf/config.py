@@ -452,6 +452,10 @@ class PromotionConfig(_Section):
 class PipelineConfig(_Section):
     experiment: str = Field("rlhf", description="MLflow experiment name")
     registered_model: str = Field("rlhf-policy", description="MLflow registered model for the policy")
+    registered_reward_model: str = Field(
+        "rlhf-reward",
+        description="MLflow registered model for the reward model (each policy version's tag lineage.reward_model points to its version)",
+    )
     seed: int = Field(0, description="Seed for data, initialisation and sampling")
     output_dir: str = Field("outputs", description="Local folder for checkpoints and data of each run")
     data: DataConfig = DataConfig()
