@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class _Section(BaseModel):
@@ -345,6 +345,12 @@ class MonitorConfig(_Section):
         None,
         description="On an alert, start this Prefect deployment ('flow-name/deployment-name', e.g. the training pipeline's)",
     )
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version_as_text(cls, value: Any) -> Any:
+        """`--set monitor.version=3` and YAML `version: 3` give an int: registry versions are numbers."""
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _check_alpha(self) -> MonitorConfig:

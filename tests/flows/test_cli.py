@@ -57,6 +57,12 @@ def store(empty_store, tmp_path, monkeypatch):
     mlflow.set_tracking_uri(None)
 
 
+def test_a_monitored_version_may_be_given_as_a_number():
+    from rlhf.config import load_config
+
+    assert load_config(None, ["monitor.version=3"]).monitor.version == "3"  # YAML reads 3 as an int
+
+
 def test_drift_kind_choices_are_the_simulators():
     assert DRIFT_KIND_CHOICES == DRIFT_KINDS
 
