@@ -13,7 +13,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export GX_ANALYTICS_ENABLED := false
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast lint format mlflow-ui prefect-ui clean
+.PHONY: install demo drift-demo test test-fast lint format mlflow-ui prefect-ui clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,14 @@ install: $(VENV)/.installed
 
 demo: install  ## Run the whole pipeline on the embedded default and print the evaluation
 	$(BIN)/rlhf run $(ARGS)
+
+DRIFT_DEMO := traffic/drift-demo
+
+drift-demo: install  ## After `make demo`: simulate a clean and a drifted (new_intent) window, monitor both, print the reports
+	rm -rf $(DRIFT_DEMO)
+	$(BIN)/rlhf traffic --kind clean --out $(DRIFT_DEMO)
+	$(BIN)/rlhf traffic --kind new_intent --out $(DRIFT_DEMO)
+	$(BIN)/rlhf monitor --traffic '$(DRIFT_DEMO)/window_*.jsonl' --all --force --report $(ARGS)
 
 test: install  ## The full test suite
 	$(BIN)/pytest $(PYTEST_ARGS)

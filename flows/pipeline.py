@@ -89,7 +89,7 @@ def rlhf_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineResult:
             config, sft, reward, ppo, data.paths["heldout_prompts"], parent_id, heldout_reward=judge
         )
         mlflow.log_metrics(evaluation.metrics)
-        version = register_task(config, ppo, evaluation, data.fingerprints, parent_id)
+        version = register_task(config, ppo, evaluation, data.fingerprints, parent_id, reward)
         mlflow.set_tags({"registry.version": version.version, "registry.reused": str(version.reused).lower()})
         if version.baseline_uri is None:  # a version reused from an earlier run keeps its baseline
             baseline_task(

@@ -1,5 +1,5 @@
 """`rlhf`: the command-line entry point, the top layer (run the pipeline, validate data,
-one process of a launched training stage).
+monitor drift, simulate traffic, promote and roll back, one process of a launched training stage).
 
 Errors the user can fix are printed as one line naming the fix, with exit status 2;
 anything else is a bug and keeps its traceback. Commands import what they run inside
@@ -15,10 +15,34 @@ from typing import Any
 from rlhf.config import ConfigError
 from rlhf.infra.env import quiet_defaults
 
+DRIFT_KIND_CHOICES = (
+    "clean",
+    "new_intent",
+    "paraphrase",
+    "adversarial",
+    "long_prompts",
+    "degraded_policy",
+    "reward_hacking",
+)
+"""rlhf.builtin.traffic.DRIFT_KINDS, spelled out so `rlhf --help` answers without importing torch (a test keeps them equal)."""
+
 UI_HINT = """\
 Open the results:
   MLflow UI:  make mlflow-ui   then http://127.0.0.1:5000  (runs, metrics, checkpoints, registry)
   Prefect UI: make prefect-ui  then http://127.0.0.1:4200  (flow runs, task states, artifacts)"""
+
+
+def add_config_options(parser: argparse.ArgumentParser, example: str) -> None:
+    """--config FILE and repeatable --set KEY=VALUE, as every command that reads the config tree takes them."""
+    parser.add_argument("--config", help="YAML config file (see configs/); defaults run the CPU demo")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override one option, e.g. --set {example} (repeatable; see rlhf/config.py)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,15 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the training pipeline (validate, SFT, reward model, PPO, evaluate, register)")
-    run.add_argument("--config", help="YAML config file (see configs/); defaults run the CPU demo")
-    run.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one option, e.g. --set ppo.steps=10 (repeatable)",
-    )
+    add_config_options(run, "ppo.steps=10")
     run.add_argument("--data", help="data folder (shortcut for --set data.source=DIR)")
     run.add_argument("--base-model", help="Hugging Face name or local path of the base model")
 
@@ -44,6 +60,72 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--config", help="YAML config file whose validation thresholds to use")
     validate.add_argument("--tokenizer", help="tokenizer name or path for the token-length bounds (skipped without)")
     validate.add_argument("--report-dir", help="also write the GX result (JSON) and Data Docs (HTML) here")
+
+    monitor = sub.add_parser(
+        "monitor",
+        help="test traffic windows against the champion's baseline; print the signals, the alert and the likely cause",
+        description="Drift monitoring (docs/monitoring.md): measures a traffic window against the monitored version's "
+        "baseline, logs drift/* to the MLflow experiment rlhf-monitoring, prints each signal, the alert and its "
+        "likely cause. Exit 0, or 1 on an alert with --fail-on-alert.",
+    )
+    monitor.add_argument(
+        "--traffic", help="JSONL window file, glob of them or folder (default: monitor.traffic, traffic/window_*.jsonl)"
+    )
+    monitor.add_argument("--model", help="registered policy model (default: monitor.registered_model, rlhf-policy)")
+    monitor.add_argument("--alias", help="registry alias of the monitored version (default: monitor.alias, champion)")
+    which = monitor.add_mutually_exclusive_group()
+    which.add_argument("--window", type=int, metavar="N", help="monitor window N of the sorted glob (default: latest)")
+    which.add_argument("--all", action="store_true", help="monitor every window of the glob, in order")
+    monitor.add_argument("--force", action="store_true", help="measure windows that were monitored already again")
+    monitor.add_argument("--fail-on-alert", action="store_true", help="exit 1 when a window alerts")
+    monitor.add_argument(
+        "--report", action="store_true", help="also print each window's full diagnosis report (markdown)"
+    )
+    add_config_options(monitor, "monitor.min_rows=50")
+
+    traffic = sub.add_parser(
+        "traffic",
+        help="simulate production-traffic windows of the built-in task, answered by the champion",
+        description="Writes window_NNNN.jsonl files (the traffic contract) for the built-in support task, numbered "
+        "after those already in --out. The monitored version (the champion by default) answers the prompts; its "
+        "reward model picks the reward_hacking responses. --kind clean writes undrifted windows.",
+    )
+    traffic.add_argument("--kind", required=True, choices=DRIFT_KIND_CHOICES, help="the drift to inject")
+    traffic.add_argument(
+        "--magnitude", type=float, default=0.3, help="share of each window's rows that drift, in [0, 1] (default 0.3)"
+    )
+    traffic.add_argument("--rows", type=int, default=500, help="rows per window (default 500)")
+    traffic.add_argument("--windows", type=int, default=1, help="how many windows to write (default 1)")
+    traffic.add_argument("--out", default="traffic", help="folder of the window files (default: traffic)")
+    traffic.add_argument("--model", help="registered policy model (default: monitor.registered_model, rlhf-policy)")
+    traffic.add_argument("--alias", help="registry alias of the version that answers (default: champion)")
+    traffic.add_argument("--seed", type=int, default=0, help="seed of prompts, sampling and feedback (default 0)")
+    add_config_options(traffic, "monitor.version=3")
+
+    promote = sub.add_parser(
+        "promote",
+        help="gate a registered policy version and make it champion if every gate passes",
+        description="Runs the promote flow (docs/evaluation.md): checks each gate on the version's tags, prints "
+        "each verdict; on a pass moves the alias champion to it and previous-champion to the old champion. "
+        "Exit 0 when the version is champion, 1 when a gate (or the reviewer) refused it.",
+    )
+    promote.add_argument("version", nargs="?", default="latest", help="version number, or latest (default)")
+    promote.add_argument("--model", default=None, help="registered model (default: registered_model, rlhf-policy)")
+    promote.add_argument(
+        "--require-approval",
+        action="store_true",
+        help="pause for a reviewer's approval in the Prefect UI before moving champion (needs a Prefect server)",
+    )
+    add_config_options(promote, "promotion.max_kl=8")
+
+    rollback = sub.add_parser(
+        "rollback",
+        help="move the champion alias back to the previous champion",
+        description="Runs the rollback flow (docs/evaluation.md): champion moves to previous-champion, which "
+        "steps one further back.",
+    )
+    rollback.add_argument("--model", default=None, help="registered model (default: registered_model, rlhf-policy)")
+    add_config_options(rollback, "promotion.lock_timeout_s=30")
     stage = sub.add_parser(
         "train-stage", help="one process of a training stage started by torchrun/accelerate launch (tasks/launch.py)"
     )
@@ -71,7 +153,7 @@ def run_stage(stage: str, spec: dict[str, Any]) -> Any:
     cfg = PipelineConfig.model_validate(spec["config"])
     mlflow.set_tracking_uri(spec["tracking_uri"])
     logs_here = distributed.is_main_process() and spec["run_id"]
-    with mlflow.start_run(run_id=spec["run_id"]) if logs_here else nullcontext():
+    with mlflow.start_run(run_id=spec["run_id"], log_system_metrics=True) if logs_here else nullcontext():
         return stage_function(cfg, **spec["args"])
 
 
@@ -147,6 +229,211 @@ def promotion_summary(outcome: Any) -> str:
     return "\n".join(lines)
 
 
+def quoted(value: str) -> str:
+    """A --set value that YAML reads back as exactly this string (a glob may start with '*', a name look like a number)."""
+    import json
+
+    return json.dumps(value)
+
+
+def monitored_overrides(args: argparse.Namespace) -> list[str]:
+    """--set overrides plus the monitor section's shortcuts (--traffic, --model, --alias) a command was given."""
+    from pathlib import Path
+
+    overrides = list(args.overrides)
+    traffic = getattr(args, "traffic", None)
+    if traffic:
+        glob = str(Path(traffic) / "*.jsonl") if Path(traffic).is_dir() else traffic
+        overrides.append(f"monitor.traffic={quoted(glob)}")
+    if args.model:
+        overrides.append(f"monitor.registered_model={quoted(args.model)}")
+    if args.alias:
+        overrides.append(f"monitor.alias={quoted(args.alias)}")
+    return overrides
+
+
+def check_monitored_version(cfg: Any) -> Any:
+    """Fail before Prefect starts when the monitored version (cfg: MonitorConfig) or its baseline is missing;
+    returns its lineage."""
+    import mlflow
+
+    from rlhf.drift.lineage import LineageError, resolve_lineage
+    from rlhf.infra.tracking import check_tracking_store, tracking_uri
+
+    check_tracking_store()
+    mlflow.set_tracking_uri(tracking_uri())
+    lineage = resolve_lineage(mlflow.MlflowClient(), cfg.registered_model, cfg.version, cfg.alias)
+    if lineage.baseline_uri is None:
+        raise LineageError(
+            f"{lineage.model_name} v{lineage.version} has no drift baseline (tag baseline.uri): register it with "
+            "`rlhf run`, which computes one, or monitor another version with --alias / --set monitor.version=N"
+        )
+    return lineage
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    import glob
+
+    from rlhf.config import load_config
+
+    overrides = monitored_overrides(args)
+    if args.force:
+        overrides.append("monitor.force=true")
+    if args.window is not None:
+        overrides.append(f"monitor.window_index={args.window}")
+    cfg = load_config(args.config, overrides)
+    files = sorted(glob.glob(cfg.monitor.traffic))
+    if not files:
+        raise ConfigError(
+            f"no traffic window matches {cfg.monitor.traffic!r}: simulate some with `rlhf traffic --kind new_intent` "
+            "(after `make demo`), or pass --traffic PATH_OR_GLOB of your JSONL windows"
+        )
+    if cfg.monitor.window_index is not None and cfg.monitor.window_index >= len(files):
+        raise ConfigError(
+            f"window {cfg.monitor.window_index} is past the {len(files)} windows matching {cfg.monitor.traffic!r}: "
+            f"pass --window 0..{len(files) - 1}, or leave it out for the latest"
+        )
+    lineage = check_monitored_version(cfg.monitor)
+    windows = (
+        [load_config(args.config, [*overrides, f"monitor.window_index={i}"]).monitor for i in range(len(files))]
+        if args.all
+        else [cfg.monitor]
+    )
+    from tasks.monitor import find_window, read_window
+
+    for window in windows:  # a window the monitor cannot use fails here, in one line, before Prefect starts
+        try:
+            read_window(find_window(window).path, lineage.version, window.min_rows)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    from flows.monitor import drift_monitor
+
+    results = [drift_monitor(window) for window in windows]
+    for result in results:
+        print(monitor_summary(result, cfg.monitor.experiment))
+        if args.report and result.report_markdown:
+            print(f"\n{result.report_markdown}")
+    alerted = [r for r in results if r.alert]
+    return 1 if alerted and args.fail_on_alert else 0
+
+
+def monitor_summary(result: Any, experiment: str) -> str:
+    """One window's verdict (tasks.monitor.MonitorResult): each signal, the alert and its likely cause, where it is logged."""
+    from rlhf.drift.diagnosis import CAUSE_TITLES
+
+    head = f"\n{result.model_name} v{result.version}, window {result.window_index} ({result.window_path})"
+    if result.skipped:
+        return f"{head}: monitored already (its run is in the series {result.series_run_id}); pass --force to measure it again"
+    verdict = f"ALERT, likely cause: {CAUSE_TITLES[result.cause]}" if result.alert else "no drift"
+    lines = [
+        f"{head}: {verdict}",
+        f"  {'signal':<22} {'category':<9} {'value':>9} {'threshold':>9} {'p-value':>8}  breached",
+    ]
+    for s in result.signals:
+        p = "" if s.pvalue is None else f"{s.pvalue:.2g}"
+        lines.append(
+            f"  {s.name:<22} {s.category:<9} {s.value:>9.4f} {s.threshold:>9g} {p:>8}  {'YES' if s.breached else 'no'}"
+        )
+    if result.alert:
+        lines += ["Evidence:"] + [f"  - {s.summary}" for s in result.signals if s.breached]
+    n = sum(1 for k in result.metrics if k.startswith("drift/"))
+    lines.append(
+        f"{n} drift/* metrics logged to MLflow run {result.run_id} (experiment {experiment}); "
+        f"report: runs:/{result.run_id}/report/diagnosis.md"
+    )
+    return "\n".join(lines)
+
+
+def cmd_traffic(args: argparse.Namespace) -> int:
+    from rlhf.config import load_config
+
+    if not 0.0 <= args.magnitude <= 1.0:
+        raise ConfigError(f"--magnitude {args.magnitude} is the share of rows that drift: pass a value in [0, 1]")
+    if args.windows < 1:
+        raise ConfigError(f"--windows {args.windows}: pass 1 or more")
+    cfg = load_config(args.config, monitored_overrides(args))
+    if args.rows < cfg.monitor.min_rows:
+        raise ConfigError(
+            f"--rows {args.rows} is below monitor.min_rows={cfg.monitor.min_rows}, the fewest rows the monitor accepts: "
+            f"pass --rows {cfg.monitor.min_rows} or more (or --set monitor.min_rows=N)"
+        )
+    check_monitored_version(cfg.monitor)
+    from tasks.monitor import simulate_traffic
+
+    paths = simulate_traffic(cfg.monitor, args.kind, args.magnitude, args.rows, args.windows, args.out, args.seed)
+    print("\n".join(str(p) for p in paths))
+    print(f"Monitor the latest window: rlhf monitor --traffic '{args.out}/window_*.jsonl' (--all for every window)")
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from rlhf.config import load_config
+
+    if args.version != "latest" and not args.version.isdigit():
+        raise ConfigError(f"version {args.version!r} is not a version number: pass one (e.g. 3), or latest")
+    overrides = [*args.overrides, *(["promotion.require_approval=true"] if args.require_approval else [])]
+    cfg = load_config(args.config, overrides)
+    name = args.model or cfg.registered_model
+    client = registry_client()
+    from mlflow.exceptions import MlflowException
+
+    from rlhf.registry.promotion import PromotionError, resolve_version
+
+    version = resolve_version(client, name, args.version)
+    try:
+        client.get_model_version(name, version)
+    except MlflowException:
+        raise PromotionError(
+            f"{name} has no version {version}: pass a registered version, or latest (the newest)"
+        ) from None
+    if cfg.promotion.require_approval:
+        from prefect.settings import PREFECT_API_URL
+
+        if not PREFECT_API_URL.value():
+            raise ConfigError(
+                "--require-approval waits for a reviewer in the Prefect UI, and no Prefect server is set: start one "
+                "(make serve) and set PREFECT_API_URL, or leave --require-approval out"
+            )
+    from flows.promote import promote
+
+    outcome = promote(name, version, cfg.promotion)
+    print(promotion_summary(outcome))
+    return 0 if outcome.promoted or outcome.status == "champion" else 1
+
+
+def registry_client() -> Any:
+    """An MlflowClient on the tracking store, after checking it is reachable."""
+    import mlflow
+
+    from rlhf.infra.tracking import check_tracking_store, tracking_uri
+
+    check_tracking_store()
+    mlflow.set_tracking_uri(tracking_uri())
+    return mlflow.MlflowClient()
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from rlhf.config import load_config
+    from rlhf.registry.promotion import CHAMPION, PREVIOUS_CHAMPION, PromotionError, registry_aliases
+
+    cfg = load_config(args.config, args.overrides)
+    name = args.model or cfg.registered_model
+    aliases = registry_aliases(registry_client(), name)
+    if CHAMPION not in aliases or PREVIOUS_CHAMPION not in aliases:
+        raise PromotionError(
+            f"{name} has no {'champion' if CHAMPION not in aliases else 'previous champion'} to roll back to: "
+            "promote the version you want with `rlhf promote VERSION`"
+        )
+    from flows.promote import rollback
+
+    outcome = rollback(name, cfg.promotion)
+    print(
+        f"{name}: champion rolled back from v{outcome.rolled_back} to v{outcome.champion} "
+        f"(previous-champion: {('v' + outcome.previous_champion) if outcome.previous_champion else 'none'})"
+    )
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from rlhf.config import load_config
     from tasks.validate import validate_command
@@ -161,13 +448,33 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_defaults()
     from rlhf.data.loading import DataError
+    from rlhf.drift.lineage import LineageError
     from rlhf.infra.integrity import CheckpointCorrupted
     from rlhf.infra.tracking import TrackingUnavailable
+    from rlhf.registry.promotion import PromotionError
     from tasks.validate import ValidationFailed
 
+    commands = {
+        "run": cmd_run,
+        "validate": cmd_validate,
+        "monitor": cmd_monitor,
+        "traffic": cmd_traffic,
+        "promote": cmd_promote,
+        "rollback": cmd_rollback,
+        "train-stage": cmd_train_stage,
+    }
+    user_errors = (
+        ConfigError,
+        DataError,
+        ValidationFailed,
+        TrackingUnavailable,
+        CheckpointCorrupted,
+        LineageError,
+        PromotionError,
+    )
     try:
-        return {"run": cmd_run, "validate": cmd_validate, "train-stage": cmd_train_stage}[args.command](args)
-    except (ConfigError, DataError, ValidationFailed, TrackingUnavailable, CheckpointCorrupted) as e:
+        return commands[args.command](args)
+    except user_errors as e:
         print(f"rlhf: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

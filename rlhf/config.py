@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class _Section(BaseModel):
@@ -354,6 +354,12 @@ class MonitorConfig(_Section):
         description="On an alert, start this Prefect deployment ('flow-name/deployment-name', e.g. the training pipeline's)",
     )
 
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version_as_text(cls, value: Any) -> Any:
+        """`--set monitor.version=3` and YAML `version: 3` give an int: registry versions are numbers."""
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
     @model_validator(mode="after")
     def _check_alpha(self) -> MonitorConfig:
         if 1.0 / (self.mmd_permutations + 1) >= self.thresholds.alpha:
@@ -460,6 +466,10 @@ class PromotionConfig(_Section):
 class PipelineConfig(_Section):
     experiment: str = Field("rlhf", description="MLflow experiment name")
     registered_model: str = Field("rlhf-policy", description="MLflow registered model for the policy")
+    registered_reward_model: str = Field(
+        "rlhf-reward",
+        description="MLflow registered model for the reward model (each policy version's tag lineage.reward_model points to its version)",
+    )
     seed: int = Field(0, description="Seed for data, initialisation and sampling")
     output_dir: str = Field("outputs", description="Local folder for checkpoints and data of each run")
     data: DataConfig = DataConfig()

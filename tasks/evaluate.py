@@ -56,7 +56,7 @@ from rlhf.evaluation.violations import is_refusal, violations
 from rlhf.infra.distributed import device as distributed_device
 from rlhf.infra.progress import in_prefect_run
 from rlhf.infra.security import redact_columns
-from rlhf.infra.tracking import download, stage_run
+from rlhf.infra.tracking import checkpoint_model_id, download, stage_run
 from rlhf.registry.promotion import CHAMPION, registry_aliases
 from rlhf.rl.losses import logprobs_from_logits
 from tasks.common import EVALUATE, Checkpoint, Evaluation, PPOResult
@@ -185,7 +185,9 @@ def run_evaluate(
     """Choose the best PPO checkpoint on the selection split, flag hacking, judge it on the test split."""
     diagnostics = diagnostics or cfg.diagnostics
     task = task_knowledge(cfg.data)
-    with stage_run(parent_run_id, EVALUATE, {"eval.ppo_run_id": ppo.final.run_id}) as run:
+    with stage_run(
+        parent_run_id, EVALUATE, {"eval.ppo_run_id": ppo.final.run_id}, {"heldout_prompts": heldout_prompts_path}
+    ) as run:
         device = distributed_device()
         sft_dir, rm_dir = str(download(sft.uri)), str(download(reward.uri))
         tokenizer = load_tokenizer(sft_dir)
@@ -224,8 +226,10 @@ def run_evaluate(
             )
             del model
         flags = hacking_flags(series, diagnostics, judge_is_proxy=judge.kind == "reward_model")
-        for point in series:
-            mlflow.log_metrics(selection_metrics(point, flags[point.step]), step=point.step)
+        measured = {0: (sft.uri, sft.run_id), **{s: (u, ppo.final.run_id) for s, u in ppo.checkpoints.items()}}
+        for point in series:  # each checkpoint's metrics linked to its LoggedModel
+            model_id = checkpoint_model_id(*measured[point.step])
+            mlflow.log_metrics(selection_metrics(point, flags[point.step]), step=point.step, model_id=model_id)
 
         # 2. Choose on the judge within the KL budget; plot gold/proxy against sqrt(KL).
         # SFT competes only where PPO logged it as its step-0 checkpoint: then "no PPO step helped" can win.
@@ -267,7 +271,7 @@ def run_evaluate(
             "eval.champion_version": champion[0] if champion else "none",
             **flag_tags(chosen_flags, run_flags),
         }
-        mlflow.log_metrics(metrics)
+        mlflow.log_metrics(metrics, model_id=checkpoint_model_id(chosen.uri, chosen.run_id))
         mlflow.set_tags(tags)
         table = redact_columns(sample_table(prompts, ours, base, theirs, task))  # no PII in logged samples
         mlflow.log_table(table, artifact_file="eval/samples.json")

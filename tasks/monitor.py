@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import glob
 import random
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from prefect.cache_policies import NO_CACHE
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from models.loading import load_causal_lm, load_reward_model, load_tokenizer
+from rlhf.builtin import traffic as simulator
 from rlhf.builtin.task import SUPPORT_TASK
 from rlhf.config import MonitorConfig
 from rlhf.data.loading import load_standard
@@ -98,6 +100,8 @@ class MonitorResult:
     run_id: str | None = None
     series_run_id: str | None = None
     report_markdown: str = ""
+    signals: tuple[Signal, ...] = ()
+    """Every drift test of the window, breached or not (what `rlhf monitor` prints)."""
 
 
 def find_window(cfg: MonitorConfig) -> TrafficWindow:
@@ -105,8 +109,8 @@ def find_window(cfg: MonitorConfig) -> TrafficWindow:
     files = sorted(glob.glob(cfg.traffic))
     if not files:
         raise FileNotFoundError(
-            f"no traffic window matches {cfg.traffic!r}: write JSONL windows there (e.g. python -m rlhf.builtin.traffic) "
-            "or set MonitorConfig.traffic to their glob"
+            f"no traffic window matches {cfg.traffic!r}: simulate some with `rlhf traffic --kind new_intent` "
+            "(writes traffic/window_NNNN.jsonl) or point --traffic (monitor.traffic) at your JSONL windows"
         )
     index = len(files) - 1 if cfg.window_index is None else cfg.window_index
     if index >= len(files):
@@ -353,6 +357,7 @@ def run_monitor(cfg: MonitorConfig, models: MonitorModels | None = None) -> Moni
         run_id=run.info.run_id,
         series_run_id=series_id,
         report_markdown=markdown,
+        signals=tuple(analysis.signals),
     )
 
 
@@ -377,6 +382,36 @@ def write_report(
         (Path(tmp) / "diagnosis.md").write_text(markdown)
         mlflow.log_artifacts(tmp, REPORT_ARTIFACT)
     return markdown
+
+
+def simulate_traffic(
+    cfg: MonitorConfig, kind: str, magnitude: float, rows: int, windows: int, out_dir: str | Path, seed: int = 0
+) -> list[Path]:
+    """Simulated windows of the built-in task answered by the monitored version (the champion by default).
+
+    The version's lineage gives the policy and reward model (rlhf/drift/lineage.py); responses are sampled as
+    its baseline was (same max_new_tokens and temperature), so a clean window matches the baseline. The
+    windows are numbered after those already in out_dir, so the monitor's "latest window" is the newest.
+    """
+    models = load_models(cfg)
+    generation = models.baseline.profile["generation"]
+    pools = simulator.build_pools(
+        models.policy,
+        models.reward_model,
+        models.tokenizer,
+        clean_size=min(1500, max(300, rows)),
+        drift_size=min(400, max(120, rows // 2)),
+        seed=seed,
+        max_new_tokens=int(generation["max_new_tokens"]),
+        temperature=float(generation["temperature"]),
+        batch_size=cfg.batch_size,
+        kinds=tuple(dict.fromkeys(("clean", kind))),
+    )
+    taken = [re.fullmatch(r"window_(\d+)\.jsonl", f.name) for f in Path(out_dir).glob("window_*.jsonl")]
+    first = max((int(m.group(1)) for m in taken if m), default=-1) + 1
+    return simulator.write_windows(
+        out_dir, [kind] * windows, pools, magnitude, rows, seed, models.lineage.version, first_index=first
+    )
 
 
 @task(name="monitor-window", cache_policy=NO_CACHE)

@@ -110,7 +110,11 @@ def run_ppo(
         return PPOResult.from_json(launch_stage(PPO, cfg, None, args))
     key = resume_key(cfg, sft, reward, prompts_path)
     local_root = Path(cfg.output_dir).resolve() / LOCAL_CHECKPOINT_DIR / key[:16]
-    with stage_run(parent_run_id, PPO, flatten({"ppo": cfg.ppo.model_dump()})) as run, live_run(run.info.run_id):
+    params = flatten({"ppo": cfg.ppo.model_dump()})
+    with (
+        stage_run(parent_run_id, PPO, params, {"prompts": prompts_path}, system_metrics=True) as run,
+        live_run(run.info.run_id),
+    ):
         inputs = {"sft_run_id": sft.run_id, "reward_run_id": reward.run_id}
         log_params({**inputs, "sft_uri": sft.uri, "reward_uri": reward.uri})
         mlflow.set_tags(

@@ -37,7 +37,7 @@ from rlhf.drift.lineage import BASELINE_TAG
 from rlhf.infra.integrity import MANIFEST
 from rlhf.infra.tracking import download, stage_run
 from rlhf.ppo.trainer import OPTIMIZER_FILE, RNG_FILE
-from tasks.common import REGISTER, RETRY_ON_TRACKING_ERROR, Evaluation, PPOResult, config_hash
+from tasks.common import REGISTER, RETRY_ON_TRACKING_ERROR, Checkpoint, Evaluation, PPOResult, config_hash
 
 TRAINING_ONLY_FILES = (OPTIMIZER_FILE, RNG_FILE, "training_args.bin", MANIFEST)
 """Files that resume or describe training but play no part in serving (not shipped with the model).
@@ -84,6 +84,29 @@ def registered_version(name: str, checkpoint_uri: str, cfg_hash: str) -> Registe
     return None
 
 
+def register_reward_model(name: str, reward: Checkpoint) -> str:
+    """The reward stage's checkpoint as a version of `name` (once: a reward stage reused from the cache keeps
+    its version); returns the version number."""
+    client = MlflowClient()
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        versions = []
+    for v in versions:
+        if (v.tags or {}).get("lineage.checkpoint_uri") == reward.uri:
+            return str(v.version)
+    if not versions:
+        try:
+            client.create_registered_model(name, description="Bradley-Terry reward models of the RLHF pipeline")
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":  # another pipeline created it meanwhile
+                raise
+    tags = {"lineage.checkpoint_uri": reward.uri, "lineage.reward_run_id": reward.run_id}
+    return str(client.create_model_version(name, source=reward.uri, run_id=reward.run_id, tags=tags).version)
+
+
 def servable_copy(checkpoint_dir: Path) -> Path:
     """A copy of a checkpoint folder without its training-only state (optimizer, RNG)."""
     out = Path(tempfile.mkdtemp(prefix="rlhf-servable-")) / "policy"
@@ -119,9 +142,17 @@ def version_tags(
 
 
 def run_register(
-    cfg: PipelineConfig, ppo: PPOResult, evaluation: Evaluation, fingerprints: dict[str, str], parent_run_id: str
+    cfg: PipelineConfig,
+    ppo: PPOResult,
+    evaluation: Evaluation,
+    fingerprints: dict[str, str],
+    parent_run_id: str,
+    reward: Checkpoint | None = None,
 ) -> RegisteredVersion:
-    """Log the chosen checkpoint as a pyfunc model and register a new version of it (or return the one holding it)."""
+    """Log the chosen checkpoint as a pyfunc model and register a new version of it (or return the one holding it).
+
+    With ``reward``, the reward model is registered too (``cfg.registered_reward_model``) and the policy version's
+    tag ``lineage.reward_model`` names its version (``models:/rlhf-reward/N``)."""
     existing = registered_version(cfg.registered_model, evaluation.checkpoint.uri, config_hash(cfg))
     if existing is not None:
         get_logger(__name__).info(
@@ -145,6 +176,10 @@ def run_register(
             input_example=(example, serving_params),
         )
         tags = version_tags(cfg, ppo, evaluation, fingerprints, parent_run_id, validation_status(parent_run_id))
+        if reward is not None:
+            reward_version = register_reward_model(cfg.registered_reward_model, reward)
+            tags["lineage.reward_model"] = f"models:/{cfg.registered_reward_model}/{reward_version}"
+            tags["lineage.reward_run_id"] = reward.run_id
         # The version number is taken in the registry's transaction: concurrent pipelines get distinct ones.
         version = str(mlflow.register_model(info.model_uri, cfg.registered_model, tags=tags).version)
         mlflow.set_tags({"registry.model": cfg.registered_model, "registry.version": version})
@@ -153,7 +188,12 @@ def run_register(
 
 @task(name=REGISTER, cache_policy=NO_CACHE, **RETRY_ON_TRACKING_ERROR)
 def register_task(
-    cfg: PipelineConfig, ppo: PPOResult, evaluation: Evaluation, fingerprints: dict[str, str], parent_run_id: str
+    cfg: PipelineConfig,
+    ppo: PPOResult,
+    evaluation: Evaluation,
+    fingerprints: dict[str, str],
+    parent_run_id: str,
+    reward: Checkpoint | None = None,
 ) -> RegisteredVersion:
-    """Register the chosen checkpoint as a new model version."""
-    return run_register(cfg, ppo, evaluation, fingerprints, parent_run_id)
+    """Register the chosen checkpoint as a new model version (and the reward model it was trained against)."""
+    return run_register(cfg, ppo, evaluation, fingerprints, parent_run_id, reward)

@@ -38,7 +38,10 @@ def run_reward(
     cfg: PipelineConfig, sft: Checkpoint, preferences_path: str, heldout_path: str, parent_run_id: str
 ) -> Checkpoint:
     """Train the reward model from the SFT checkpoint; log it and its held-out accuracy."""
-    with stage_run(parent_run_id, REWARD, flatten({"reward": cfg.reward.model_dump()})) as run:
+    inputs = {"preferences": preferences_path, "preferences_heldout": heldout_path}
+    with stage_run(
+        parent_run_id, REWARD, flatten({"reward": cfg.reward.model_dump()}), inputs, system_metrics=True
+    ) as run:
         mlflow.log_param("sft_run_id", sft.run_id)
         args = {"sft_uri": sft.uri, "preferences_path": preferences_path, "heldout_path": heldout_path}
         if cfg.distributed.num_processes > 1:
@@ -80,8 +83,7 @@ def train_reward(cfg: PipelineConfig, sft_uri: str, preferences_path: str, heldo
         # The held-out accuracy of exactly what is logged (merged adapters, gathered shards).
         logged = load_reward_model(str(out), tokenizer.pad_token_id).to(device())
         accuracy, margin = heldout_accuracy(logged, tokenizer, heldout_path)
-        mlflow.log_metrics({"reward/accuracy": accuracy, "reward/heldout_margin": margin})
-        return log_checkpoint(out, "checkpoint")
+        return log_checkpoint(out, "checkpoint", {"reward/accuracy": accuracy, "reward/heldout_margin": margin})
 
 
 def heldout_accuracy(model, tokenizer, heldout_path: str) -> tuple[float, float]:

@@ -30,7 +30,9 @@ from tasks.launch import launch_stage
 
 def run_sft(cfg: PipelineConfig, base_model: str, sft_path: str, parent_run_id: str) -> Checkpoint:
     """Fine-tune the base model on (prompt, completion) rows; log the checkpoint."""
-    with stage_run(parent_run_id, SFT, flatten({"sft": cfg.sft.model_dump()})) as run:
+    with stage_run(
+        parent_run_id, SFT, flatten({"sft": cfg.sft.model_dump()}), {"sft": sft_path}, system_metrics=True
+    ) as run:
         mlflow.log_param("base_model", base_model)
         args = {"base_model": base_model, "sft_path": sft_path}
         if cfg.distributed.num_processes > 1:
@@ -71,11 +73,8 @@ def train_sft(cfg: PipelineConfig, base_model: str, sft_path: str) -> str | None
         out = Path(tmp) / "checkpoint"
         if not save_trained(trainer, tokenizer, cfg.model.lora_r, out):
             return None
-        uri = log_checkpoint(out, "checkpoint")
-    losses = [h["sft/loss"] for h in logger.history if "sft/loss" in h]
-    if losses:
-        mlflow.log_metric("sft/final_loss", losses[-1])
-    return uri
+        losses = [h["sft/loss"] for h in logger.history if "sft/loss" in h]
+        return log_checkpoint(out, "checkpoint", {"sft/final_loss": losses[-1]} if losses else None)
 
 
 @task(**cached_stage(SFT))

@@ -27,7 +27,7 @@ from rlhf.config import PipelineConfig, ValidationConfig
 from rlhf.data.formats import DataKind
 from rlhf.data.loading import DataError, LoadedData, load_standard
 from rlhf.infra.security import scan_pii
-from rlhf.infra.tracking import flatten, stage_run
+from rlhf.infra.tracking import flatten, log_dataset_input, stage_run
 from rlhf.validation import checks
 from rlhf.validation.suite import TEXT_COLUMNS, CheckFailure, data_docs_html, failures, is_text, run_suite
 from tasks.caching import cached_stage
@@ -297,6 +297,7 @@ def _log_to_mlflow(
         mlflow.set_tags(tags)
         for key, value in tags.items():
             client.set_tag(parent_run_id, key, value)
+        log_dataset_input(r.path, split, r.fingerprint)
         mlflow.log_text(r.result_json(), f"validation/{split}.gx_result.json")
         mlflow.log_text(r.data_docs(), f"validation/{split}.data_docs.html")
     summary = [r.summary() for r in reports.values()] + [f"FAIL {e}" for e in errors]

@@ -56,6 +56,9 @@ def tiny_stack(tmp_path_factory):
     uri = f"sqlite:///{root}/mlflow.db"
     old_uri = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = uri
+    # system metrics every second, not every 10 s, so that the short stage runs log some
+    old_interval = os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL")
+    os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "1"
     cwd = os.getcwd()
     os.chdir(root)
     try:
@@ -71,10 +74,11 @@ def tiny_stack(tmp_path_factory):
             reward = run_reward(cfg, sft, paths["preferences"], paths["preferences_heldout"], parent.info.run_id)
     finally:
         os.chdir(cwd)
-        if old_uri is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = old_uri
+        for key, old in (("MLFLOW_TRACKING_URI", old_uri), ("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", old_interval)):
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
         mlflow.set_tracking_uri(None)
     return types.SimpleNamespace(
         cfg=cfg,

@@ -25,11 +25,13 @@ samples each kind's (prompt, response) pairs once and windows draw from them;
 clean pairs are the champion's own samples at the training temperature, the
 distribution the baseline was measured on. Users' feedback follows a simple user
 model: thumbs up with probability ``sigmoid(gold / FEEDBACK_TEMPERATURE)``.
+
+From the command line: ``rlhf traffic --kind new_intent`` samples the champion's pools
+(tasks/monitor.py:simulate_traffic) and writes the windows.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
@@ -331,51 +333,3 @@ def write_windows(
         )
         paths.append(write_jsonl(Path(out_dir) / f"window_{index:04d}.jsonl", rows))
     return paths
-
-
-def main(argv: list[str] | None = None) -> int:
-    """CLI: sample pools from a policy and reward-model checkpoint, write drifted traffic windows."""
-    parser = argparse.ArgumentParser(prog="python -m rlhf.builtin.traffic", description=__doc__.split("\n")[0])
-    parser.add_argument("--policy", required=True, help="policy checkpoint folder (Hugging Face layout)")
-    parser.add_argument("--reward-model", required=True, help="reward-model checkpoint folder")
-    parser.add_argument("--out", required=True, help="folder for window_NNNN.jsonl files")
-    parser.add_argument(
-        "--kinds", default="clean,new_intent", help=f"comma-separated, one window each: {','.join(DRIFT_KINDS)}"
-    )
-    parser.add_argument(
-        "--magnitude", type=float, default=DEFAULT_MAGNITUDE, help="drifted share of each window's rows"
-    )
-    parser.add_argument("--rows", type=int, default=500, help="rows per window")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--model-version", default="1", help="model_version written on every row")
-    parser.add_argument("--first-index", type=int, default=0, help="index of the first window file")
-    parser.add_argument("--pools", help="JSON file of response pools: reused if it exists, else written")
-    args = parser.parse_args(argv)
-    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
-    unknown = sorted(set(kinds) - set(DRIFT_KINDS))
-    if unknown:
-        parser.error(f"unknown kinds {unknown}: use {','.join(DRIFT_KINDS)}")
-    if args.pools and Path(args.pools).exists():
-        pools = ResponsePools.load(args.pools)
-    else:
-        from models.loading import load_causal_lm, load_reward_model, load_tokenizer
-
-        tokenizer = load_tokenizer(args.policy)
-        pools = build_pools(
-            load_causal_lm(args.policy),
-            load_reward_model(args.reward_model, tokenizer.pad_token_id),
-            tokenizer,
-            seed=args.seed,
-            kinds=tuple(dict.fromkeys(["clean", *kinds])),
-        )
-        if args.pools:
-            pools.save(args.pools)
-    for path in write_windows(
-        args.out, kinds, pools, args.magnitude, args.rows, args.seed, args.model_version, args.first_index
-    ):
-        print(path)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -55,7 +55,8 @@ def model_version(
         what = f"version {version}" if version is not None else f"alias {alias!r}"
         raise LineageError(
             f"registered model {name!r} has no {what} in {client.tracking_uri}: register a policy with "
-            "the pipeline (and promote it to the alias), or set MonitorConfig.version / alias"
+            "`rlhf run` (make demo) and promote it to the alias (`rlhf promote`), or pick another version "
+            "(--alias, or --set monitor.version=N; MonitorConfig.version / alias)"
         ) from e
 
 

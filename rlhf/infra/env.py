@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 OFFLINE_DEFAULTS = {
@@ -24,3 +25,5 @@ def quiet_defaults() -> None:
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+    # MLflow announces every start and stop of a stage run's system metrics (and the GPU it skips) at INFO
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)

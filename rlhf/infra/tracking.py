@@ -27,13 +27,21 @@ from urllib.parse import urlsplit
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from rlhf.infra.integrity import verify_manifest, write_manifest
+from rlhf.infra.integrity import fingerprint_path, verify_manifest, write_manifest
 from rlhf.infra.security import mask_secrets, mask_value
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 LOCAL_ARTIFACT_DIR = "mlartifacts"
 PREFLIGHT_TIMEOUT_S = 10.0
 """Seconds the start-of-run check waits for a tracking server's /health."""
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
+"""The experiment kind MLflow's UI opens in its Model training view (without the tag, MLflow 3 may infer
+GenAI and file the stage runs under "Evaluation runs")."""
+CHECKPOINT_URI_TAG = "rlhf.checkpoint_uri"
+"""Tag of a checkpoint's LoggedModel: the artifact URI of the checkpoint folder in its run."""
+DIGEST_CHARS = 36
+"""The longest dataset digest MLflow's store holds (the full fingerprint is the input's ``fingerprint`` tag)."""
 
 
 class TrackingUnavailable(RuntimeError):
@@ -137,17 +145,33 @@ def setup_experiment(name: str) -> str:
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
+        if EXPERIMENT_KIND_TAG not in experiment.tags:  # a kind the user chose in the UI stays
+            MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
         return experiment.experiment_id
     artifact_location = None
     if uri.startswith("sqlite:") or uri.startswith("file:"):
         # Keep artifacts beside the local store, not wherever the process happens to run.
         artifact_location = Path(LOCAL_ARTIFACT_DIR).resolve().as_uri()
-    return mlflow.create_experiment(name, artifact_location=artifact_location)
+    return mlflow.create_experiment(
+        name, artifact_location=artifact_location, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING}
+    )
 
 
 @contextmanager
-def stage_run(parent_run_id: str, stage: str, params: dict[str, Any] | None = None) -> Iterator[mlflow.ActiveRun]:
-    """A child run named after the stage, nested under the pipeline's parent run."""
+def stage_run(
+    parent_run_id: str,
+    stage: str,
+    params: dict[str, Any] | None = None,
+    inputs: dict[str, str] | None = None,
+    system_metrics: bool = False,
+) -> Iterator[mlflow.ActiveRun]:
+    """A child run named after the stage, nested under the pipeline's parent run.
+
+    ``inputs`` (split -> file) are logged as the run's dataset inputs, each with the fingerprint the validate
+    stage put on the parent run (``data.fingerprint.<split>``; the file's own hash when the stage runs alone).
+    ``system_metrics``: CPU, memory, disk, network and GPU as ``system/*``, sampled every 10 s
+    (``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL``), for the training stages.
+    """
     parent = MlflowClient().get_run(parent_run_id)
     with mlflow.start_run(
         run_name=stage,
@@ -155,10 +179,29 @@ def stage_run(parent_run_id: str, stage: str, params: dict[str, Any] | None = No
         parent_run_id=parent_run_id,
         nested=True,
         tags={"rlhf.stage": stage},
+        log_system_metrics=system_metrics,
     ) as run:
         if params:
             log_params(params)
+        for split, path in (inputs or {}).items():
+            log_dataset_input(path, split, parent.data.tags.get(f"data.fingerprint.{split}"))
         yield run
+
+
+def log_dataset_input(path: str | Path, split: str, fingerprint: str | None = None) -> None:
+    """A data file as a dataset input of the active run: named after the split, the data fingerprint as its
+    digest (else the file's hash), the split as its context. Its source is the file's path."""
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    fingerprint = fingerprint or fingerprint_path(path)
+    with warnings.catch_warnings():  # MLflow registers local files under two schemes ('' and file) and says so
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+        source = resolve_dataset_source(str(Path(path).resolve()))
+    dataset = MetaDataset(source, name=split, digest=fingerprint[:DIGEST_CHARS])
+    mlflow.log_input(dataset, context=split, tags={"fingerprint": fingerprint})
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -185,8 +228,44 @@ def download(artifact_uri: str) -> Path:
     return local
 
 
-def log_checkpoint(local_dir: str | Path, artifact_path: str) -> str:
-    """Write the folder's SHA256SUMS, log the folder to the active run; returns its artifact URI."""
+def log_checkpoint(
+    local_dir: str | Path, artifact_path: str, metrics: dict[str, float] | None = None, step: int = 0
+) -> str:
+    """Write the folder's SHA256SUMS, log the folder to the active run; returns its artifact URI.
+
+    The checkpoint is also an MLflow LoggedModel (external: its files stay in the run's artifacts, where
+    stages and resumes read them), named ``<stage>-<folder>`` with the tag ``rlhf.checkpoint_uri``, so the
+    UI's model view lists it; ``metrics`` are logged to the run linked to it by ``model_id``.
+    """
     write_manifest(local_dir)
     mlflow.log_artifacts(str(local_dir), artifact_path=artifact_path)
-    return f"{mlflow.get_artifact_uri()}/{artifact_path}"
+    uri = f"{mlflow.get_artifact_uri()}/{artifact_path}"
+    run_id = mlflow.active_run().info.run_id
+    stage = MlflowClient().get_run(run_id).data.tags.get("rlhf.stage", "checkpoint")
+    model = mlflow.create_external_model(
+        name=f"{stage}-{Path(artifact_path).name}",
+        source_run_id=run_id,
+        model_type=stage,
+        tags={CHECKPOINT_URI_TAG: uri},
+    )
+    if metrics:
+        mlflow.log_metrics(metrics, step=step, model_id=model.model_id)
+    return uri
+
+
+def checkpoint_model_id(uri: str, run_id: str) -> str | None:
+    """The LoggedModel of a checkpoint log_checkpoint logged from run `run_id`; None for a checkpoint
+    logged without one (a local folder, a store the run is not in)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        experiment_id = MlflowClient().get_run(run_id).info.experiment_id
+        found = mlflow.search_logged_models(
+            experiment_ids=[experiment_id],
+            filter_string=f"tags.`{CHECKPOINT_URI_TAG}` = '{uri}'",
+            max_results=1,
+            output_format="list",
+        )
+    except MlflowException:
+        return None
+    return found[0].model_id if found else None

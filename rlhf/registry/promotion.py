@@ -287,7 +287,9 @@ def resolve_version(client, model_name: str, version: str) -> str:
         return str(version)
     versions = client.search_model_versions(f"name = '{model_name}'")
     if not versions:
-        raise PromotionError(f"{model_name} has no registered versions: run the training pipeline first")
+        raise PromotionError(
+            f"{model_name} has no registered versions: run the training pipeline first (`rlhf run`, or make demo)"
+        )
     return str(max(int(v.version) for v in versions))
 
 

@@ -69,6 +69,31 @@ def test_pipeline_tracks_six_stages_and_registers_the_policy(prefect_harness, ml
     assert versions[0].tags["baseline.uri"] == f"runs:/{by_stage['register'].info.run_id}/baseline"
     assert client.list_artifacts(by_stage["register"].info.run_id, "baseline")
 
+    # MLflow's own surfaces: the reward model registered and linked, dataset inputs with the validated
+    # fingerprints, a LoggedModel per checkpoint, the Model training view
+    assert versions[0].tags["lineage.reward_model"] == "models:/rlhf-reward/1"
+    assert client.get_model_version("rlhf-reward", "1").source == f"{by_stage['reward'].info.artifact_uri}/checkpoint"
+    fingerprints = {
+        k.removeprefix("data.fingerprint."): v for k, v in parent.data.tags.items() if k.startswith("data.fingerprint.")
+    }
+    for stage, splits in (
+        ("validate", set(fingerprints)),
+        ("sft", {"sft"}),
+        ("reward", {"preferences", "preferences_heldout"}),
+        ("ppo", {"prompts"}),
+        ("evaluate", {"heldout_prompts"}),
+    ):
+        inputs = {
+            i.dataset.name: i.dataset.digest for i in client.get_run(by_stage[stage].info.run_id).inputs.dataset_inputs
+        }
+        assert inputs == {s: fingerprints[s][:36] for s in splits}, stage
+    models = mlflow.search_logged_models(experiment_ids=[parent.info.experiment_id], output_format="list")
+    names = {m.name for m in models}
+    assert {"sft-checkpoint", "reward-checkpoint", "ppo-step_00002", "ppo-step_00004", "policy"} <= names, names
+    chosen = next(m for m in models if m.tags.get("rlhf.checkpoint_uri") == versions[0].tags["lineage.checkpoint_uri"])
+    assert {"eval/win_rate_vs_sft", "eval/selection/kl_mean"} <= {m.key for m in chosen.metrics}
+    assert client.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+
 
 @pytest.mark.slow
 def test_bad_preference_data_stops_the_flow_before_training(prefect_harness, mlflow_store, tmp_path):

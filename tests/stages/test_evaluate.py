@@ -247,7 +247,7 @@ def test_evaluate_chooses_on_gold_registers_the_choice_and_compares_with_the_cha
     from rlhf.registry.promotion import CHAMPION
     from tasks.common import Checkpoint, PPOResult
     from tasks.evaluate import run_evaluate
-    from tasks.register import run_register
+    from tasks.register import register_reward_model, run_register
 
     cfg = load_config(ROOT / "configs" / "smoke.yaml")  # 16 held-out prompts: 8 select, 8 test
     sft, reward = tiny_stack.sft, tiny_stack.reward
@@ -284,8 +284,14 @@ def test_evaluate_chooses_on_gold_registers_the_choice_and_compares_with_the_cha
         png = Path(mlflow.artifacts.download_artifacts(run_id=first.run_id, artifact_path="eval/overoptimization.png"))
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-        version = run_register(cfg, ppo, first, {"sft": "fp-sft"}, parent.info.run_id)
+        version = run_register(cfg, ppo, first, {"sft": "fp-sft"}, parent.info.run_id, reward)
         tags = client.get_model_version(cfg.registered_model, version.version).tags
+        reward_version = client.get_model_version(cfg.registered_reward_model, "1")
+        assert tags["lineage.reward_model"] == f"models:/{cfg.registered_reward_model}/1"
+        assert reward_version.source == reward.uri and reward_version.tags["lineage.reward_run_id"] == reward.run_id
+        assert register_reward_model(cfg.registered_reward_model, reward) == "1"  # registered once per checkpoint
+        (heldout_input,) = client.get_run(first.run_id).inputs.dataset_inputs
+        assert heldout_input.dataset.name == "heldout_prompts"
         assert tags["lineage.pipeline_run_id"] == parent.info.run_id and tags["lineage.checkpoint_step"] == "2"
         assert tags["lineage.data.sft"] == "fp-sft" and len(tags["lineage.config_hash"]) == 16
         assert tags["eval/win_rate_vs_sft"] == "0.5" and tags["hacking.length_drift"] == "false"

@@ -271,3 +271,36 @@ def test_drift_monitor_flow_logs_series_flags_version_and_alerts(champion, prefe
     version_tags = client.get_model_version(MODEL, champion.version).tags
     assert version_tags["drift.alert"] == "input_shift" and version_tags["drift.alert_run_id"] == latest.run_id
     assert client.get_run(first.run_id).data.tags["drift.alert"] == "false"
+
+
+@pytest.mark.slow
+def test_rlhf_traffic_and_monitor_commands_alert_on_new_intent_only(champion, prefect_harness, capsys):
+    from rlhf.cli import main
+
+    out = champion.root / "cli-traffic"
+    traffic.write_windows(out, ["clean"], champion.pools, n_rows=300, model_version=champion.version)
+    small = [f"--set=monitor.{k}={v}" for k, v in SMALL.items()]
+    # `rlhf traffic` samples the champion (found through its lineage) and numbers its window after the clean one
+    assert main(["traffic", "--kind", "new_intent", "--rows", "300", "--out", str(out), *small]) == 0
+    rows = [json.loads(line) for line in (out / "window_0001.jsonl").read_text().splitlines()]
+    assert len(rows) == 300 and {r["model_version"] for r in rows} == {champion.version}
+    assert sum(support.classify_intent(r["prompt"]) == "warranty" for r in rows) == 90  # magnitude 0.3 of 300
+    capsys.readouterr()
+
+    glob = str(out / "window_*.jsonl")
+    assert main(["monitor", "--traffic", glob, "--window", "0", *small]) == 0
+    clean = capsys.readouterr().out
+    assert f"{MODEL} v{champion.version}, window 0" in clean and "no drift" in clean and "YES" not in clean, clean
+    assert main(["monitor", "--traffic", glob, "--fail-on-alert", "--report", *small]) == 1  # the latest window
+    drifted = capsys.readouterr().out
+    assert "# Drift report: rlhf-policy" in drifted and "warranty" in drifted  # --report: the whole report
+    assert "window 1" in drifted and "ALERT, likely cause: input shift" in drifted, drifted
+    assert "prompt_intent_psi" in drifted and "Evidence:" in drifted
+    logged = int(drifted.split(" drift/* metrics logged to MLflow run ")[0].rsplit("\n", 1)[-1])
+    assert logged >= 4
+    assert main(["monitor", "--traffic", glob, *small]) == 0  # the same window again: skipped, no alert
+    assert "monitored already" in capsys.readouterr().out
+    short = traffic.write_jsonl(out / "short" / "window_0000.jsonl", rows[:20])
+    assert main(["monitor", "--traffic", str(short), *small]) == 2  # a user error: one line, before Prefect
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "fewer than min_rows=50" in err, err

@@ -28,3 +28,42 @@ def test_checkpoints_are_logged_in_hf_layout(tiny_stack):
     for ckpt in (tiny_stack.sft, tiny_stack.reward):
         files = {f.path for f in MlflowClient().list_artifacts(ckpt.run_id, "checkpoint")}
         assert {"checkpoint/config.json", "checkpoint/model.safetensors", "checkpoint/tokenizer.json"} <= files
+
+
+def test_training_runs_log_their_data_as_inputs_and_system_metrics(tiny_stack):
+    from rlhf.infra.integrity import fingerprint_path
+    from rlhf.infra.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING
+
+    client = MlflowClient(tiny_stack.tracking_uri)
+    for ckpt, splits in ((tiny_stack.sft, {"sft"}), (tiny_stack.reward, {"preferences", "preferences_heldout"})):
+        run = client.get_run(ckpt.run_id)
+        inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+        assert set(inputs) == splits
+        for split, item in inputs.items():
+            # run alone, without the validate stage's fingerprints on the parent: the file's own hash
+            fingerprint = fingerprint_path(tiny_stack.paths[split])
+            assert item.dataset.digest == fingerprint[:36]
+            assert {t.key: t.value for t in item.tags} == {"mlflow.data.context": split, "fingerprint": fingerprint}
+        # sampled every second in the tiny stack (MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL, tests/conftest.py)
+        assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
+    experiment = client.get_experiment(client.get_run(tiny_stack.sft.run_id).info.experiment_id)
+    assert experiment.tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING  # the UI's Model training view, not GenAI
+
+
+def test_checkpoints_are_logged_models_with_their_metrics(tiny_stack):
+    from rlhf.infra.tracking import CHECKPOINT_URI_TAG, checkpoint_model_id
+
+    mlflow.set_tracking_uri(tiny_stack.tracking_uri)
+    try:
+        for ckpt, stage, metric in (
+            (tiny_stack.sft, "sft", "sft/final_loss"),
+            (tiny_stack.reward, "reward", "reward/accuracy"),
+        ):
+            model = mlflow.get_logged_model(checkpoint_model_id(ckpt.uri, ckpt.run_id))
+            assert (model.name, model.model_type, model.source_run_id) == (f"{stage}-checkpoint", stage, ckpt.run_id)
+            assert model.tags[CHECKPOINT_URI_TAG] == ckpt.uri
+            (linked,) = [m for m in model.metrics if m.key == metric]
+            assert linked.value == MlflowClient().get_run(ckpt.run_id).data.metrics[metric]
+        assert checkpoint_model_id(str(tiny_stack.base_model), tiny_stack.sft.run_id) is None
+    finally:
+        mlflow.set_tracking_uri(None)
