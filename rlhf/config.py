@@ -57,11 +57,12 @@ class ValidationConfig(_Section):
         description="Longest prompt/response text in tokens of the base model's tokenizer (checked only when the stage is given the tokenizer)",
     )
     pii_policy: Literal["fail", "redact"] = Field(
-        "fail", description="On e-mail, phone or card numbers in the data: fail the run, or redact them and report"
+        "fail",
+        description="On e-mail, phone, card, SSN or IBAN numbers in the data: fail the run, or redact them and report",
     )
-    pii_kinds: tuple[Literal["email", "phone", "card"], ...] = Field(
-        ("email", "phone", "card"),
-        description="PII patterns to look for: e-mail addresses, phone numbers, payment card numbers (Luhn-checked)",
+    pii_kinds: tuple[Literal["email", "phone", "card", "ssn", "iban"], ...] = Field(
+        ("email", "phone", "card", "ssn", "iban"),
+        description="PII patterns to look for: e-mail addresses, phone numbers, payment card numbers (Luhn-checked), US social security numbers, IBANs (mod-97-checked)",
     )
     max_duplicate_fraction: float = Field(
         0.01,

@@ -35,7 +35,6 @@ SMOKE_TIMEOUT_S = 600  # measured 383 s on the 2-core machine under load average
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
-
 def artifacts_dir() -> Path:
     """Where screenshots and server logs go: $RLHF_TEST_ARTIFACTS or tests/artifacts."""
     path = Path(os.environ.get("RLHF_TEST_ARTIFACTS") or REPO / "tests" / "artifacts")
