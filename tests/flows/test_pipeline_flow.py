@@ -102,7 +102,7 @@ def test_bad_preference_data_stops_the_flow_before_training(prefect_harness, mlf
         (["run", "--set", "ppo.stepz=3"], "unknown option 'ppo.stepz'"),
         (["run", "--set", "ppo.batch_size=10"], "must be a multiple of ppo.mini_batch_size"),
         (["run", "--config", "/no/such.yaml"], "config file '/no/such.yaml' does not exist"),
-        (["run", "--set", "ppo.kl_control=pid"], "bad value for 'ppo.kl_control'"),
+        (["run", "--set", "ppo.kl_control=pid"], "bad value 'pid' for 'ppo.kl_control'"),
     ],
 )
 def test_cli_user_errors_are_one_line(argv, expected, capsys):
