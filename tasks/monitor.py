@@ -35,7 +35,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from models.loading import load_causal_lm, load_reward_model, load_tokenizer
 from rlhf.builtin.task import SUPPORT_TASK
 from rlhf.config import MonitorConfig
-from rlhf.data.loading import load_standard
+from rlhf.data.loading import DataError, load_standard
 from rlhf.drift.diagnosis import Diagnosis, ReportContext, diagnose, inspect_targets, plot_window, render_report
 from rlhf.drift.features import embed_prompts, max_sequence_length, prompt_features, response_features, sample_kl
 from rlhf.drift.lineage import Lineage, LineageError, resolve_lineage
@@ -45,6 +45,7 @@ from rlhf.infra.distributed import device as distributed_device
 from rlhf.infra.progress import in_prefect_run
 from rlhf.infra.security import redact_text
 from rlhf.infra.tracking import download, setup_experiment
+from rlhf.validation.checks import BLANK_REGEX, bad_timestamps
 
 REPORT_ARTIFACT = "report"
 EXAMPLES = 5
@@ -141,14 +142,50 @@ def load_models(cfg: MonitorConfig, client: MlflowClient | None = None) -> Monit
     )
 
 
-def read_window(path: str, version: str, min_rows: int) -> tuple[list[str], list[str], np.ndarray, int]:
-    """(prompts, responses, feedback values, rows of other versions) of the monitored version's rows."""
-    frame = load_standard(path, "traffic").frame
-    missing = [c for c in ("prompt", "response", "model_version") if c not in frame.columns]
+def load_window(path: str) -> pd.DataFrame:
+    """A traffic window's rows, checked before any model is loaded: every row has a time, a version and text.
+
+    Raises DataError naming the file, the column, example lines and the fix (a null prompt would otherwise
+    reach the feature code as NaN, and an unparseable time pass unnoticed).
+    """
+    loaded = load_standard(path, "traffic")
+    frame, where = loaded.frame, loaded.source.where
+    missing = [c for c in ("timestamp", "prompt", "response", "model_version") if c not in frame.columns]
     if missing:
-        raise ValueError(
-            f"{path}: traffic rows need the columns {missing}: write timestamp, prompt, response, model_version"
+        raise DataError(
+            f"{path}: traffic rows need the columns {missing}. Fix: write timestamp, prompt, response, model_version"
         )
+
+    def fail(bad: pd.Series, problem: str, fix: str) -> None:
+        rows = [where(i + 1) for i in np.flatnonzero(bad.to_numpy())]
+        if rows:
+            raise DataError(
+                f"{path}: {problem} in {len(rows)} of {len(frame)} rows (e.g. {', '.join(rows[:3])}). Fix: {fix}"
+            )
+
+    for column in ("prompt", "response"):
+        values = frame[column]
+        is_text = values.map(lambda v: isinstance(v, str)).astype(bool)
+        blank = values.where(is_text, "").astype(str).str.match(BLANK_REGEX).astype(bool)
+        fail(
+            ~is_text | blank,
+            f"{column!r} is null, not text, or blank",
+            f"drop those rows or log the {column} text; `rlhf validate {path} --kind traffic` lists every check",
+        )
+    fail(frame["model_version"].isna(), "'model_version' is null", "log the serving model's version in every row")
+    fail(
+        frame["timestamp"].isna() | bad_timestamps(frame["timestamp"]).notna(),
+        "'timestamp' is null or not an ISO 8601 time (or positive epoch seconds)",
+        "write times like 2024-05-01T12:30:00Z",
+    )
+    return frame
+
+
+def read_window(
+    path: str, version: str, min_rows: int, frame: pd.DataFrame | None = None
+) -> tuple[list[str], list[str], np.ndarray, int]:
+    """(prompts, responses, feedback values, rows of other versions) of the monitored version's rows."""
+    frame = load_window(path) if frame is None else frame
     mine = frame[frame["model_version"].astype(str) == str(version)]
     if len(mine) < min_rows:
         raise ValueError(
@@ -295,6 +332,7 @@ def already_monitored(client: MlflowClient, experiment_id: str, series_id: str, 
 def run_monitor(cfg: MonitorConfig, models: MonitorModels | None = None) -> MonitorResult:
     """Monitor one window: measure, test, diagnose, log to MLflow, flag the run and the model version on a breach."""
     window = find_window(cfg)
+    rows = load_window(window.path)  # a malformed window fails before three models are downloaded
     experiment_id = setup_experiment(cfg.experiment)
     client = MlflowClient()
     models = models or load_models(cfg, client)
@@ -305,7 +343,7 @@ def run_monitor(cfg: MonitorConfig, models: MonitorModels | None = None) -> Moni
             lineage.model_name, lineage.version, window.path, window.index, skipped=True, series_run_id=series_id
         )
     # 1. measure and test
-    prompts, responses, feedback, other = read_window(window.path, lineage.version, cfg.min_rows)
+    prompts, responses, feedback, other = read_window(window.path, lineage.version, cfg.min_rows, rows)
     analysis = analyze_window(models, prompts, responses, feedback, cfg, cfg.seed + window.index)
     metrics = {**analysis.metrics, "drift/rows_other_versions": float(other)}
     diagnosis = analysis.diagnosis

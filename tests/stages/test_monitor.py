@@ -100,6 +100,34 @@ def test_read_window_filters_the_version_and_checks_feedback(tmp_path):
         read_window(str(traffic.write_jsonl(tmp_path / "bad.jsonl", rows)), "2", min_rows=100)
 
 
+MALFORMED_WINDOWS = [
+    ("null-prompt", {"prompt": None}, "'prompt' is null, not text, or blank in 1 of 120 rows (e.g. line 4)"),
+    ("invisible-response", {"response": "\u200b\u200b"}, "'response' is null, not text, or blank in 1 of 120"),
+    ("bad-timestamp", {"timestamp": "yesterday"}, "'timestamp' is null or not an ISO 8601 time"),
+    ("null-timestamp", {"timestamp": None}, "'timestamp' is null or not an ISO 8601 time"),
+    ("impossible-date", {"timestamp": "2024-13-45T99:00:00Z"}, "'timestamp' is null or not an ISO 8601 time"),
+    ("null-version", {"model_version": None}, "'model_version' is null in 1 of 120 rows (e.g. line 4)"),
+]
+
+
+@pytest.mark.parametrize("name,edit,expected", MALFORMED_WINDOWS, ids=[c[0] for c in MALFORMED_WINDOWS])
+def test_malformed_traffic_window_fails_before_any_model_loads(tmp_path, name, edit, expected):
+    from rlhf.data.loading import DataError
+    from tasks.monitor import read_window, run_monitor
+
+    rows = traffic.simulate_window("clean", 0.0, 120, 0, _hand_pools(), model_version="2")
+    rows[3].update(edit)
+    path = traffic.write_jsonl(tmp_path / "window_000.jsonl", rows)
+    with pytest.raises(DataError) as info:
+        read_window(str(path), "2", min_rows=100)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and expected in message and "Fix: " in message, message
+    assert "\n" not in message
+    # the flow's task refuses it before it looks for a model (none is registered in this store)
+    with pytest.raises(DataError):
+        run_monitor(MonitorConfig(traffic=str(tmp_path / "window_*.jsonl")))
+
+
 def test_find_window_takes_the_latest_and_names_the_fix(tmp_path):
     from tasks.monitor import find_window
 
