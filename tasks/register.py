@@ -91,6 +91,19 @@ def servable_copy(checkpoint_dir: Path) -> Path:
     return out
 
 
+def serving_signature_params(cfg: PipelineConfig, policy_dir: str | Path) -> dict[str, int | float]:
+    """The served model's params and their defaults: generation settings, and the limits a request is checked
+    against (models/serving.py), so clients read them from the signature."""
+    from models.serving import serving_limits  # imported here: the module registers its model with MLflow on import
+
+    limits = serving_limits(policy_dir, cfg.model.trust_remote_code)
+    return {
+        "max_new_tokens": min(cfg.eval.max_new_tokens, limits["max_new_tokens_limit"]),
+        "temperature": cfg.eval.temperature,
+        **limits,
+    }
+
+
 def version_tags(
     cfg: PipelineConfig,
     ppo: PPOResult,
@@ -134,7 +147,7 @@ def run_register(
     with stage_run(parent_run_id, REGISTER):
         policy_dir = servable_copy(download(evaluation.checkpoint.uri))
         example = pd.DataFrame({"prompt": ["Customer: Where is my lamp?\nAgent:"]})
-        serving_params = {"max_new_tokens": cfg.eval.max_new_tokens, "temperature": cfg.eval.temperature}
+        serving_params = serving_signature_params(cfg, policy_dir)
         info = mlflow.pyfunc.log_model(
             name="policy",
             python_model=str(Path(models.__file__).parent / "serving.py"),
@@ -143,6 +156,7 @@ def run_register(
             pip_requirements=PIP_REQUIREMENTS,
             signature=infer_signature(example, pd.DataFrame({"response": ["..."]}), params=serving_params),
             input_example=(example, serving_params),
+            model_config={"trust_remote_code": cfg.model.trust_remote_code},
         )
         tags = version_tags(cfg, ppo, evaluation, fingerprints, parent_run_id, validation_status(parent_run_id))
         # The version number is taken in the registry's transaction: concurrent pipelines get distinct ones.
