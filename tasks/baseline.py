@@ -104,12 +104,13 @@ def run_baseline(
     policy_dir, ref_dir, rm_dir = (
         str(download(u)) for u in (lineage.policy_uri, lineage.reference_uri, lineage.reward_model_uri)
     )
-    tokenizer = load_tokenizer(ref_dir)
+    trust = cfg.model.trust_remote_code or lineage.trust_remote_code
+    tokenizer = load_tokenizer(ref_dir, trust)
     device = distributed_device()
     baseline = compute_baseline(
-        load_causal_lm(policy_dir).to(device).eval(),
-        load_causal_lm(ref_dir).to(device).eval(),
-        load_reward_model(rm_dir, tokenizer.pad_token_id).to(device).eval(),
+        load_causal_lm(policy_dir, trust_remote_code=trust).to(device).eval(),
+        load_causal_lm(ref_dir, trust_remote_code=trust).to(device).eval(),
+        load_reward_model(rm_dir, tokenizer.pad_token_id, trust_remote_code=trust).to(device).eval(),
         tokenizer,
         read_prompts(prompt_paths),
         baseline_cfg,

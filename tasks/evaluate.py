@@ -120,9 +120,9 @@ def sample_with_kl(policy, ref, tokenizer, prompts: list[str], max_new_tokens: i
     return out
 
 
-def load_policy(path: str, device: str):
+def load_policy(path: str, device: str, trust_remote_code: bool = False):
     """A causal LM checkpoint on the device, in eval mode."""
-    return load_causal_lm(path).to(device).eval()
+    return load_causal_lm(path, trust_remote_code=trust_remote_code).to(device).eval()
 
 
 def make_judge(task: TaskKnowledge | None, heldout_rm, reward_model, tokenizer) -> Judge:
@@ -188,11 +188,14 @@ def run_evaluate(
     with stage_run(parent_run_id, EVALUATE, {"eval.ppo_run_id": ppo.final.run_id}) as run:
         device = distributed_device()
         sft_dir, rm_dir = str(download(sft.uri)), str(download(reward.uri))
-        tokenizer = load_tokenizer(sft_dir)
-        sft_model = load_policy(sft_dir, device)
-        reward_model = load_reward_model(rm_dir, tokenizer.pad_token_id).to(device)
+        trust = cfg.model.trust_remote_code
+        tokenizer = load_tokenizer(sft_dir, trust)
+        sft_model = load_policy(sft_dir, device, trust)
+        reward_model = load_reward_model(rm_dir, tokenizer.pad_token_id, trust_remote_code=trust).to(device)
         heldout_rm = (
-            load_reward_model(str(download(heldout_reward.uri)), tokenizer.pad_token_id).to(device)
+            load_reward_model(str(download(heldout_reward.uri)), tokenizer.pad_token_id, trust_remote_code=trust).to(
+                device
+            )
             if heldout_reward
             else None
         )
@@ -240,15 +243,22 @@ def run_evaluate(
 
         # 3. Test split: the chosen checkpoint against SFT and the champion.
         prompts = [p for p in test_prompts for _ in range(repeat)]
-        policy = load_policy(str(download(chosen.uri)), device)
+        policy = load_policy(str(download(chosen.uri)), device, trust)
         ours = score_policy(policy, sft_model, tokenizer, prompts, reward_model, tokenizer, judge, cfg)
         base = score_policy(sft_model, None, tokenizer, prompts, reward_model, tokenizer, judge, cfg)
         champion = champion_policy_dir(cfg.registered_model)
         theirs = None
         if champion is not None:
-            champion_model = load_policy(str(champion[1]), device)
+            champion_model = load_policy(str(champion[1]), device, trust)
             theirs = score_policy(
-                champion_model, None, load_tokenizer(str(champion[1])), prompts, reward_model, tokenizer, judge, cfg
+                champion_model,
+                None,
+                load_tokenizer(str(champion[1]), trust),
+                prompts,
+                reward_model,
+                tokenizer,
+                judge,
+                cfg,
             )
 
         metrics = heldout_metrics(prompts, ours, base, theirs, judge.kind, task)

@@ -131,14 +131,15 @@ def load_models(cfg: MonitorConfig, client: MlflowClient | None = None) -> Monit
         str(download(u)) for u in (lineage.policy_uri, lineage.reference_uri, lineage.reward_model_uri)
     )
     device = distributed_device()
-    tokenizer = load_tokenizer(ref_dir)
+    trust = lineage.trust_remote_code  # as the version was trained (tag written at registration)
+    tokenizer = load_tokenizer(ref_dir, trust)
     return MonitorModels(
         lineage,
         baseline,
         tokenizer,
-        load_causal_lm(policy_dir).to(device).eval(),
-        load_causal_lm(ref_dir).to(device).eval(),
-        load_reward_model(rm_dir, tokenizer.pad_token_id).to(device).eval(),
+        load_causal_lm(policy_dir, trust_remote_code=trust).to(device).eval(),
+        load_causal_lm(ref_dir, trust_remote_code=trust).to(device).eval(),
+        load_reward_model(rm_dir, tokenizer.pad_token_id, trust_remote_code=trust).to(device).eval(),
     )
 
 

@@ -33,7 +33,7 @@ from prefect.logging import get_logger
 
 import models
 from rlhf.config import PipelineConfig
-from rlhf.drift.lineage import BASELINE_TAG
+from rlhf.drift.lineage import BASELINE_TAG, TRUST_REMOTE_CODE_TAG
 from rlhf.infra.integrity import MANIFEST
 from rlhf.infra.tracking import download, stage_run
 from rlhf.ppo.trainer import OPTIMIZER_FILE, RNG_FILE
@@ -121,6 +121,7 @@ def version_tags(
         "lineage.checkpoint_step": str(evaluation.step),
         "lineage.final_checkpoint_uri": ppo.final.uri,
         "lineage.config_hash": config_hash(cfg),
+        TRUST_REMOTE_CODE_TAG: str(cfg.model.trust_remote_code).lower(),  # monitoring loads the models the same way
         **{f"lineage.data.{split}": fp for split, fp in fingerprints.items()},
         **{
             k: f"{v:.6g}" for k, v in evaluation.metrics.items() if not k.startswith("eval/hacking/")

@@ -353,13 +353,14 @@ def validate_command(
     report_dir: str | None = None,
     out: TextIO = sys.stdout,
     err: TextIO = sys.stderr,
+    trust_remote_code: bool = False,
 ) -> int:
     """`rlhf validate PATH --kind KIND`: print the report; exit status 0 pass, 1 failed checks, 2 malformed file."""
     tokenizer = None
     if tokenizer_path:
         from models.loading import load_tokenizer
 
-        tokenizer = load_tokenizer(tokenizer_path)
+        tokenizer = load_tokenizer(tokenizer_path, trust_remote_code)
     try:
         report = validate_file(path, kind, cfg, tokenizer)
     except DataError as e:
