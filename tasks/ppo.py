@@ -18,7 +18,8 @@ content). With ``ppo.auto_resume``, a new run with the same key continues the la
 interrupted one (failed, killed, or running under a process that no longer exists)
 from its latest good checkpoint: a re-run after ``kill -9`` or a Prefect retry after a
 lost tracking connection loses at most ``checkpoint_every`` steps. Checkpoints are
-written under ``<output_dir>/ppo-checkpoints/<key>/`` and deleted there only once
+written under ``<output_dir>/ppo-checkpoints/<key>/<run id>/`` (each run its own
+folder: two live runs with the same inputs never touch each other's) and deleted there only once
 logged, so one the tracking store never received is resumed from the local disk.
 Each checkpoint carries a sha256 manifest; a corrupted one is refused with a warning
 and the previous good one used. Sample tables are PII-redacted before logging.
@@ -27,7 +28,6 @@ and the previous good one used. Sample tables are PII-redacted before logging.
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import time
 from dataclasses import asdict
@@ -56,11 +56,12 @@ from rlhf.ppo.resume import (
     interrupted_checkpoints,
     live_run,
     mark_superseded,
+    prune_interrupted,
     resume,
     resume_first_good,
+    run_folder,
     save_checkpoint,
     save_logged,
-    step_of,
 )
 from rlhf.ppo.trainer import ALERT_KINDS, Alert, PPOTrainer, StepResult
 from tasks.caching import stage_cache
@@ -146,13 +147,11 @@ def run_ppo(
             if point.skipped:
                 mlflow.set_tag("ppo.corrupt_checkpoints_skipped", ",".join(point.skipped)[:5000])
             mark_superseded(point.run_id, run.info.run_id)
-            for stale in local_root.glob("step_*"):  # older unlogged checkpoints: superseded by the one resumed
-                if step_of(stale) is not None and step_of(stale) <= point.step:
-                    shutil.rmtree(stale, ignore_errors=True)
+            prune_interrupted(local_root, point.step)  # older unlogged checkpoints: superseded by the one resumed
         trainer.sync_from_main()  # several processes: rank 0's (resumed) state everywhere
         alerts: list[Alert] = []
         result: StepResult | None = None
-        with checkpoint_folder(local_root) as tmp:
+        with checkpoint_folder(run_folder(local_root, run.info.run_id)) as tmp:
 
             def save() -> None:
                 """Log the trainer's full state as checkpoints/step_XXXXX."""

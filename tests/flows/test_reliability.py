@@ -430,15 +430,54 @@ def test_corrupted_checkpoint_is_refused_and_the_previous_good_one_used(micro_st
 
 
 @pytest.mark.slow
+def test_two_live_runs_with_the_same_inputs_keep_their_own_local_checkpoints(
+    micro_stack, mlflow_store, tmp_path, monkeypatch
+) -> None:
+    """Run B starts (same inputs) while run A is uploading checkpoint 2: B neither resumes from A's
+    half-uploaded checkpoint nor deletes it, and A's upload then succeeds."""
+    import rlhf.ppo.resume as resume
+    import tasks.ppo as ppo_stage
+
+    real_log_checkpoint, seen = resume.log_checkpoint, {}
+    cfg = ppo_config(tmp_path, "ppo.steps=2", "ppo.checkpoint_every=2")
+    args = (micro_stack.sft, micro_stack.reward, micro_stack.paths["prompts"])
+
+    def run_b_during_a_upload(local, artifact_path):
+        if artifact_path.endswith("step_00002") and "a_folder" not in seen:
+            write_manifest(local)  # A's checkpoint is complete on disk, its upload under way
+            seen["a_folder"] = Path(local)
+            # B in its own thread (MLflow's active run is per thread), as a second pipeline would run it
+            thread = threading.Thread(target=lambda: seen.update(b=ppo_stage.run_ppo(cfg, *args, seen["parent"])))
+            thread.start()
+            thread.join()
+            assert Path(local).is_dir(), "run B deleted run A's checkpoint folder"
+        return real_log_checkpoint(local, artifact_path)
+
+    monkeypatch.setattr(resume, "log_checkpoint", run_b_during_a_upload)
+    with mlflow.start_run() as parent:
+        seen["parent"] = parent.info.run_id
+        a = ppo_stage.run_ppo(cfg, *args, parent.info.run_id)
+    b = seen["b"]
+    client = MlflowClient()
+    assert "ppo.resumed_from_checkpoint" not in client.get_run(b.final.run_id).data.tags  # B trained afresh
+    assert (
+        sorted(resume.logged_checkpoints(a.final.run_id)) == sorted(resume.logged_checkpoints(b.final.run_id)) == [0, 2]
+    )
+    assert a.final.run_id in seen["a_folder"].parts  # each run writes under its own folder
+    assert not any((tmp_path / "outputs" / "ppo-checkpoints").rglob("step_*"))
+
+
+@pytest.mark.slow
 def test_lost_tracking_connection_is_retried_and_the_unlogged_checkpoint_kept(
     micro_stack, mlflow_store, prefect_harness, tmp_path, monkeypatch
 ) -> None:
     from prefect import flow
     from prefect.cache_policies import NO_CACHE
 
+    import rlhf.ppo.resume as resume
     import tasks.ppo as ppo_stage
 
-    real_log_checkpoint, failures = ppo_stage.log_checkpoint, []
+    real_log_checkpoint, failures = resume.log_checkpoint, []
 
     def connection_lost_at_step_4(local, artifact_path):
         if artifact_path.endswith("step_00004") and not failures:
@@ -450,7 +489,7 @@ def test_lost_tracking_connection_is_retried_and_the_unlogged_checkpoint_kept(
             )
         return real_log_checkpoint(local, artifact_path)
 
-    monkeypatch.setattr(ppo_stage, "log_checkpoint", connection_lost_at_step_4)
+    monkeypatch.setattr(resume, "log_checkpoint", connection_lost_at_step_4)
     cfg = ppo_config(tmp_path, "ppo.steps=6", "ppo.checkpoint_every=2")
     ppo_no_wait = ppo_stage.ppo_task.with_options(retry_delay_seconds=0, cache_policy=NO_CACHE, persist_result=False)
 
@@ -467,11 +506,11 @@ def test_lost_tracking_connection_is_retried_and_the_unlogged_checkpoint_kept(
     runs = client.search_runs([parent.info.experiment_id], "tags.`rlhf.stage` = 'ppo'", order_by=["start_time ASC"])
     first, retried = runs
     assert first.info.status == "FAILED" and retried.info.run_id == result.final.run_id
-    assert sorted(ppo_stage.logged_checkpoints(first.info.run_id)) == [0, 2]
+    assert sorted(resume.logged_checkpoints(first.info.run_id)) == [0, 2]
     # 2. Prefect's retry resumed from that local checkpoint, logged it into its own run and went on.
     assert retried.data.tags["ppo.resumed_at_step"] == "4"
     assert retried.info.run_id in retried.data.tags["ppo.resumed_from_checkpoint"]
-    assert sorted(ppo_stage.logged_checkpoints(retried.info.run_id)) == [4, 6]
+    assert sorted(resume.logged_checkpoints(retried.info.run_id)) == [4, 6]
     assert sorted(result.checkpoints) == [0, 2, 4, 6]
     assert metric_steps(result.final.run_id) == [1, 2, 3, 4, 5, 6]  # nothing lost, nothing twice
     assert not (tmp_path / "outputs" / "ppo-checkpoints").exists() or not any(
