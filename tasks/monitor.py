@@ -127,20 +127,21 @@ def load_models(cfg: MonitorConfig, client: MlflowClient | None = None) -> Monit
             "tasks.baseline.run_baseline (the pipeline does so at registration)"
         )
     baseline = load_baseline(lineage.baseline_uri)
-    policy_dir, ref_dir, rm_dir = (
-        str(download(u)) for u in (lineage.policy_uri, lineage.reference_uri, lineage.reward_model_uri)
-    )
-    device = distributed_device()
-    trust = lineage.trust_remote_code  # as the version was trained (tag written at registration)
-    tokenizer = load_tokenizer(ref_dir, trust)
-    return MonitorModels(
-        lineage,
-        baseline,
-        tokenizer,
-        load_causal_lm(policy_dir, trust_remote_code=trust).to(device).eval(),
-        load_causal_lm(ref_dir, trust_remote_code=trust).to(device).eval(),
-        load_reward_model(rm_dir, tokenizer.pad_token_id, trust_remote_code=trust).to(device).eval(),
-    )
+    with tempfile.TemporaryDirectory(prefix="rlhf-monitor-") as scratch:  # the models are read into memory
+        policy_dir, ref_dir, rm_dir = (
+            str(download(u, scratch)) for u in (lineage.policy_uri, lineage.reference_uri, lineage.reward_model_uri)
+        )
+        device = distributed_device()
+        trust = lineage.trust_remote_code  # as the version was trained (tag written at registration)
+        tokenizer = load_tokenizer(ref_dir, trust)
+        return MonitorModels(
+            lineage,
+            baseline,
+            tokenizer,
+            load_causal_lm(policy_dir, trust_remote_code=trust).to(device).eval(),
+            load_causal_lm(ref_dir, trust_remote_code=trust).to(device).eval(),
+            load_reward_model(rm_dir, tokenizer.pad_token_id, trust_remote_code=trust).to(device).eval(),
+        )
 
 
 def load_window(path: str) -> pd.DataFrame:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -202,14 +203,15 @@ def run_ppo(
 
 def build_trainer(cfg: PipelineConfig, sft: Checkpoint, reward: Checkpoint, prompts_path: str) -> PPOTrainer:
     """The trainer on the SFT policy (fresh value head, seeded), the frozen reference and the reward model."""
-    sft_dir, rm_dir = str(download(sft.uri)), str(download(reward.uri))
     trust = cfg.model.trust_remote_code
-    tokenizer = load_tokenizer(sft_dir, trust)
     device = distributed_device()
-    torch.manual_seed(cfg.seed)  # the value head's initialisation belongs to the seeded run
-    policy = PolicyWithValueHead(load_causal_lm(sft_dir, trust_remote_code=trust)).to(device)
-    ref_model = load_causal_lm(sft_dir, trust_remote_code=trust).to(device)
-    reward_model = load_reward_model(rm_dir, tokenizer.pad_token_id, trust_remote_code=trust).to(device)
+    with tempfile.TemporaryDirectory(prefix="rlhf-ppo-") as scratch:  # the models are read into memory
+        sft_dir, rm_dir = str(download(sft.uri, scratch)), str(download(reward.uri, scratch))
+        tokenizer = load_tokenizer(sft_dir, trust)
+        torch.manual_seed(cfg.seed)  # the value head's initialisation belongs to the seeded run
+        policy = PolicyWithValueHead(load_causal_lm(sft_dir, trust_remote_code=trust)).to(device)
+        ref_model = load_causal_lm(sft_dir, trust_remote_code=trust).to(device)
+        reward_model = load_reward_model(rm_dir, tokenizer.pad_token_id, trust_remote_code=trust).to(device)
     prompts = list(load_split(prompts_path)["prompt"])
     return PPOTrainer(
         cfg.ppo,

@@ -21,6 +21,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import mlflow
 import pandas as pd
@@ -37,11 +38,14 @@ from rlhf.drift.lineage import BASELINE_TAG, TRUST_REMOTE_CODE_TAG
 from rlhf.infra.integrity import MANIFEST
 from rlhf.infra.tracking import download, stage_run
 from rlhf.ppo.trainer import OPTIMIZER_FILE, RNG_FILE
+from rlhf.registry.promotion import lock_path, registry_lock
 from tasks.common import REGISTER, RETRY_DELAYS_S, Evaluation, PPOResult, config_hash, retry_on_tracking_error
 
 TRAINING_ONLY_FILES = (OPTIMIZER_FILE, RNG_FILE, "training_args.bin", MANIFEST)
 """Files that resume or describe training but play no part in serving (not shipped with the model).
 The checkpoint's manifest lists the training-only files too; the logged model has MLflow's own layout."""
+REGISTER_LOCK_TIMEOUT_S = 900.0
+"""How long a registration waits for another one of the same model (logging a large model takes minutes)."""
 PIP_REQUIREMENTS = ["torch==2.13.0", "transformers>=5.0,<6", "safetensors", "pandas"]
 
 
@@ -84,9 +88,9 @@ def registered_version(name: str, checkpoint_uri: str, cfg_hash: str) -> Registe
     return None
 
 
-def servable_copy(checkpoint_dir: Path) -> Path:
-    """A copy of a checkpoint folder without its training-only state (optimizer, RNG)."""
-    out = Path(tempfile.mkdtemp(prefix="rlhf-servable-")) / "policy"
+def servable_copy(checkpoint_dir: Path, into: str | Path) -> Path:
+    """A copy (``<into>/policy``) of a checkpoint folder without its training-only state (optimizer, RNG)."""
+    out = Path(into) / "policy"
     shutil.copytree(checkpoint_dir, out, ignore=shutil.ignore_patterns(*TRAINING_ONLY_FILES))
     return out
 
@@ -135,18 +139,38 @@ def version_tags(
 def run_register(
     cfg: PipelineConfig, ppo: PPOResult, evaluation: Evaluation, fingerprints: dict[str, str], parent_run_id: str
 ) -> RegisteredVersion:
-    """Log the chosen checkpoint as a pyfunc model and register a new version of it (or return the one holding it)."""
-    existing = registered_version(cfg.registered_model, evaluation.checkpoint.uri, config_hash(cfg))
-    if existing is not None:
-        get_logger(__name__).info(
-            "%s version %s already holds checkpoint %s: not registering a duplicate",
-            existing.name,
-            existing.version,
-            evaluation.checkpoint.uri,
-        )
-        return existing
-    with stage_run(parent_run_id, REGISTER):
-        policy_dir = servable_copy(download(evaluation.checkpoint.uri))
+    """Log the chosen checkpoint as a pyfunc model and register a new version of it (or return the one holding it).
+
+    The check for an existing version and the registration happen under one lock per registered model, so two
+    pipelines that chose the same checkpoint register it once (the second returns the first's version).
+    """
+    with registry_lock(registration_lock_path(cfg), REGISTER_LOCK_TIMEOUT_S, "registration"):
+        existing = registered_version(cfg.registered_model, evaluation.checkpoint.uri, config_hash(cfg))
+        if existing is not None:
+            get_logger(__name__).info(
+                "%s version %s already holds checkpoint %s: not registering a duplicate",
+                existing.name,
+                existing.version,
+                evaluation.checkpoint.uri,
+            )
+            return existing
+        return _register(cfg, ppo, evaluation, fingerprints, parent_run_id)
+
+
+def registration_lock_path(cfg: PipelineConfig) -> Path:
+    """Beside a local store (or in promotion.lock_dir); for a remote server without lock_dir, in output_dir,
+    which guards the pipelines of this machine."""
+    lock_dir = cfg.promotion.lock_dir
+    if lock_dir is None and urlparse(mlflow.get_registry_uri()).scheme not in ("", "file", "sqlite"):
+        lock_dir = str(Path(cfg.output_dir).resolve())
+    return lock_path(mlflow.get_registry_uri(), cfg.registered_model, lock_dir, purpose="register")
+
+
+def _register(
+    cfg: PipelineConfig, ppo: PPOResult, evaluation: Evaluation, fingerprints: dict[str, str], parent_run_id: str
+) -> RegisteredVersion:
+    with stage_run(parent_run_id, REGISTER), tempfile.TemporaryDirectory(prefix="rlhf-register-") as scratch:
+        policy_dir = servable_copy(download(evaluation.checkpoint.uri, scratch), scratch)
         example = pd.DataFrame({"prompt": ["Customer: Where is my lamp?\nAgent:"]})
         serving_params = serving_signature_params(cfg, policy_dir)
         info = mlflow.pyfunc.log_model(

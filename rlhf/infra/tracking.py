@@ -173,12 +173,16 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def download(artifact_uri: str) -> Path:
+def download(artifact_uri: str, into: str | Path) -> Path:
     """Local copy of a logged artifact folder, verified against its SHA256SUMS when it has one.
 
-    Raises rlhf.infra.integrity.CheckpointCorrupted when a file does not match the manifest.
+    The copy goes into a new folder under ``into``, which the caller owns and removes (a
+    ``tempfile.TemporaryDirectory``): the monitor downloads three models every hour, and
+    nothing may pile up in /tmp. Raises rlhf.infra.integrity.CheckpointCorrupted when a
+    file does not match the manifest.
     """
-    dst = tempfile.mkdtemp(prefix="rlhf-artifact-")
+    Path(into).mkdir(parents=True, exist_ok=True)
+    dst = tempfile.mkdtemp(prefix="artifact-", dir=into)
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=dst))
     if local.is_dir():
         verify_manifest(local, required=False)

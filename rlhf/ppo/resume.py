@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import socket
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -234,12 +235,13 @@ def resume(trainer: PPOTrainer, resume_from: str, inputs: dict[str, str]) -> Res
     return resume_first_good(trainer, resume_candidates(resume_from), inputs)
 
 
-def open_checkpoint(where: str) -> Path:
-    """A local, verified copy of a checkpoint URI (or the local folder itself); CheckpointCorrupted if it fails."""
+def open_checkpoint(where: str, into: str | Path) -> Path:
+    """A local, verified copy (under ``into``) of a checkpoint URI, or the local folder itself;
+    CheckpointCorrupted if it fails."""
     if Path(where).is_dir():
         verify_manifest(where)
         return Path(where)
-    local = download(where)  # verifies the manifest when there is one
+    local = download(where, into)  # verifies the manifest when there is one
     if read_manifest(local) is None:
         verify_manifest(local)  # raises: a PPO checkpoint without a manifest cannot be checked
     return local
@@ -253,10 +255,15 @@ def resume_first_good(trainer: PPOTrainer, candidates: list[str], inputs: dict[s
     `inputs` are this stage's sft_run_id and reward_run_id: a resumed run must use the
     reference and reward model the source run used, else it is a different run.
     """
+    with tempfile.TemporaryDirectory(prefix="rlhf-resume-") as scratch:  # downloads, removed once loaded
+        return _resume_first_good(trainer, candidates, inputs, scratch)
+
+
+def _resume_first_good(trainer: PPOTrainer, candidates: list[str], inputs: dict[str, str], scratch: str) -> ResumePoint:
     skipped: list[str] = []
     for where in candidates:
         try:
-            local = open_checkpoint(where)
+            local = open_checkpoint(where, scratch)
         except CheckpointCorrupted as e:
             if len(candidates) == 1:
                 raise

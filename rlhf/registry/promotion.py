@@ -27,7 +27,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -222,18 +222,19 @@ def evaluate_gates(tags: dict[str, str], champion: str | None, cfg: PromotionCon
 
 
 # --------------------------------------------------------------------------------------- lock
-def lock_path(registry_uri: str, model_name: str, lock_dir: str | None = None) -> Path:
-    """The lock file for promotions of one model: in lock_dir, else beside a local store."""
+def lock_path(registry_uri: str, model_name: str, lock_dir: str | None = None, purpose: str = "promote") -> Path:
+    """The lock file for promotions (or, with purpose="register", registrations) of one model: in lock_dir,
+    else beside a local store."""
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", model_name)
     if lock_dir is not None:
-        return Path(lock_dir) / f"{safe}.promote.lock"
+        return Path(lock_dir) / f"{safe}.{purpose}.lock"
     parsed = urlparse(registry_uri)
     if parsed.scheme == "sqlite":
         store = Path(unquote(registry_uri.removeprefix("sqlite:///")))  # sqlite:////abs or sqlite:///relative
-        return store.resolve().parent / f"{store.name}.{safe}.promote.lock"
+        return store.resolve().parent / f"{store.name}.{safe}.{purpose}.lock"
     if parsed.scheme in ("", "file"):
         folder = Path(unquote(parsed.path if parsed.scheme == "file" else registry_uri))
-        return folder.resolve() / f"{safe}.promote.lock"
+        return folder.resolve() / f"{safe}.{purpose}.lock"
     raise PromotionError(
         f"the registry {registry_uri!r} is remote, so no local lock file can guard it: set the promotion "
         "config's lock_dir to a folder every promoter shares, or run promotions only through the Prefect "
@@ -241,8 +242,13 @@ def lock_path(registry_uri: str, model_name: str, lock_dir: str | None = None) -
     )
 
 
+def promotion_lock(path: Path, timeout_s: float) -> AbstractContextManager[None]:
+    """The lock of promotions and rollbacks of one model (see registry_lock)."""
+    return registry_lock(path, timeout_s, "promotion or rollback")
+
+
 @contextmanager
-def promotion_lock(path: Path, timeout_s: float) -> Iterator[None]:
+def registry_lock(path: Path, timeout_s: float, what: str) -> Iterator[None]:
     """Hold an exclusive lock on path (across processes); the OS frees it if the holder dies."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
@@ -255,7 +261,7 @@ def promotion_lock(path: Path, timeout_s: float) -> Iterator[None]:
             except BlockingIOError:
                 if time.monotonic() >= deadline:
                     raise PromotionError(
-                        f"another promotion or rollback holds {path} for more than {timeout_s:g} s: wait for it "
+                        f"another {what} holds {path} for more than {timeout_s:g} s: wait for it "
                         "to finish (the lock is released when its process exits) or raise lock_timeout_s"
                     ) from None
                 time.sleep(0.05)

@@ -164,7 +164,7 @@ def champion(tiny_stack, tmp_path_factory):
         uris = {}
         for stage, ckpt in (("sft", tiny_stack.sft), ("reward", tiny_stack.reward)):
             with stage_run(parent.info.run_id, stage):
-                uris[stage] = log_checkpoint(download(ckpt.uri), "checkpoint")
+                uris[stage] = log_checkpoint(download(ckpt.uri, root), "checkpoint")
         with stage_run(parent.info.run_id, "register") as register:
             client.create_registered_model(MODEL)
             mv = client.create_model_version(MODEL, source=uris["sft"], run_id=register.info.run_id)

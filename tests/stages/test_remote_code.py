@@ -83,7 +83,7 @@ def test_ppo_builds_and_resumes_with_remote_code(remote_dir, monkeypatch, tmp_pa
     from rlhf.config import load_config
     from tasks.common import Checkpoint
 
-    monkeypatch.setattr(tasks.ppo, "download", lambda uri: Path(uri))
+    monkeypatch.setattr(tasks.ppo, "download", lambda uri, into: Path(uri))
     prompts = str(write_builtin_dataset(tmp_path / "data", 0)["prompts"])
     ckpt = Checkpoint("run", remote_dir)
     small = ["ppo.batch_size=4", "ppo.mini_batch_size=2", "ppo.kl_horizon=4"]
@@ -103,7 +103,7 @@ def test_monitor_loads_the_version_as_it_was_registered(remote_dir, monkeypatch)
     def lineage(trust: bool) -> Lineage:
         return Lineage("m", "1", "r", "p", {}, remote_dir, remote_dir, remote_dir, {}, "runs:/r/baseline", trust)
 
-    monkeypatch.setattr(tasks.monitor, "download", lambda uri: Path(uri))
+    monkeypatch.setattr(tasks.monitor, "download", lambda uri, into: Path(uri))
     monkeypatch.setattr(tasks.monitor, "load_baseline", lambda uri: None)
     monkeypatch.setattr(tasks.monitor, "resolve_lineage", lambda *a, **k: lineage(False))
     with pytest.raises(ValueError, match="trust_remote_code"):
