@@ -331,7 +331,8 @@ def _crown(client, name: str, version: str, champion: str | None, approved_by: s
         client.set_registered_model_alias(name, PREVIOUS_CHAMPION, champion)
         _set_tags(client, name, champion, {"promotion.status": "retired"})
     client.set_registered_model_alias(name, CHAMPION, version)
-    client.delete_registered_model_alias(name, CHALLENGER)
+    if registry_aliases(client, name).get(CHALLENGER) == version:  # another version awaiting approval keeps it
+        client.delete_registered_model_alias(name, CHALLENGER)
     _set_tags(
         client,
         name,
@@ -388,8 +389,17 @@ def promote_version(
     # 3. Under the lock again: the champion must not have moved while we waited.
     with promotion_lock(lock, cfg.lock_timeout_s):
         aliases = registry_aliases(client, model_name)
-        if not decision.approved:
-            who = decision.reviewer or "the reviewer"
+        reviewer = decision.reviewer.strip()
+        if decision.approved and not reviewer:
+            outcome = _reject(
+                client,
+                model_name,
+                version,
+                ["approval: approved without a reviewer's name: the reviewer must give their name to approve"],
+                aliases,
+            )
+        elif not decision.approved:
+            who = reviewer or "the reviewer"
             outcome = _reject(
                 client,
                 model_name,
@@ -407,7 +417,7 @@ def promote_version(
                 aliases,
             )
         else:
-            outcome = _crown(client, model_name, version, champion, approved_by=decision.reviewer or "reviewer")
+            outcome = _crown(client, model_name, version, champion, approved_by=reviewer)
         return replace(outcome, gates=tuple(gates))
 
 
