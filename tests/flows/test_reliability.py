@@ -112,12 +112,14 @@ def test_logged_checkpoints_are_verified_on_download(shared_store, tmp_path) -> 
     (folder / "model.safetensors").write_bytes(os.urandom(2048))
     with mlflow.start_run():
         uri = log_checkpoint(folder, "checkpoint")
-    assert sorted(p.name for p in download(uri).iterdir()) == [MANIFEST, "model.safetensors"]
+    local = download(uri, tmp_path / "into")
+    assert sorted(p.name for p in local.iterdir()) == [MANIFEST, "model.safetensors"]
+    assert local.is_relative_to(tmp_path / "into")  # under the caller's folder, which it removes
     # corrupt the stored copy (the local artifact store is a folder): the next download refuses it
     store_file = artifact_path(uri) / "model.safetensors"
     store_file.write_bytes(store_file.read_bytes()[:100])
     with pytest.raises(CheckpointCorrupted, match="model.safetensors"):
-        download(uri)
+        download(uri, tmp_path / "into")
 
 
 # ------------------------------------------------------------------------------- security
@@ -168,6 +170,50 @@ def test_pii_is_redacted_in_drift_report_examples() -> None:
     assert "@" not in prompt and "7946" not in response and note == "31 tokens"
 
 
+UNPICKLERS = {
+    "torch.load",
+    "torch.serialization.load",
+    "pickle.load",
+    "pickle.loads",
+    "pickle.Unpickler",
+    "joblib.load",
+    "cloudpickle.load",
+    "cloudpickle.loads",
+    "dill.load",
+    "dill.loads",
+    "pandas.read_pickle",
+}
+
+
+def unsafe_loads(source: str) -> list[str]:
+    """Calls in source that may unpickle: a loader above, under any import alias, except torch.load with
+    weights_only=True."""
+    tree = ast.parse(source)
+    names: dict[str, str] = {}  # local name -> dotted name it stands for
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                names[alias.asname or alias.name.split(".")[0]] = (
+                    alias.name if alias.asname else alias.name.split(".")[0]
+                )
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            for alias in node.names:
+                names[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        head, _, rest = ast.unparse(node.func).partition(".")
+        dotted = names.get(head, head) + (f".{rest}" if rest else "")
+        if dotted not in UNPICKLERS:
+            continue
+        keywords = {kw.arg: ast.unparse(kw.value) for kw in node.keywords}
+        if dotted in ("torch.load", "torch.serialization.load") and keywords.get("weights_only") == "True":
+            continue
+        found.append(ast.unparse(node))
+    return found
+
+
 def test_safetensors_only_torch_load_weights_only_and_no_remote_code(tmp_path) -> None:
     from models.loading import load_causal_lm
     from rlhf.builtin.model import resolve_base_model
@@ -180,18 +226,29 @@ def test_safetensors_only_torch_load_weights_only_and_no_remote_code(tmp_path) -
     torch.save(load_causal_lm(base).state_dict(), pickled / "pytorch_model.bin")  # the legacy pickled layout
     with pytest.raises(ValueError, match="pickle-based.*safe_serialization=True"):
         load_causal_lm(str(pickled))
-    # 2. every torch.load in the project passes weights_only=True
-    calls = []
+    # 2. no code path unpickles: every torch.load (however imported) passes weights_only=True, and nothing
+    # calls pickle/joblib loaders. The checker is shown to catch the forms a text match missed.
+    for unsafe in [
+        "from torch import load\nload(f)",
+        "from torch import load as tl\ntl(f, weights_only=False)",
+        "import torch as t\nt.load(f)",
+        "import pickle\npickle.load(f)",
+        "from pickle import loads\nloads(b)",
+        "import joblib\njoblib.load(p)",
+    ]:
+        assert unsafe_loads(unsafe), unsafe
+    assert not unsafe_loads("import torch\ntorch.load(f, weights_only=True)\nimport json\njson.load(f)")
+    safe_calls = 0
     for path in [
         *ROOT.glob("rlhf/**/*.py"),
         *ROOT.glob("tasks/*.py"),
         *ROOT.glob("models/*.py"),
         *ROOT.glob("flows/*.py"),
     ]:
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.load":
-                calls.append((path.name, {kw.arg: ast.unparse(kw.value) for kw in node.keywords}))
-    assert calls and all(kw.get("weights_only") == "True" for _, kw in calls), calls
+        source = path.read_text()
+        assert not unsafe_loads(source), (path, unsafe_loads(source))
+        safe_calls += source.count("weights_only=True")
+    assert safe_calls >= 2  # the optimizer and RNG state of PPO checkpoints
     # 3. remote code is off unless asked for
     assert load_config().model.trust_remote_code is False
     # 4. servers we start listen on 127.0.0.1 only
