@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -147,6 +148,50 @@ def test_secret_like_params_and_values_are_masked(shared_store) -> None:
     logged = MlflowClient().get_run(run.info.run_id).data.params
     assert SECRET not in json.dumps(logged) and "hunter2" not in json.dumps(logged)
     assert logged["ppo.max_new_tokens"] == "16"
+
+
+KILLED_MID_STAGE = """
+import os, signal, sys
+import mlflow
+from rlhf.config import PipelineConfig
+from tasks.common import pipeline_run
+from rlhf.infra.tracking import stage_run
+with pipeline_run(PipelineConfig(experiment="kill9"), "killed", "flow-run-id") as parent_id:
+    with stage_run(parent_id, "sft"):
+        print(parent_id, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)  # as kill -9 in the middle of SFT
+"""
+
+
+def test_runs_left_running_by_kill_9_end_killed_at_the_next_start(shared_store, tmp_path) -> None:
+    from rlhf.config import PipelineConfig
+    from tasks.common import pipeline_run
+
+    client = MlflowClient()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": shared_store, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", KILLED_MID_STAGE], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
+    parent_id = out.stdout.split()[0]
+    experiment_id = client.get_run(parent_id).info.experiment_id
+    left = client.search_runs([experiment_id], "attributes.status = 'RUNNING'")
+    assert {r.info.run_id for r in left} >= {parent_id} and len(left) == 2  # the parent and its sft run
+    # A live run of another process on this host, and a run of another host, are left alone.
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        live = client.create_run(
+            experiment_id, tags={"rlhf.owner_host": socket.gethostname(), "rlhf.owner_pid": str(sleeper.pid)}
+        )
+        remote = client.create_run(experiment_id, tags={"rlhf.owner_host": "gpu-node-7", "rlhf.owner_pid": "4242"})
+        with pipeline_run(PipelineConfig(experiment="kill9"), "next", "flow-run-2"):
+            pass
+        for run in left:
+            ended = client.get_run(run.info.run_id)
+            assert ended.info.status == "KILLED" and ended.data.tags["rlhf.ended_by"] == "dead-owner"
+        assert client.get_run(live.info.run_id).info.status == "RUNNING"
+        assert client.get_run(remote.info.run_id).info.status == "RUNNING"
+    finally:
+        sleeper.kill()
+        sleeper.wait()
 
 
 def test_pii_is_redacted_in_logged_ppo_samples(shared_store) -> None:
