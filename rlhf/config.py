@@ -373,6 +373,11 @@ class MonitorConfig(_Section):
         None,
         description="On an alert, start this Prefect deployment ('flow-name/deployment-name', e.g. the training pipeline's)",
     )
+    retrain_cooldown_h: float = Field(
+        24.0,
+        ge=0,
+        description="Hours after a drift-triggered retraining of a version during which further alerts on it start none (0: every alert starts one); the skip is tagged drift.trigger_skipped",
+    )
 
     @model_validator(mode="after")
     def _check_alpha(self) -> MonitorConfig:

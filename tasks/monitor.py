@@ -20,6 +20,7 @@ from __future__ import annotations
 import glob
 import random
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -425,6 +426,23 @@ def monitor_task(cfg: MonitorConfig) -> MonitorResult:
     return run_monitor(cfg)
 
 
+RETRAIN_TAG = "drift.retrain_triggered_at"
+"""Model-version tag: when (epoch seconds) a drift alert last started a retraining of that version."""
+
+
+def retrain_cooldown(last_triggered_at: str | None, cooldown_h: float, now: float) -> str | None:
+    """Why an alert must not start another retraining (one started within the cooldown), else None."""
+    if last_triggered_at is None:
+        return None
+    age_h = max(0.0, now - float(last_triggered_at)) / 3600
+    if age_h >= cooldown_h:
+        return None
+    return (
+        f"a retraining of this version was started {age_h:.1f} h ago, within MonitorConfig.retrain_cooldown_h="
+        f"{cooldown_h:g}: not starting another (lower retrain_cooldown_h to retrain sooner)"
+    )
+
+
 def raise_alert(cfg: MonitorConfig, result: MonitorResult) -> dict[str, str]:
     """Prefect side of an alert: an event, a markdown artifact, optionally a deployment run; returns their ids."""
     from prefect.artifacts import create_markdown_artifact
@@ -454,11 +472,17 @@ def raise_alert(cfg: MonitorConfig, result: MonitorResult) -> dict[str, str]:
                 result.report_markdown, key="drift-report", description=f"Drift alert: {result.cause}"
             )
         )
+    client = MlflowClient()
     if cfg.trigger_deployment:
-        flow_run = run_deployment(cfg.trigger_deployment, timeout=0, tags=["drift-alert"])
-        out["triggered_flow_run_id"] = str(flow_run.id)
+        version = client.get_model_version(result.model_name, result.version)
+        skip = retrain_cooldown(version.tags.get(RETRAIN_TAG), cfg.retrain_cooldown_h, time.time())
+        if skip is not None:
+            out["trigger_skipped"] = skip
+        else:
+            flow_run = run_deployment(cfg.trigger_deployment, timeout=0, tags=["drift-alert"])
+            out["triggered_flow_run_id"] = str(flow_run.id)
+            client.set_model_version_tag(result.model_name, result.version, RETRAIN_TAG, f"{time.time():.3f}")
     if result.run_id:
-        client = MlflowClient()
         for key, value in out.items():
             client.set_tag(result.run_id, f"drift.{key}", value)
     return out

@@ -299,3 +299,43 @@ def test_drift_monitor_flow_logs_series_flags_version_and_alerts(champion, prefe
     version_tags = client.get_model_version(MODEL, champion.version).tags
     assert version_tags["drift.alert"] == "input_shift" and version_tags["drift.alert_run_id"] == latest.run_id
     assert client.get_run(first.run_id).data.tags["drift.alert"] == "false"
+
+
+def test_drift_triggered_retraining_waits_out_the_cooldown(mlflow_store, tmp_path, monkeypatch):
+    import mlflow
+    import prefect.deployments
+    import prefect.events
+    from mlflow.tracking import MlflowClient
+
+    from tasks.monitor import MonitorResult, raise_alert, retrain_cooldown
+
+    started = []
+    monkeypatch.setattr(
+        prefect.deployments,
+        "run_deployment",
+        lambda name, **kw: started.append(name) or types.SimpleNamespace(id=len(started)),
+    )
+    monkeypatch.setattr(prefect.events, "emit_event", lambda **kw: None)
+    client = MlflowClient()
+    client.create_registered_model(MODEL)
+    (tmp_path / "model").mkdir()
+    version = str(client.create_model_version(MODEL, source=str(tmp_path / "model")).version)
+    cfg = MonitorConfig(trigger_deployment="rlhf-pipeline/rlhf-pipeline")
+
+    def alert(window: int) -> dict[str, str]:
+        with mlflow.start_run() as run:
+            result = MonitorResult(
+                MODEL, version, f"w{window}.jsonl", window, False, True, "input_shift", run_id=run.info.run_id
+            )
+        return raise_alert(cfg, result)
+
+    first, second = alert(1), alert(2)  # two alerting windows an hour apart
+    assert started == ["rlhf-pipeline/rlhf-pipeline"] and first["triggered_flow_run_id"] == "1"
+    assert "triggered_flow_run_id" not in second
+    assert second["trigger_skipped"].startswith("a retraining of this version was started 0.0 h ago")
+    assert "retrain_cooldown_h=24" in second["trigger_skipped"]
+    assert float(client.get_model_version(MODEL, version).tags["drift.retrain_triggered_at"]) > 0
+    # after the cooldown, the next alert retrains again
+    assert retrain_cooldown("1000", 24, 1000 + 24 * 3600) is None and retrain_cooldown(None, 24, 0) is None
+    cfg = cfg.model_copy(update={"retrain_cooldown_h": 0.0})
+    assert alert(3)["triggered_flow_run_id"] == "2"
