@@ -111,20 +111,21 @@ def main() -> None:
     t0 = time.perf_counter()
     with mlflow.start_run(run_id=parent_id):
         evaluation = run_evaluate(
-            cfg, sft, reward, ppo, paths["heldout_prompts"], parent_id, use_gold_judge=True, diagnostics=diagnostics
+            cfg, sft, reward, ppo, paths["heldout_prompts"], parent_id, diagnostics=diagnostics
         )
     timings["evaluate_s"] = time.perf_counter() - t0
 
     # 4. Gold reward of every checkpoint on the test split, which the choice never saw.
-    tokenizer = load_tokenizer(str(download(sft.uri)))
-    reward_model = load_reward_model(str(download(reward.uri)), tokenizer.pad_token_id)
+    scratch = out / "downloads"
+    tokenizer = load_tokenizer(str(download(sft.uri, scratch)))
+    reward_model = load_reward_model(str(download(reward.uri, scratch)), tokenizer.pad_token_id)
     judge = make_judge(SUPPORT_TASK, None, reward_model, tokenizer)
     heldout = list(load_split(paths["heldout_prompts"])["prompt"])[: cfg.data.max_heldout_prompts]
     _, test_prompts = split_for_selection(heldout, diagnostics.selection_fraction, cfg.seed)
     prompts = [p for p in test_prompts for _ in range(cfg.eval.samples_per_prompt)]
     test_gold: dict[int, float] = {}
     for step, uri in sorted(ppo.checkpoints.items()):
-        model = load_causal_lm(str(download(uri))).eval()
+        model = load_causal_lm(str(download(uri, scratch))).eval()
         scored = score_policy(model, None, tokenizer, prompts, reward_model, tokenizer, judge, cfg)
         test_gold[step] = sum(scored.judge) / len(scored.judge)
 

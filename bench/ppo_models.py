@@ -67,7 +67,7 @@ def ensure_models(work: Path, sft_steps: int = 120, reward_steps: int = 160, see
         for name, ckpt in (("sft", sft), ("reward", reward)):
             if Path(out[name]).exists():
                 shutil.rmtree(out[name])
-            shutil.copytree(download(ckpt.uri), out[name])
+            shutil.copytree(download(ckpt.uri, work / "downloads"), out[name])
         Path(out["info"]).write_text(
             json.dumps(
                 {

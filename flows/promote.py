@@ -36,7 +36,11 @@ class ApprovalInput(RunInput):
     """The reviewer's form in the Prefect UI when a promotion waits for approval."""
 
     approved: bool = Field(description="Promote the challenger to champion")
-    reviewer: str = Field("", description="Who reviewed the challenger")
+    reviewer: str = Field(
+        min_length=1,
+        pattern=r"\S",
+        description="Who reviewed the challenger (required: recorded as promotion.approved_by)",
+    )
     comment: str = Field("", description="Why (kept on the model version as promotion.reasons when rejected)")
 
 

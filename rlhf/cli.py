@@ -440,7 +440,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config)
     return validate_command(
-        args.path, args.kind, cfg.validation, tokenizer_path=args.tokenizer, report_dir=args.report_dir
+        args.path,
+        args.kind,
+        cfg.validation,
+        tokenizer_path=args.tokenizer,
+        report_dir=args.report_dir,
+        trust_remote_code=cfg.model.trust_remote_code,
     )
 
 

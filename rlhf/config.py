@@ -12,14 +12,28 @@ unknown keys raise with the list of valid ones.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+MAX_SEED = 2**32 - 1  # numpy's seeds are 0..2**32-1
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # inf and nan are never a sensible learning rate, temperature or threshold.
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """`ppo.steps=true` must not train 1 step: a boolean is refused where a number is expected."""
+        if isinstance(value, bool) and info.field_name is not None:
+            annotation = cls.model_fields[info.field_name].annotation
+            types = set(get_args(annotation) or (annotation,))
+            if types & {int, float} and bool not in types:
+                raise ValueError(f"got the boolean {str(value).lower()}, but this option is a number")
+        return value
 
 
 class DataConfig(_Section):
@@ -38,7 +52,11 @@ class DataConfig(_Section):
     )
     prompts_path: str | None = Field(None, description="PPO training prompts (prompt)")
     heldout_prompts_path: str | None = Field(None, description="Held-out evaluation prompts (prompt)")
-    max_heldout_prompts: int = Field(128, ge=1, description="Evaluation uses at most this many held-out prompts")
+    max_heldout_prompts: int = Field(
+        128,
+        ge=2,
+        description="Evaluation uses at most this many held-out prompts (at least 2: one to choose the checkpoint, one to test it)",
+    )
 
     @property
     def is_builtin(self) -> bool:
@@ -57,11 +75,12 @@ class ValidationConfig(_Section):
         description="Longest prompt/response text in tokens of the base model's tokenizer (checked only when the stage is given the tokenizer)",
     )
     pii_policy: Literal["fail", "redact"] = Field(
-        "fail", description="On e-mail, phone or card numbers in the data: fail the run, or redact them and report"
+        "fail",
+        description="On e-mail, phone, card, SSN or IBAN numbers in the data: fail the run, or redact them and report",
     )
-    pii_kinds: tuple[Literal["email", "phone", "card"], ...] = Field(
-        ("email", "phone", "card"),
-        description="PII patterns to look for: e-mail addresses, phone numbers, payment card numbers (Luhn-checked)",
+    pii_kinds: tuple[Literal["email", "phone", "card", "ssn", "iban"], ...] = Field(
+        ("email", "phone", "card", "ssn", "iban"),
+        description="PII patterns to look for: e-mail addresses, phone numbers, payment card numbers (Luhn-checked), US social security numbers, IBANs (mod-97-checked)",
     )
     max_duplicate_fraction: float = Field(
         0.01,
@@ -122,7 +141,7 @@ class ModelConfig(_Section):
 class SFTConfig(_Section):
     max_steps: int = Field(150, ge=1, description="Optimizer steps of supervised fine-tuning")
     batch_size: int = Field(32, ge=1, description="Sequences per optimizer step")
-    learning_rate: float = Field(3e-3, gt=0, description="Peak AdamW learning rate (linear decay)")
+    learning_rate: float = Field(3e-3, gt=0, le=1, description="Peak AdamW learning rate (linear decay)")
     max_length: int = Field(128, ge=8, description="Longest prompt+completion in tokens; longer rows are truncated")
     activation_checkpointing: bool = Field(
         False,
@@ -133,7 +152,7 @@ class SFTConfig(_Section):
 class RewardConfig(_Section):
     max_steps: int = Field(250, ge=1, description="Optimizer steps of reward-model training (Bradley-Terry loss)")
     batch_size: int = Field(32, ge=1, description="Preference pairs per optimizer step")
-    learning_rate: float = Field(1e-3, gt=0, description="Peak AdamW learning rate (linear decay)")
+    learning_rate: float = Field(1e-3, gt=0, le=1, description="Peak AdamW learning rate (linear decay)")
     max_length: int = Field(128, ge=8, description="Longest prompt+response in tokens; longer pairs are dropped")
     activation_checkpointing: bool = Field(
         False,
@@ -147,8 +166,13 @@ class PPOConfig(_Section):
     mini_batch_size: int = Field(16, ge=1, description="Episodes per gradient step; must divide batch_size")
     ppo_epochs: int = Field(2, ge=1, description="Passes over each batch of episodes")
     max_new_tokens: int = Field(48, ge=1, description="Longest response in tokens")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature; log-probs use the same temperature")
-    learning_rate: float = Field(3e-4, gt=0, description="AdamW learning rate for policy and value head")
+    temperature: float = Field(
+        1.0,
+        gt=0,
+        le=10,
+        description="Sampling temperature; log-probs use the same temperature (above a few, sampling is nearly uniform)",
+    )
+    learning_rate: float = Field(3e-4, gt=0, le=1, description="AdamW learning rate for policy and value head")
     kl_control: Literal["fixed", "adaptive"] = Field(
         "adaptive", description="Fixed KL coefficient, or the adaptive controller of Ziegler et al. 2019"
     )
@@ -226,7 +250,9 @@ class PPOConfig(_Section):
 class EvalConfig(_Section):
     max_new_tokens: int = Field(48, ge=1, description="Longest response in tokens")
     samples_per_prompt: int = Field(2, ge=1, description="Responses sampled per held-out prompt")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature (same as PPO's, so KL is comparable)")
+    temperature: float = Field(
+        1.0, gt=0, le=10, description="Sampling temperature (same as PPO's, so KL is comparable)"
+    )
 
 
 class DistributedConfig(_Section):
@@ -345,13 +371,20 @@ class MonitorConfig(_Section):
         description="Permutations of the MMD test (the smallest p-value is 1 / (permutations + 1), so it must be below thresholds.alpha)",
     )
     batch_size: int = Field(64, ge=1, description="Sequences per forward pass when scoring")
-    seed: int = Field(0, description="Seed of subsampling, sampling and permutations (plus the window index)")
+    seed: int = Field(
+        0, ge=0, le=MAX_SEED, description="Seed of subsampling, sampling and permutations (plus the window index)"
+    )
     report_dir: str = Field(
         "outputs/monitoring", description="Local folder for diagnosis reports before they are logged"
     )
     trigger_deployment: str | None = Field(
         None,
         description="On an alert, start this Prefect deployment ('flow-name/deployment-name', e.g. the training pipeline's)",
+    )
+    retrain_cooldown_h: float = Field(
+        24.0,
+        ge=0,
+        description="Hours after a drift-triggered retraining of a version during which further alerts on it start none (0: every alert starts one); the skip is tagged drift.trigger_skipped",
     )
 
     @field_validator("version", mode="before")
@@ -470,7 +503,7 @@ class PipelineConfig(_Section):
         "rlhf-reward",
         description="MLflow registered model for the reward model (each policy version's tag lineage.reward_model points to its version)",
     )
-    seed: int = Field(0, description="Seed for data, initialisation and sampling")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed for data, initialisation and sampling (0..2**32-1)")
     output_dir: str = Field("outputs", description="Local folder for checkpoints and data of each run")
     data: DataConfig = DataConfig()
     validation: ValidationConfig = ValidationConfig()
@@ -537,13 +570,49 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     try:
         return PipelineConfig.model_validate(raw)
     except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(x) for x in first["loc"]) or "config"
-        if first["type"] == "extra_forbidden":
-            section = _section_at(first["loc"][:-1])
-            valid = ", ".join(section.model_fields)
-            raise ConfigError(f"unknown option {where!r}: valid options here are {valid}") from None
-        raise ConfigError(f"bad value for {where!r}: {first['msg']}") from None
+        raise ConfigError(explain(e)) from None
+
+
+def explain(error: ValidationError) -> str:
+    """The first error of a config validation in one line: the key, what is wrong with the value, and the fix."""
+    first = error.errors()[0]
+    loc = tuple(first["loc"])
+    where = ".".join(str(x) for x in loc) or "config"
+    if first["type"] == "extra_forbidden":
+        section = _section_at(loc[:-1])
+        valid = ", ".join(section.model_fields)
+        return f"unknown option {where!r}: valid options here are {valid}. Fix: correct the spelling"
+    msg = first["msg"].removeprefix("Value error, ")
+    field = _field_at(loc)
+    if field is None:  # a check across fields of a section: its message names the keys and the fix
+        return f"bad configuration{'' if where == 'config' else f' in {where!r}'}: {msg}"
+    default = field.default
+    shown = "null" if default is None else str(default).lower() if isinstance(default, bool) else repr(default)
+    ctx = first.get("ctx") or {}
+    bounds = {"ge": "at least", "gt": "above", "le": "at most", "lt": "below"}
+    wanted = [f"{words} {ctx[k]}" for k, words in bounds.items() if k in ctx]
+    if first["type"] == "finite_number":
+        wanted = ["a finite number"]
+    elif isinstance(first.get("input"), bool) and first["type"] == "value_error":
+        wanted = ["a number"]
+    requirement = " and ".join(wanted) or "a valid value"
+    return (
+        f"bad value {first.get('input')!r} for {where!r}: {msg}. Fix: set {where} to {requirement} "
+        f"({field.description}; default {shown})"
+    )
+
+
+def _field_at(loc: tuple) -> Any:
+    """The pydantic FieldInfo of a leaf option at loc, or None where loc ends at a section."""
+    model: type[BaseModel] = PipelineConfig
+    field = None
+    for part in loc:
+        if not isinstance(part, str) or model is None or part not in model.model_fields:
+            return field if isinstance(part, int) else None  # list items: the list's field
+        field = model.model_fields[part]
+        annotation = field.annotation
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return None if model is not None else field
 
 
 def _section_at(loc: tuple) -> type[BaseModel]:

@@ -101,15 +101,20 @@ def run_baseline(
 ) -> str:
     """Compute the baseline of a registered version from its lineage's checkpoints and log it; returns baseline.uri."""
     lineage = resolve_lineage(MlflowClient(), model_name, version)
-    policy_dir, ref_dir, rm_dir = (
-        str(download(u)) for u in (lineage.policy_uri, lineage.reference_uri, lineage.reward_model_uri)
-    )
-    tokenizer = load_tokenizer(ref_dir)
+    trust = cfg.model.trust_remote_code or lineage.trust_remote_code
     device = distributed_device()
+    with tempfile.TemporaryDirectory(prefix="rlhf-baseline-") as scratch:  # the models are read into memory
+        policy_dir, ref_dir, rm_dir = (
+            str(download(u, scratch)) for u in (lineage.policy_uri, lineage.reference_uri, lineage.reward_model_uri)
+        )
+        tokenizer = load_tokenizer(ref_dir, trust)
+        policy = load_causal_lm(policy_dir, trust_remote_code=trust).to(device).eval()
+        reference = load_causal_lm(ref_dir, trust_remote_code=trust).to(device).eval()
+        reward_model = load_reward_model(rm_dir, tokenizer.pad_token_id, trust_remote_code=trust).to(device).eval()
     baseline = compute_baseline(
-        load_causal_lm(policy_dir).to(device).eval(),
-        load_causal_lm(ref_dir).to(device).eval(),
-        load_reward_model(rm_dir, tokenizer.pad_token_id).to(device).eval(),
+        policy,
+        reference,
+        reward_model,
         tokenizer,
         read_prompts(prompt_paths),
         baseline_cfg,

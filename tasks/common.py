@@ -24,7 +24,15 @@ from models.lora import save_merged
 from rlhf.config import PipelineConfig, RewardConfig, SFTConfig
 from rlhf.infra.distributed import device, is_main_process, world_size
 from rlhf.infra.security import mask_secrets
-from rlhf.infra.tracking import check_tracking_store, flatten, is_transient_tracking_error, log_params, setup_experiment
+from rlhf.infra.tracking import (
+    check_tracking_store,
+    end_dead_runs,
+    flatten,
+    is_transient_tracking_error,
+    log_params,
+    owner_tags,
+    setup_experiment,
+)
 from rlhf.ppo.trainer import Alert
 
 # -- stage names: one per stage, used for the Prefect task, the MLflow run and the cache key --
@@ -117,7 +125,10 @@ def pipeline_run(cfg: PipelineConfig, flow_run_name: str, flow_run_id: str) -> I
     that tie it to its Prefect flow run."""
     check_tracking_store()  # fail before any training when the store is unreachable
     experiment_id = setup_experiment(cfg.experiment)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"pipeline-{flow_run_name}") as parent:
+    end_dead_runs(experiment_id)  # runs a kill -9 left RUNNING (their process on this host is gone) end KILLED
+    with mlflow.start_run(
+        experiment_id=experiment_id, run_name=f"pipeline-{flow_run_name}", tags=owner_tags()
+    ) as parent:
         log_params(flatten(cfg.model_dump()))
         mlflow.log_text(yaml.safe_dump(mask_secrets(cfg.model_dump()), sort_keys=False), "config.yaml")
         mlflow.set_tags({"prefect.flow_run_id": flow_run_id, "config_hash": config_hash(cfg)})

@@ -24,6 +24,7 @@ samples at the training temperature.
 from __future__ import annotations
 
 import math
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,9 +121,9 @@ def sample_with_kl(policy, ref, tokenizer, prompts: list[str], max_new_tokens: i
     return out
 
 
-def load_policy(path: str, device: str):
+def load_policy(path: str, device: str, trust_remote_code: bool = False):
     """A causal LM checkpoint on the device, in eval mode."""
-    return load_causal_lm(path).to(device).eval()
+    return load_causal_lm(path, trust_remote_code=trust_remote_code).to(device).eval()
 
 
 def make_judge(task: TaskKnowledge | None, heldout_rm, reward_model, tokenizer) -> Judge:
@@ -163,12 +164,12 @@ def checkpoint_stats(step: int, scored: Scored) -> CheckpointStats:
     )
 
 
-def champion_policy_dir(model_name: str) -> tuple[str, Path] | None:
-    """(version, local policy checkpoint) of the registered champion, or None when there is none."""
+def champion_policy_dir(model_name: str, into: str | Path) -> tuple[str, Path] | None:
+    """(version, local policy checkpoint under ``into``) of the registered champion, or None when there is none."""
     version = registry_aliases(mlflow.MlflowClient(), model_name).get(CHAMPION)
     if version is None:
         return None
-    model_dir = download(f"models:/{model_name}/{version}")
+    model_dir = download(f"models:/{model_name}/{version}", into)
     return version, model_dir / "artifacts" / "policy"
 
 
@@ -185,16 +186,22 @@ def run_evaluate(
     """Choose the best PPO checkpoint on the selection split, flag hacking, judge it on the test split."""
     diagnostics = diagnostics or cfg.diagnostics
     task = task_knowledge(cfg.data)
-    with stage_run(
-        parent_run_id, EVALUATE, {"eval.ppo_run_id": ppo.final.run_id}, {"heldout_prompts": heldout_prompts_path}
-    ) as run:
+    with (
+        stage_run(
+            parent_run_id, EVALUATE, {"eval.ppo_run_id": ppo.final.run_id}, {"heldout_prompts": heldout_prompts_path}
+        ) as run,
+        tempfile.TemporaryDirectory(prefix="rlhf-evaluate-") as scratch,  # every checkpoint downloaded, removed after
+    ):
         device = distributed_device()
-        sft_dir, rm_dir = str(download(sft.uri)), str(download(reward.uri))
-        tokenizer = load_tokenizer(sft_dir)
-        sft_model = load_policy(sft_dir, device)
-        reward_model = load_reward_model(rm_dir, tokenizer.pad_token_id).to(device)
+        sft_dir, rm_dir = str(download(sft.uri, scratch)), str(download(reward.uri, scratch))
+        trust = cfg.model.trust_remote_code
+        tokenizer = load_tokenizer(sft_dir, trust)
+        sft_model = load_policy(sft_dir, device, trust)
+        reward_model = load_reward_model(rm_dir, tokenizer.pad_token_id, trust_remote_code=trust).to(device)
         heldout_rm = (
-            load_reward_model(str(download(heldout_reward.uri)), tokenizer.pad_token_id).to(device)
+            load_reward_model(
+                str(download(heldout_reward.uri, scratch)), tokenizer.pad_token_id, trust_remote_code=trust
+            ).to(device)
             if heldout_reward
             else None
         )
@@ -218,7 +225,7 @@ def run_evaluate(
         for step, uri in sorted(ppo.checkpoints.items()):
             if step == 0:
                 continue  # PPO's step-0 checkpoint is the SFT policy, measured above
-            model = load_policy(str(download(uri)), device)
+            model = load_policy(str(download(uri, scratch)), device, trust)
             series.append(
                 checkpoint_stats(
                     step, score_policy(model, sft_model, tokenizer, prompts, reward_model, tokenizer, judge, cfg)
@@ -244,15 +251,22 @@ def run_evaluate(
 
         # 3. Test split: the chosen checkpoint against SFT and the champion.
         prompts = [p for p in test_prompts for _ in range(repeat)]
-        policy = load_policy(str(download(chosen.uri)), device)
+        policy = load_policy(str(download(chosen.uri, scratch)), device, trust)
         ours = score_policy(policy, sft_model, tokenizer, prompts, reward_model, tokenizer, judge, cfg)
         base = score_policy(sft_model, None, tokenizer, prompts, reward_model, tokenizer, judge, cfg)
-        champion = champion_policy_dir(cfg.registered_model)
+        champion = champion_policy_dir(cfg.registered_model, scratch)
         theirs = None
         if champion is not None:
-            champion_model = load_policy(str(champion[1]), device)
+            champion_model = load_policy(str(champion[1]), device, trust)
             theirs = score_policy(
-                champion_model, None, load_tokenizer(str(champion[1])), prompts, reward_model, tokenizer, judge, cfg
+                champion_model,
+                None,
+                load_tokenizer(str(champion[1]), trust),
+                prompts,
+                reward_model,
+                tokenizer,
+                judge,
+                cfg,
             )
 
         metrics = heldout_metrics(prompts, ours, base, theirs, judge.kind, task)

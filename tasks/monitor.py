@@ -21,6 +21,7 @@ import glob
 import random
 import re
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from models.loading import load_causal_lm, load_reward_model, load_tokenizer
 from rlhf.builtin import traffic as simulator
 from rlhf.builtin.task import SUPPORT_TASK
 from rlhf.config import MonitorConfig
-from rlhf.data.loading import load_standard
+from rlhf.data.loading import DataError, load_standard
 from rlhf.drift.diagnosis import Diagnosis, ReportContext, diagnose, inspect_targets, plot_window, render_report
 from rlhf.drift.features import embed_prompts, max_sequence_length, prompt_features, response_features, sample_kl
 from rlhf.drift.lineage import Lineage, LineageError, resolve_lineage
@@ -47,6 +48,7 @@ from rlhf.infra.distributed import device as distributed_device
 from rlhf.infra.progress import in_prefect_run
 from rlhf.infra.security import redact_text
 from rlhf.infra.tracking import download, setup_experiment
+from rlhf.validation.checks import BLANK_REGEX, bad_timestamps
 
 REPORT_ARTIFACT = "report"
 EXAMPLES = 5
@@ -130,29 +132,67 @@ def load_models(cfg: MonitorConfig, client: MlflowClient | None = None) -> Monit
             "tasks.baseline.run_baseline (the pipeline does so at registration)"
         )
     baseline = load_baseline(lineage.baseline_uri)
-    policy_dir, ref_dir, rm_dir = (
-        str(download(u)) for u in (lineage.policy_uri, lineage.reference_uri, lineage.reward_model_uri)
-    )
-    device = distributed_device()
-    tokenizer = load_tokenizer(ref_dir)
-    return MonitorModels(
-        lineage,
-        baseline,
-        tokenizer,
-        load_causal_lm(policy_dir).to(device).eval(),
-        load_causal_lm(ref_dir).to(device).eval(),
-        load_reward_model(rm_dir, tokenizer.pad_token_id).to(device).eval(),
-    )
-
-
-def read_window(path: str, version: str, min_rows: int) -> tuple[list[str], list[str], np.ndarray, int]:
-    """(prompts, responses, feedback values, rows of other versions) of the monitored version's rows."""
-    frame = load_standard(path, "traffic").frame
-    missing = [c for c in ("prompt", "response", "model_version") if c not in frame.columns]
-    if missing:
-        raise ValueError(
-            f"{path}: traffic rows need the columns {missing}: write timestamp, prompt, response, model_version"
+    with tempfile.TemporaryDirectory(prefix="rlhf-monitor-") as scratch:  # the models are read into memory
+        policy_dir, ref_dir, rm_dir = (
+            str(download(u, scratch)) for u in (lineage.policy_uri, lineage.reference_uri, lineage.reward_model_uri)
         )
+        device = distributed_device()
+        trust = lineage.trust_remote_code  # as the version was trained (tag written at registration)
+        tokenizer = load_tokenizer(ref_dir, trust)
+        return MonitorModels(
+            lineage,
+            baseline,
+            tokenizer,
+            load_causal_lm(policy_dir, trust_remote_code=trust).to(device).eval(),
+            load_causal_lm(ref_dir, trust_remote_code=trust).to(device).eval(),
+            load_reward_model(rm_dir, tokenizer.pad_token_id, trust_remote_code=trust).to(device).eval(),
+        )
+
+
+def load_window(path: str) -> pd.DataFrame:
+    """A traffic window's rows, checked before any model is loaded: every row has a time, a version and text.
+
+    Raises DataError naming the file, the column, example lines and the fix (a null prompt would otherwise
+    reach the feature code as NaN, and an unparseable time pass unnoticed).
+    """
+    loaded = load_standard(path, "traffic")
+    frame, where = loaded.frame, loaded.source.where
+    missing = [c for c in ("timestamp", "prompt", "response", "model_version") if c not in frame.columns]
+    if missing:
+        raise DataError(
+            f"{path}: traffic rows need the columns {missing}. Fix: write timestamp, prompt, response, model_version"
+        )
+
+    def fail(bad: pd.Series, problem: str, fix: str) -> None:
+        rows = [where(i + 1) for i in np.flatnonzero(bad.to_numpy())]
+        if rows:
+            raise DataError(
+                f"{path}: {problem} in {len(rows)} of {len(frame)} rows (e.g. {', '.join(rows[:3])}). Fix: {fix}"
+            )
+
+    for column in ("prompt", "response"):
+        values = frame[column]
+        is_text = values.map(lambda v: isinstance(v, str)).astype(bool)
+        blank = values.where(is_text, "").astype(str).str.match(BLANK_REGEX).astype(bool)
+        fail(
+            ~is_text | blank,
+            f"{column!r} is null, not text, or blank",
+            f"drop those rows or log the {column} text; `rlhf validate {path} --kind traffic` lists every check",
+        )
+    fail(frame["model_version"].isna(), "'model_version' is null", "log the serving model's version in every row")
+    fail(
+        frame["timestamp"].isna() | bad_timestamps(frame["timestamp"]).notna(),
+        "'timestamp' is null or not an ISO 8601 time (or positive epoch seconds)",
+        "write times like 2024-05-01T12:30:00Z",
+    )
+    return frame
+
+
+def read_window(
+    path: str, version: str, min_rows: int, frame: pd.DataFrame | None = None
+) -> tuple[list[str], list[str], np.ndarray, int]:
+    """(prompts, responses, feedback values, rows of other versions) of the monitored version's rows."""
+    frame = load_window(path) if frame is None else frame
     mine = frame[frame["model_version"].astype(str) == str(version)]
     if len(mine) < min_rows:
         raise ValueError(
@@ -299,6 +339,7 @@ def already_monitored(client: MlflowClient, experiment_id: str, series_id: str, 
 def run_monitor(cfg: MonitorConfig, models: MonitorModels | None = None) -> MonitorResult:
     """Monitor one window: measure, test, diagnose, log to MLflow, flag the run and the model version on a breach."""
     window = find_window(cfg)
+    rows = load_window(window.path)  # a malformed window fails before three models are downloaded
     experiment_id = setup_experiment(cfg.experiment)
     client = MlflowClient()
     models = models or load_models(cfg, client)
@@ -309,7 +350,7 @@ def run_monitor(cfg: MonitorConfig, models: MonitorModels | None = None) -> Moni
             lineage.model_name, lineage.version, window.path, window.index, skipped=True, series_run_id=series_id
         )
     # 1. measure and test
-    prompts, responses, feedback, other = read_window(window.path, lineage.version, cfg.min_rows)
+    prompts, responses, feedback, other = read_window(window.path, lineage.version, cfg.min_rows, rows)
     analysis = analyze_window(models, prompts, responses, feedback, cfg, cfg.seed + window.index)
     metrics = {**analysis.metrics, "drift/rows_other_versions": float(other)}
     diagnosis = analysis.diagnosis
@@ -420,6 +461,23 @@ def monitor_task(cfg: MonitorConfig) -> MonitorResult:
     return run_monitor(cfg)
 
 
+RETRAIN_TAG = "drift.retrain_triggered_at"
+"""Model-version tag: when (epoch seconds) a drift alert last started a retraining of that version."""
+
+
+def retrain_cooldown(last_triggered_at: str | None, cooldown_h: float, now: float) -> str | None:
+    """Why an alert must not start another retraining (one started within the cooldown), else None."""
+    if last_triggered_at is None:
+        return None
+    age_h = max(0.0, now - float(last_triggered_at)) / 3600
+    if age_h >= cooldown_h:
+        return None
+    return (
+        f"a retraining of this version was started {age_h:.1f} h ago, within MonitorConfig.retrain_cooldown_h="
+        f"{cooldown_h:g}: not starting another (lower retrain_cooldown_h to retrain sooner)"
+    )
+
+
 def raise_alert(cfg: MonitorConfig, result: MonitorResult) -> dict[str, str]:
     """Prefect side of an alert: an event, a markdown artifact, optionally a deployment run; returns their ids."""
     from prefect.artifacts import create_markdown_artifact
@@ -449,11 +507,17 @@ def raise_alert(cfg: MonitorConfig, result: MonitorResult) -> dict[str, str]:
                 result.report_markdown, key="drift-report", description=f"Drift alert: {result.cause}"
             )
         )
+    client = MlflowClient()
     if cfg.trigger_deployment:
-        flow_run = run_deployment(cfg.trigger_deployment, timeout=0, tags=["drift-alert"])
-        out["triggered_flow_run_id"] = str(flow_run.id)
+        version = client.get_model_version(result.model_name, result.version)
+        skip = retrain_cooldown(version.tags.get(RETRAIN_TAG), cfg.retrain_cooldown_h, time.time())
+        if skip is not None:
+            out["trigger_skipped"] = skip
+        else:
+            flow_run = run_deployment(cfg.trigger_deployment, timeout=0, tags=["drift-alert"])
+            out["triggered_flow_run_id"] = str(flow_run.id)
+            client.set_model_version_tag(result.model_name, result.version, RETRAIN_TAG, f"{time.time():.3f}")
     if result.run_id:
-        client = MlflowClient()
         for key, value in out.items():
             client.set_tag(result.run_id, f"drift.{key}", value)
     return out

@@ -18,7 +18,8 @@ content). With ``ppo.auto_resume``, a new run with the same key continues the la
 interrupted one (failed, killed, or running under a process that no longer exists)
 from its latest good checkpoint: a re-run after ``kill -9`` or a Prefect retry after a
 lost tracking connection loses at most ``checkpoint_every`` steps. Checkpoints are
-written under ``<output_dir>/ppo-checkpoints/<key>/`` and deleted there only once
+written under ``<output_dir>/ppo-checkpoints/<key>/<run id>/`` (each run its own
+folder: two live runs with the same inputs never touch each other's) and deleted there only once
 logged, so one the tracking store never received is resumed from the local disk.
 Each checkpoint carries a sha256 manifest; a corrupted one is refused with a warning
 and the previous good one used. Sample tables are PII-redacted before logging.
@@ -27,8 +28,8 @@ and the previous good one used. Sample tables are PII-redacted before logging.
 from __future__ import annotations
 
 import os
-import shutil
 import socket
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -56,11 +57,12 @@ from rlhf.ppo.resume import (
     interrupted_checkpoints,
     live_run,
     mark_superseded,
+    prune_interrupted,
     resume,
     resume_first_good,
+    run_folder,
     save_checkpoint,
     save_logged,
-    step_of,
 )
 from rlhf.ppo.trainer import ALERT_KINDS, Alert, PPOTrainer, StepResult
 from tasks.caching import cached_stage
@@ -150,13 +152,11 @@ def run_ppo(
             if point.skipped:
                 mlflow.set_tag("ppo.corrupt_checkpoints_skipped", ",".join(point.skipped)[:5000])
             mark_superseded(point.run_id, run.info.run_id)
-            for stale in local_root.glob("step_*"):  # older unlogged checkpoints: superseded by the one resumed
-                if step_of(stale) is not None and step_of(stale) <= point.step:
-                    shutil.rmtree(stale, ignore_errors=True)
+            prune_interrupted(local_root, point.step)  # older unlogged checkpoints: superseded by the one resumed
         trainer.sync_from_main()  # several processes: rank 0's (resumed) state everywhere
         alerts: list[Alert] = []
         result: StepResult | None = None
-        with checkpoint_folder(local_root) as tmp:
+        with checkpoint_folder(run_folder(local_root, run.info.run_id)) as tmp:
 
             def save() -> None:
                 """Log the trainer's full state as checkpoints/step_XXXXX."""
@@ -207,13 +207,15 @@ def run_ppo(
 
 def build_trainer(cfg: PipelineConfig, sft: Checkpoint, reward: Checkpoint, prompts_path: str) -> PPOTrainer:
     """The trainer on the SFT policy (fresh value head, seeded), the frozen reference and the reward model."""
-    sft_dir, rm_dir = str(download(sft.uri)), str(download(reward.uri))
-    tokenizer = load_tokenizer(sft_dir)
+    trust = cfg.model.trust_remote_code
     device = distributed_device()
-    torch.manual_seed(cfg.seed)  # the value head's initialisation belongs to the seeded run
-    policy = PolicyWithValueHead(load_causal_lm(sft_dir)).to(device)
-    ref_model = load_causal_lm(sft_dir).to(device)
-    reward_model = load_reward_model(rm_dir, tokenizer.pad_token_id).to(device)
+    with tempfile.TemporaryDirectory(prefix="rlhf-ppo-") as scratch:  # the models are read into memory
+        sft_dir, rm_dir = str(download(sft.uri, scratch)), str(download(reward.uri, scratch))
+        tokenizer = load_tokenizer(sft_dir, trust)
+        torch.manual_seed(cfg.seed)  # the value head's initialisation belongs to the seeded run
+        policy = PolicyWithValueHead(load_causal_lm(sft_dir, trust_remote_code=trust)).to(device)
+        ref_model = load_causal_lm(sft_dir, trust_remote_code=trust).to(device)
+        reward_model = load_reward_model(rm_dir, tokenizer.pad_token_id, trust_remote_code=trust).to(device)
     prompts = list(load_split(prompts_path)["prompt"])
     return PPOTrainer(
         cfg.ppo,

@@ -21,6 +21,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import mlflow
 import pandas as pd
@@ -33,15 +34,18 @@ from prefect.logging import get_logger
 
 import models
 from rlhf.config import PipelineConfig
-from rlhf.drift.lineage import BASELINE_TAG
+from rlhf.drift.lineage import BASELINE_TAG, TRUST_REMOTE_CODE_TAG
 from rlhf.infra.integrity import MANIFEST
 from rlhf.infra.tracking import download, stage_run
 from rlhf.ppo.trainer import OPTIMIZER_FILE, RNG_FILE
+from rlhf.registry.promotion import lock_path, registry_lock
 from tasks.common import REGISTER, RETRY_ON_TRACKING_ERROR, Checkpoint, Evaluation, PPOResult, config_hash
 
 TRAINING_ONLY_FILES = (OPTIMIZER_FILE, RNG_FILE, "training_args.bin", MANIFEST)
 """Files that resume or describe training but play no part in serving (not shipped with the model).
 The checkpoint's manifest lists the training-only files too; the logged model has MLflow's own layout."""
+REGISTER_LOCK_TIMEOUT_S = 900.0
+"""How long a registration waits for another one of the same model (logging a large model takes minutes)."""
 PIP_REQUIREMENTS = ["torch==2.13.0", "transformers>=5.0,<6", "safetensors", "pandas"]
 
 
@@ -107,11 +111,24 @@ def register_reward_model(name: str, reward: Checkpoint) -> str:
     return str(client.create_model_version(name, source=reward.uri, run_id=reward.run_id, tags=tags).version)
 
 
-def servable_copy(checkpoint_dir: Path) -> Path:
-    """A copy of a checkpoint folder without its training-only state (optimizer, RNG)."""
-    out = Path(tempfile.mkdtemp(prefix="rlhf-servable-")) / "policy"
+def servable_copy(checkpoint_dir: Path, into: str | Path) -> Path:
+    """A copy (``<into>/policy``) of a checkpoint folder without its training-only state (optimizer, RNG)."""
+    out = Path(into) / "policy"
     shutil.copytree(checkpoint_dir, out, ignore=shutil.ignore_patterns(*TRAINING_ONLY_FILES))
     return out
+
+
+def serving_signature_params(cfg: PipelineConfig, policy_dir: str | Path) -> dict[str, int | float]:
+    """The served model's params and their defaults: generation settings, and the limits a request is checked
+    against (models/serving.py), so clients read them from the signature."""
+    from models.serving import serving_limits  # imported here: the module registers its model with MLflow on import
+
+    limits = serving_limits(policy_dir, cfg.model.trust_remote_code)
+    return {
+        "max_new_tokens": min(cfg.eval.max_new_tokens, limits["max_new_tokens_limit"]),
+        "temperature": cfg.eval.temperature,
+        **limits,
+    }
 
 
 def version_tags(
@@ -131,6 +148,7 @@ def version_tags(
         "lineage.checkpoint_step": str(evaluation.step),
         "lineage.final_checkpoint_uri": ppo.final.uri,
         "lineage.config_hash": config_hash(cfg),
+        TRUST_REMOTE_CODE_TAG: str(cfg.model.trust_remote_code).lower(),  # monitoring loads the models the same way
         **{f"lineage.data.{split}": fp for split, fp in fingerprints.items()},
         **{
             k: f"{v:.6g}" for k, v in evaluation.metrics.items() if not k.startswith("eval/hacking/")
@@ -152,20 +170,44 @@ def run_register(
     """Log the chosen checkpoint as a pyfunc model and register a new version of it (or return the one holding it).
 
     With ``reward``, the reward model is registered too (``cfg.registered_reward_model``) and the policy version's
-    tag ``lineage.reward_model`` names its version (``models:/rlhf-reward/N``)."""
-    existing = registered_version(cfg.registered_model, evaluation.checkpoint.uri, config_hash(cfg))
-    if existing is not None:
-        get_logger(__name__).info(
-            "%s version %s already holds checkpoint %s: not registering a duplicate",
-            existing.name,
-            existing.version,
-            evaluation.checkpoint.uri,
-        )
-        return existing
-    with stage_run(parent_run_id, REGISTER):
-        policy_dir = servable_copy(download(evaluation.checkpoint.uri))
+    tag ``lineage.reward_model`` names its version (``models:/rlhf-reward/N``). The check for an existing version
+    and the registration happen under one lock per registered model, so two pipelines that chose the same
+    checkpoint register it once (the second returns the first's version).
+    """
+    with registry_lock(registration_lock_path(cfg), REGISTER_LOCK_TIMEOUT_S, "registration"):
+        existing = registered_version(cfg.registered_model, evaluation.checkpoint.uri, config_hash(cfg))
+        if existing is not None:
+            get_logger(__name__).info(
+                "%s version %s already holds checkpoint %s: not registering a duplicate",
+                existing.name,
+                existing.version,
+                evaluation.checkpoint.uri,
+            )
+            return existing
+        return _register(cfg, ppo, evaluation, fingerprints, parent_run_id, reward)
+
+
+def registration_lock_path(cfg: PipelineConfig) -> Path:
+    """Beside a local store (or in promotion.lock_dir); for a remote server without lock_dir, in output_dir,
+    which guards the pipelines of this machine."""
+    lock_dir = cfg.promotion.lock_dir
+    if lock_dir is None and urlparse(mlflow.get_registry_uri()).scheme not in ("", "file", "sqlite"):
+        lock_dir = str(Path(cfg.output_dir).resolve())
+    return lock_path(mlflow.get_registry_uri(), cfg.registered_model, lock_dir, purpose="register")
+
+
+def _register(
+    cfg: PipelineConfig,
+    ppo: PPOResult,
+    evaluation: Evaluation,
+    fingerprints: dict[str, str],
+    parent_run_id: str,
+    reward: Checkpoint | None,
+) -> RegisteredVersion:
+    with stage_run(parent_run_id, REGISTER), tempfile.TemporaryDirectory(prefix="rlhf-register-") as scratch:
+        policy_dir = servable_copy(download(evaluation.checkpoint.uri, scratch), scratch)
         example = pd.DataFrame({"prompt": ["Customer: Where is my lamp?\nAgent:"]})
-        serving_params = {"max_new_tokens": cfg.eval.max_new_tokens, "temperature": cfg.eval.temperature}
+        serving_params = serving_signature_params(cfg, policy_dir)
         info = mlflow.pyfunc.log_model(
             name="policy",
             python_model=str(Path(models.__file__).parent / "serving.py"),
@@ -174,6 +216,7 @@ def run_register(
             pip_requirements=PIP_REQUIREMENTS,
             signature=infer_signature(example, pd.DataFrame({"response": ["..."]}), params=serving_params),
             input_example=(example, serving_params),
+            model_config={"trust_remote_code": cfg.model.trust_remote_code},
         )
         tags = version_tags(cfg, ppo, evaluation, fingerprints, parent_run_id, validation_status(parent_run_id))
         if reward is not None:

@@ -57,11 +57,13 @@ def train_reward(cfg: PipelineConfig, sft_uri: str, preferences_path: str, heldo
     Each process takes an equal share of every global batch of ``reward.batch_size`` pairs.
     Returns the logged checkpoint's URI on rank 0, None on the others.
     """
-    sft_dir = str(download(sft_uri))
-    tokenizer = load_tokenizer(sft_dir)
-    if is_distributed():  # a launched process starts with a random RNG: seed the new score head's init
-        torch.manual_seed(cfg.seed)
-    model = load_reward_model(sft_dir, tokenizer.pad_token_id)
+    trust = cfg.model.trust_remote_code
+    with tempfile.TemporaryDirectory(prefix="rlhf-reward-sft-") as scratch:  # the model is read into memory
+        sft_dir = str(download(sft_uri, scratch))
+        tokenizer = load_tokenizer(sft_dir, trust)
+        if is_distributed():  # a launched process starts with a random RNG: seed the new score head's init
+            torch.manual_seed(cfg.seed)
+        model = load_reward_model(sft_dir, tokenizer.pad_token_id, trust_remote_code=trust)
     with tempfile.TemporaryDirectory(prefix="rlhf-reward-") as tmp:
         args = TRLRewardConfig(**trl_training_args(cfg.reward, cfg.seed, tmp))
         logger = MlflowStepLogger("reward", rename={"accuracy": "train_accuracy", "margin": "train_margin"})
@@ -81,7 +83,7 @@ def train_reward(cfg: PipelineConfig, sft_uri: str, preferences_path: str, heldo
         if not save_trained(trainer, tokenizer, cfg.model.lora_r, out):
             return None
         # The held-out accuracy of exactly what is logged (merged adapters, gathered shards).
-        logged = load_reward_model(str(out), tokenizer.pad_token_id).to(device())
+        logged = load_reward_model(str(out), tokenizer.pad_token_id, trust_remote_code=trust).to(device())
         accuracy, margin = heldout_accuracy(logged, tokenizer, heldout_path)
         return log_checkpoint(out, "checkpoint", {"reward/accuracy": accuracy, "reward/heldout_margin": margin})
 

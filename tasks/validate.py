@@ -26,7 +26,7 @@ from prefect import task
 from rlhf.config import PipelineConfig, ValidationConfig
 from rlhf.data.formats import DataKind
 from rlhf.data.loading import DataError, LoadedData, load_standard
-from rlhf.infra.security import scan_pii
+from rlhf.infra.security import mask_value, scan_pii
 from rlhf.infra.tracking import flatten, log_dataset_input, stage_run
 from rlhf.validation import checks
 from rlhf.validation.suite import TEXT_COLUMNS, CheckFailure, data_docs_html, failures, is_text, run_suite
@@ -145,20 +145,20 @@ def validate_frame(
     where = data.source.where
     text = [c for c in TEXT_COLUMNS[kind] if c in frame.columns and is_text(frame[c])]
 
-    # 1. PII: redact in place, or flag the rows for the suite.
+    # 1. Token lengths under the model's tokenizer, of the text as the trainers would see it.
+    if tokenizer is not None:
+        for column in text:
+            frame[f"tokens_{column}"] = checks.token_lengths(frame[column], tokenizer)
+    # 2. PII: redacted before any other check or GX sees the text (GX quotes failing values in its result JSON
+    # and Data Docs, which are logged); under pii_policy=fail the rows are also flagged for the suite.
     redactions = {k: 0 for k in cfg.pii_kinds}
     for column in text:
         redacted, flags, counts = scan_pii(frame[column], cfg.pii_kinds)
         for k, n in counts.items():
             redactions[k] += n
-        if cfg.pii_policy == "redact":
-            frame[column] = redacted
-        else:
+        frame[column] = redacted
+        if cfg.pii_policy == "fail":
             frame[f"check_pii_{column}"] = flags
-    # 2. Token lengths under the model's tokenizer.
-    if tokenizer is not None:
-        for column in text:
-            frame[f"tokens_{column}"] = checks.token_lengths(frame[column], tokenizer)
     # 3. Kind-specific row checks.
     if kind == "preference" and {"chosen", "rejected"} <= set(text):
         frame["check_chosen_is_rejected"] = checks.chosen_is_rejected(frame["chosen"], frame["rejected"])
@@ -167,6 +167,8 @@ def validate_frame(
         frame["check_duplicate"] = checks.duplicate_rows(frame, keys, where, unordered)
     if heldout is not None and "prompt" in text:
         frame["check_leakage"] = checks.leaked_prompts(frame["prompt"], heldout)
+    for column in text:
+        frame[f"check_control_{column}"] = checks.control_characters(frame[column])
     if kind == "traffic" and "timestamp" in frame.columns:
         frame["check_timestamp"] = checks.bad_timestamps(frame["timestamp"])
     # 4. The GX suite over the columns and the check columns.
@@ -292,7 +294,7 @@ def _log_to_mlflow(
         tags = {
             f"data.fingerprint.{split}": r.fingerprint,
             f"data.format.{split}": r.format,
-            f"data.source.{split}": r.path,
+            f"data.source.{split}": mask_value(r.path),  # a Hub name or URL may carry a token
         }
         mlflow.set_tags(tags)
         for key, value in tags.items():
@@ -301,7 +303,7 @@ def _log_to_mlflow(
         mlflow.log_text(r.result_json(), f"validation/{split}.gx_result.json")
         mlflow.log_text(r.data_docs(), f"validation/{split}.data_docs.html")
     summary = [r.summary() for r in reports.values()] + [f"FAIL {e}" for e in errors]
-    mlflow.log_text("\n".join(summary) + "\n", "validation/summary.txt")
+    mlflow.log_text(mask_value("\n".join(summary)) + "\n", "validation/summary.txt")
     mlflow.set_tag("validation.success", str(not errors and all(r.success for r in reports.values())).lower())
 
 
@@ -345,13 +347,14 @@ def validate_command(
     report_dir: str | None = None,
     out: TextIO = sys.stdout,
     err: TextIO = sys.stderr,
+    trust_remote_code: bool = False,
 ) -> int:
     """`rlhf validate PATH --kind KIND`: print the report; exit status 0 pass, 1 failed checks, 2 malformed file."""
     tokenizer = None
     if tokenizer_path:
         from models.loading import load_tokenizer
 
-        tokenizer = load_tokenizer(tokenizer_path)
+        tokenizer = load_tokenizer(tokenizer_path, trust_remote_code)
     try:
         report = validate_file(path, kind, cfg, tokenizer)
     except DataError as e:

@@ -39,6 +39,8 @@ SPLITS = tuple(FILES)
 EXTENSION_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 DEFAULT_MAX_ROW_BYTES = ValidationConfig().max_row_bytes
 DEFAULT_MAX_FILE_BYTES = ValidationConfig().max_file_bytes
+MAX_NESTING = 16
+"""Deepest nesting of lists/objects a row may have (a conversational row needs 3: row, messages, message)."""
 _MB = 1_000_000
 
 
@@ -303,6 +305,8 @@ def _scan_jsonl(path: str, max_row_bytes: int) -> SourceInfo:
             _check_first_line(path, lineno, stripped)
         try:
             obj = json.loads(stripped)
+        except RecursionError:
+            raise DataError(_too_deep(path, f"line {lineno}")) from None
         except json.JSONDecodeError as e:
             # Only the last line lacks a newline; an error at its end means the file was cut short.
             cut_short = e.msg.startswith("Unterminated string") or e.pos >= len(stripped)
@@ -321,6 +325,7 @@ def _scan_jsonl(path: str, max_row_bytes: int) -> SourceInfo:
                 f"{path}: line {lineno} is not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno}). Fix: correct that line; "
                 "write files with one `json.dumps(row)` per line"
             ) from None
+        _check_depth(path, f"line {lineno}", obj)
         _check_row(path, f"line {lineno}", obj, types, lineno)
         line_numbers.append(lineno)
     if not line_numbers:
@@ -373,6 +378,35 @@ def _check_row(path: str, where: str, obj: object, types: dict[str, tuple[str, i
             )
 
 
+def _depth(obj: object) -> int:
+    """How deeply lists and objects nest in a parsed JSON value (a string is 0, {"a": "b"} is 1), at most
+    MAX_NESTING + 1; iterative, so a hostile row cannot exhaust the stack."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        value, level = stack.pop()
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, level)
+        if deepest > MAX_NESTING:
+            return deepest
+        stack.extend((child, level + 1) for child in children)
+    return deepest
+
+
+def _too_deep(path: str, where: str) -> str:
+    return (
+        f"{path}: {where} nests lists/objects more than {MAX_NESTING} levels deep, the most a row may have "
+        '(text fields are strings; a conversation is a list of {"role", "content"} objects). '
+        "Fix: flatten that row's fields to strings or message lists, or drop the row"
+    )
+
+
+def _check_depth(path: str, where: str, obj: object) -> None:
+    if _depth(obj) > MAX_NESTING:
+        raise DataError(_too_deep(path, where))
+
+
 def _scan_json(path: str, size: int, max_row_bytes: int) -> SourceInfo:
     """A .json file: one top-level array of objects, or JSON Lines (which `datasets` also reads)."""
     raw = Path(path).read_bytes()
@@ -384,6 +418,8 @@ def _scan_json(path: str, size: int, max_row_bytes: int) -> SourceInfo:
         raise
     try:
         data = json.loads(text)
+    except RecursionError:
+        raise DataError(_too_deep(path, "the document")) from None
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # several top-level values: JSON Lines in a .json file
             return _scan_jsonl(path, max_row_bytes)
@@ -416,6 +452,7 @@ def _scan_json(path: str, size: int, max_row_bytes: int) -> SourceInfo:
         raise DataError(f"{path}: holds an empty JSON array (no rows). Fix: export the data again")
     types: dict[str, tuple[str, int]] = {}
     for i, obj in enumerate(data, 1):
+        _check_depth(path, f"row {i}", obj)
         _check_row(path, f"row {i}", obj, types, i)
         if size > max_row_bytes and len(json.dumps(obj, ensure_ascii=False).encode()) > max_row_bytes:
             n = len(json.dumps(obj, ensure_ascii=False).encode())

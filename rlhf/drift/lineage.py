@@ -19,6 +19,9 @@ from mlflow.tracking import MlflowClient
 BASELINE_TAG = "baseline.uri"
 
 
+TRUST_REMOTE_CODE_TAG = "lineage.trust_remote_code"
+
+
 class LineageError(LookupError):
     """A model version whose lineage cannot be followed; the message says what to fix."""
 
@@ -39,6 +42,8 @@ class Lineage:
     reward_model_uri: str
     ppo_checkpoints: dict[int, str]
     baseline_uri: str | None
+    trust_remote_code: bool = False
+    """Whether the version's checkpoints need their shipped model code (tag lineage.trust_remote_code)."""
 
 
 def model_version(
@@ -113,4 +118,5 @@ def resolve_lineage(client: MlflowClient, name: str, version: str | None = None,
         reward_model_uri=f"{artifact_uris['reward']}/checkpoint",
         ppo_checkpoints=checkpoints,
         baseline_uri=tags.get(BASELINE_TAG),
+        trust_remote_code=tags.get(TRUST_REMOTE_CODE_TAG) == "true",
     )

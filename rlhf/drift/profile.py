@@ -9,6 +9,7 @@ them (tokens, intents). No MLflow here: tasks/baseline.py logs and loads it.
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -154,4 +155,5 @@ def build_profile(
 
 def load_baseline(uri: str) -> Baseline:
     """The baseline at a ``runs:/<run>/baseline`` (or any artifact) URI."""
-    return Baseline.load(download(uri))
+    with tempfile.TemporaryDirectory(prefix="rlhf-baseline-") as scratch:
+        return Baseline.load(download(uri, scratch))

@@ -11,11 +11,16 @@ retries, factor 2, about 4 minutes by default); what still fails is recognised b
 ``is_transient_tracking_error`` for the stage tasks' Prefect retries. Logged
 checkpoints carry a sha256 manifest (rlhf/infra/integrity.py) that ``download`` verifies,
 and params pass through ``rlhf.infra.security.mask_secrets``.
+
+Every pipeline and stage run is tagged with its owner process (``rlhf.owner_host``,
+``rlhf.owner_pid``); ``end_dead_runs`` marks ``KILLED`` the runs still ``RUNNING`` whose
+owner on this host is gone (``kill -9``, an OOM kill), as MLflow cannot know itself.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import sqlite3
 import tempfile
 from collections.abc import Iterator
@@ -25,6 +30,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import mlflow
+import psutil
 from mlflow.tracking import MlflowClient
 
 from rlhf.infra.integrity import fingerprint_path, verify_manifest, write_manifest
@@ -157,6 +163,41 @@ def setup_experiment(name: str) -> str:
     )
 
 
+OWNER_HOST, OWNER_PID = "rlhf.owner_host", "rlhf.owner_pid"
+
+
+def owner_tags() -> dict[str, str]:
+    """The tags that name the process executing a run (end_dead_runs reads them)."""
+    return {OWNER_HOST: socket.gethostname(), OWNER_PID: str(os.getpid())}
+
+
+def owner_gone(run: mlflow.entities.Run) -> bool:
+    """Whether a run's owner process, on this host, no longer exists (or its pid now belongs to a younger
+    process). Runs of other hosts, of this process, or without owner tags are never judged gone."""
+    tags = run.data.tags
+    host = tags.get(OWNER_HOST) or tags.get("ppo.owner_host")
+    pid = int(tags.get(OWNER_PID) or tags.get("ppo.owner_pid") or 0)
+    if host != socket.gethostname() or not pid or pid == os.getpid():
+        return False
+    try:
+        return psutil.Process(pid).create_time() > run.info.start_time / 1000 + 1  # the pid was reused
+    except psutil.Error:
+        return True
+
+
+def end_dead_runs(experiment_id: str) -> list[str]:
+    """Mark KILLED (tag rlhf.ended_by=dead-owner) the RUNNING runs of an experiment whose owner process on this
+    host is gone; returns their ids. Called when a pipeline starts, so a kill -9 leaves no run RUNNING for good."""
+    client = MlflowClient()
+    ended = []
+    for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=5000):
+        if owner_gone(run):
+            client.set_tag(run.info.run_id, "rlhf.ended_by", "dead-owner")
+            client.set_terminated(run.info.run_id, "KILLED")
+            ended.append(run.info.run_id)
+    return ended
+
+
 @contextmanager
 def stage_run(
     parent_run_id: str,
@@ -165,7 +206,7 @@ def stage_run(
     inputs: dict[str, str] | None = None,
     system_metrics: bool = False,
 ) -> Iterator[mlflow.ActiveRun]:
-    """A child run named after the stage, nested under the pipeline's parent run.
+    """A child run named after the stage, nested under the pipeline's parent run, tagged with its owner process.
 
     ``inputs`` (split -> file) are logged as the run's dataset inputs, each with the fingerprint the validate
     stage put on the parent run (``data.fingerprint.<split>``; the file's own hash when the stage runs alone).
@@ -178,7 +219,7 @@ def stage_run(
         experiment_id=parent.info.experiment_id,
         parent_run_id=parent_run_id,
         nested=True,
-        tags={"rlhf.stage": stage},
+        tags={"rlhf.stage": stage, **owner_tags()},
         log_system_metrics=system_metrics,
     ) as run:
         if params:
@@ -216,12 +257,16 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def download(artifact_uri: str) -> Path:
+def download(artifact_uri: str, into: str | Path) -> Path:
     """Local copy of a logged artifact folder, verified against its SHA256SUMS when it has one.
 
-    Raises rlhf.infra.integrity.CheckpointCorrupted when a file does not match the manifest.
+    The copy goes into a new folder under ``into``, which the caller owns and removes (a
+    ``tempfile.TemporaryDirectory``): the monitor downloads three models every hour, and
+    nothing may pile up in /tmp. Raises rlhf.infra.integrity.CheckpointCorrupted when a
+    file does not match the manifest.
     """
-    dst = tempfile.mkdtemp(prefix="rlhf-artifact-")
+    Path(into).mkdir(parents=True, exist_ok=True)
+    dst = tempfile.mkdtemp(prefix="artifact-", dir=into)
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=dst))
     if local.is_dir():
         verify_manifest(local, required=False)

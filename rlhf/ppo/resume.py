@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import socket
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,6 +27,7 @@ from pathlib import Path
 import mlflow
 import psutil
 from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from rlhf.infra.integrity import MANIFEST, CheckpointCorrupted, read_manifest, verify_manifest
@@ -36,7 +38,8 @@ RUN_FILE = "mlflow_run.json"
 """Written into each logged checkpoint: the run that logged it (resume copies that run's metrics)."""
 CHECKPOINT_DIR = "checkpoints"
 LOCAL_CHECKPOINT_DIR = "ppo-checkpoints"
-"""Under output_dir: checkpoints written but not yet logged (one folder per resume key)."""
+"""Under output_dir: checkpoints written but not yet logged, in ``<resume key>/<run id>/step_XXXXX``: each run
+writes only into its own folder, so two live runs with the same inputs never delete or resume from each other's."""
 STALE_AFTER_S = 900
 """A RUNNING PPO run on another host whose heartbeat is this old is taken as interrupted."""
 _LIVE_RUNS: set[str] = set()
@@ -124,11 +127,35 @@ def owner_alive(run: mlflow.entities.Run) -> bool:
     return time.time() - heartbeat < STALE_AFTER_S
 
 
+def run_folder(local_root: Path, run_id: str) -> Path:
+    """The local folder of one run's unlogged checkpoints (under the resume key's folder)."""
+    return local_root / run_id
+
+
+def interrupted_run_folders(local_root: Path) -> list[Path]:
+    """Local folders of runs under local_root that are no longer executing (failed, killed, or dead owner)."""
+    if not local_root.is_dir():
+        return []
+    client = MlflowClient()
+    out = []
+    for folder in sorted(local_root.iterdir()):
+        if not (folder.is_dir() and _RUN_ID.fullmatch(folder.name)):
+            continue
+        try:
+            run = client.get_run(folder.name)
+        except MlflowException:  # the run was deleted: its checkpoints cannot be resumed (no params to check)
+            continue
+        if run.info.status != "FINISHED" and not owner_alive(run):
+            out.append(folder)
+    return out
+
+
 def interrupted_checkpoints(key: str, local_root: Path, experiment_id: str) -> list[str]:
     """Checkpoints left by interrupted runs with this resume key, latest step first (logged before local).
 
     Logged ones come from runs that failed, were killed, or are RUNNING under a dead
-    process; local ones are folders under local_root that never reached the store.
+    process; local ones are those runs' folders under local_root that never reached the
+    store. A live run's folder is never read: it may be mid-upload.
     """
     client = MlflowClient()
     found: list[tuple[int, int, str]] = []
@@ -136,12 +163,24 @@ def interrupted_checkpoints(key: str, local_root: Path, experiment_id: str) -> l
         if run.info.status == "FINISHED" or owner_alive(run):
             continue
         found += [(step, 1, uri) for step, uri in logged_checkpoints(run.info.run_id).items()]
-    if local_root.is_dir():
-        for folder in local_root.glob("step_*"):
+    for run_dir in interrupted_run_folders(local_root):
+        for folder in run_dir.glob("step_*"):
             step = step_of(folder)
             if step is not None and (folder / RUN_FILE).exists() and (folder / MANIFEST).exists():
                 found.append((step, 0, str(folder)))
     return [where for _, _, where in sorted(found, reverse=True)]
+
+
+def prune_interrupted(local_root: Path, up_to_step: int) -> None:
+    """Delete the unlogged checkpoints at steps <= up_to_step of interrupted runs (superseded by a resume),
+    and their folders once empty; live runs' folders are left alone."""
+    for run_dir in interrupted_run_folders(local_root):
+        for stale in run_dir.glob("step_*"):
+            step = step_of(stale)
+            if step is not None and step <= up_to_step:
+                shutil.rmtree(stale, ignore_errors=True)
+        if not any(run_dir.iterdir()):
+            run_dir.rmdir()
 
 
 def mark_superseded(source_run_id: str, new_run_id: str) -> None:
@@ -196,12 +235,13 @@ def resume(trainer: PPOTrainer, resume_from: str, inputs: dict[str, str]) -> Res
     return resume_first_good(trainer, resume_candidates(resume_from), inputs)
 
 
-def open_checkpoint(where: str) -> Path:
-    """A local, verified copy of a checkpoint URI (or the local folder itself); CheckpointCorrupted if it fails."""
+def open_checkpoint(where: str, into: str | Path) -> Path:
+    """A local, verified copy (under ``into``) of a checkpoint URI, or the local folder itself;
+    CheckpointCorrupted if it fails."""
     if Path(where).is_dir():
         verify_manifest(where)
         return Path(where)
-    local = download(where)  # verifies the manifest when there is one
+    local = download(where, into)  # verifies the manifest when there is one
     if read_manifest(local) is None:
         verify_manifest(local)  # raises: a PPO checkpoint without a manifest cannot be checked
     return local
@@ -215,10 +255,15 @@ def resume_first_good(trainer: PPOTrainer, candidates: list[str], inputs: dict[s
     `inputs` are this stage's sft_run_id and reward_run_id: a resumed run must use the
     reference and reward model the source run used, else it is a different run.
     """
+    with tempfile.TemporaryDirectory(prefix="rlhf-resume-") as scratch:  # downloads, removed once loaded
+        return _resume_first_good(trainer, candidates, inputs, scratch)
+
+
+def _resume_first_good(trainer: PPOTrainer, candidates: list[str], inputs: dict[str, str], scratch: str) -> ResumePoint:
     skipped: list[str] = []
     for where in candidates:
         try:
-            local = open_checkpoint(where)
+            local = open_checkpoint(where, scratch)
         except CheckpointCorrupted as e:
             if len(candidates) == 1:
                 raise

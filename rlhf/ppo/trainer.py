@@ -44,7 +44,7 @@ from torch.nn.parallel import DistributedDataParallel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from models.generation import Rollout, decode_responses, sample
-from models.loading import load_causal_lm
+from models.loading import require_safetensors
 from models.policy import PolicyWithValueHead, position_ids_from_mask
 from models.reward import score_token_ids
 from rlhf.config import PPOConfig
@@ -630,7 +630,12 @@ class PPOTrainer:
         state = json.loads((ckpt / STATE_FILE).read_text())
         self._require_kl_controller(state["kl_controller"]["kind"])  # refuse before loading any weights
         device = next(self.policy.parameters()).device
-        self.policy.lm.load_state_dict(load_causal_lm(str(ckpt)).state_dict())
+        # The policy's own class loads the weights: a model with remote code needs no trust_remote_code again.
+        require_safetensors(str(ckpt))
+        lm_class = type(self.policy.lm)
+        self.policy.lm.load_state_dict(
+            lm_class.from_pretrained(str(ckpt), dtype=torch.float32, use_safetensors=True).state_dict()
+        )
         self.policy.load_value_head(ckpt)
         self.policy.to(device)
         self.load_state_dict(state)

@@ -27,7 +27,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -222,18 +222,19 @@ def evaluate_gates(tags: dict[str, str], champion: str | None, cfg: PromotionCon
 
 
 # --------------------------------------------------------------------------------------- lock
-def lock_path(registry_uri: str, model_name: str, lock_dir: str | None = None) -> Path:
-    """The lock file for promotions of one model: in lock_dir, else beside a local store."""
+def lock_path(registry_uri: str, model_name: str, lock_dir: str | None = None, purpose: str = "promote") -> Path:
+    """The lock file for promotions (or, with purpose="register", registrations) of one model: in lock_dir,
+    else beside a local store."""
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", model_name)
     if lock_dir is not None:
-        return Path(lock_dir) / f"{safe}.promote.lock"
+        return Path(lock_dir) / f"{safe}.{purpose}.lock"
     parsed = urlparse(registry_uri)
     if parsed.scheme == "sqlite":
         store = Path(unquote(registry_uri.removeprefix("sqlite:///")))  # sqlite:////abs or sqlite:///relative
-        return store.resolve().parent / f"{store.name}.{safe}.promote.lock"
+        return store.resolve().parent / f"{store.name}.{safe}.{purpose}.lock"
     if parsed.scheme in ("", "file"):
         folder = Path(unquote(parsed.path if parsed.scheme == "file" else registry_uri))
-        return folder.resolve() / f"{safe}.promote.lock"
+        return folder.resolve() / f"{safe}.{purpose}.lock"
     raise PromotionError(
         f"the registry {registry_uri!r} is remote, so no local lock file can guard it: set the promotion "
         "config's lock_dir to a folder every promoter shares, or run promotions only through the Prefect "
@@ -241,8 +242,13 @@ def lock_path(registry_uri: str, model_name: str, lock_dir: str | None = None) -
     )
 
 
+def promotion_lock(path: Path, timeout_s: float) -> AbstractContextManager[None]:
+    """The lock of promotions and rollbacks of one model (see registry_lock)."""
+    return registry_lock(path, timeout_s, "promotion or rollback")
+
+
 @contextmanager
-def promotion_lock(path: Path, timeout_s: float) -> Iterator[None]:
+def registry_lock(path: Path, timeout_s: float, what: str) -> Iterator[None]:
     """Hold an exclusive lock on path (across processes); the OS frees it if the holder dies."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
@@ -255,7 +261,7 @@ def promotion_lock(path: Path, timeout_s: float) -> Iterator[None]:
             except BlockingIOError:
                 if time.monotonic() >= deadline:
                     raise PromotionError(
-                        f"another promotion or rollback holds {path} for more than {timeout_s:g} s: wait for it "
+                        f"another {what} holds {path} for more than {timeout_s:g} s: wait for it "
                         "to finish (the lock is released when its process exits) or raise lock_timeout_s"
                     ) from None
                 time.sleep(0.05)
@@ -327,7 +333,8 @@ def _crown(client, name: str, version: str, champion: str | None, approved_by: s
         client.set_registered_model_alias(name, PREVIOUS_CHAMPION, champion)
         _set_tags(client, name, champion, {"promotion.status": "retired"})
     client.set_registered_model_alias(name, CHAMPION, version)
-    client.delete_registered_model_alias(name, CHALLENGER)
+    if registry_aliases(client, name).get(CHALLENGER) == version:  # another version awaiting approval keeps it
+        client.delete_registered_model_alias(name, CHALLENGER)
     _set_tags(
         client,
         name,
@@ -384,8 +391,17 @@ def promote_version(
     # 3. Under the lock again: the champion must not have moved while we waited.
     with promotion_lock(lock, cfg.lock_timeout_s):
         aliases = registry_aliases(client, model_name)
-        if not decision.approved:
-            who = decision.reviewer or "the reviewer"
+        reviewer = decision.reviewer.strip()
+        if decision.approved and not reviewer:
+            outcome = _reject(
+                client,
+                model_name,
+                version,
+                ["approval: approved without a reviewer's name: the reviewer must give their name to approve"],
+                aliases,
+            )
+        elif not decision.approved:
+            who = reviewer or "the reviewer"
             outcome = _reject(
                 client,
                 model_name,
@@ -403,7 +419,7 @@ def promote_version(
                 aliases,
             )
         else:
-            outcome = _crown(client, model_name, version, champion, approved_by=decision.reviewer or "reviewer")
+            outcome = _crown(client, model_name, version, champion, approved_by=reviewer)
         return replace(outcome, gates=tuple(gates))
 
 

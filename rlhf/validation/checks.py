@@ -11,11 +11,41 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+import unicodedata
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 import pandas as pd
+
+# Characters that render as nothing: zero-width spaces/joiners, word joiner, BOM, soft hyphen, Mongolian vowel
+# separator. Text made only of these (and whitespace) is blank; they are ignored when texts are compared.
+INVISIBLE = "\u00ad\u034f\u180e\u200b\u200c\u200d\u2060\u2061\u2062\u2063\u2064\ufeff"
+BLANK_REGEX = rf"^[\s{INVISIBLE}]*$"
+# C0/C1 control characters other than tab and newlines, and the bidirectional embeddings, overrides and isolates
+# that reorder how text is displayed ("Trojan Source", CVE-2021-42574).
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+_INVISIBLE_RE = re.compile(f"[{INVISIBLE}]")
+
+
+def control_characters(texts: pd.Series) -> pd.Series:
+    """'U+202E at character 7' where a text holds a control or bidi-override character (the first one found)."""
+    out = pd.Series(None, index=texts.index, dtype=object)
+    for idx, value in texts.items():
+        if isinstance(value, str):
+            m = _CONTROL.search(value)
+            if m:
+                out.at[idx] = f"U+{ord(m.group()):04X} at character {m.start() + 1}"
+    return out
+
+
+def comparison_key(text: str) -> str:
+    """The text as duplicate and leakage checks compare it: NFKC (full-width and ligature forms folded),
+    invisible characters dropped, case-folded, punctuation ignored, whitespace collapsed."""
+    text = _INVISIBLE_RE.sub("", unicodedata.normalize("NFKC", text)).casefold()
+    text = "".join(" " if unicodedata.category(ch).startswith("P") else ch for ch in text)
+    return " ".join(text.split())
 
 
 def chosen_is_rejected(chosen: pd.Series, rejected: pd.Series) -> pd.Series:
@@ -27,12 +57,12 @@ def chosen_is_rejected(chosen: pd.Series, rejected: pd.Series) -> pd.Series:
 def duplicate_rows(
     frame: pd.DataFrame, columns: list[str], where: Callable[[int], str], unordered: tuple[str, str] | None = None
 ) -> pd.Series:
-    """'repeats line N' for each row whose key columns repeat an earlier row's (outer whitespace ignored).
+    """'repeats line N' for each row whose key columns repeat an earlier row's (compared by ``comparison_key``).
 
     ``unordered`` names two columns compared as a set: a preference pair with
     chosen and rejected swapped repeats (and contradicts) the earlier one.
     """
-    keys = pd.DataFrame({c: frame[c].fillna("").astype(str).str.strip() for c in columns})
+    keys = pd.DataFrame({c: frame[c].fillna("").astype(str).map(comparison_key) for c in columns})
     if unordered is not None:
         a, b = keys[unordered[0]], keys[unordered[1]]
         keys[unordered[0]], keys[unordered[1]] = a.where(a <= b, b), b.where(a <= b, a)
@@ -46,8 +76,8 @@ def duplicate_rows(
 
 
 def normalize_prompt(prompts: pd.Series) -> pd.Series:
-    """Case-folded, whitespace-collapsed prompt text: the key for train/held-out leakage."""
-    return prompts.fillna("").astype(str).str.split().str.join(" ").str.casefold()
+    """Prompt text by ``comparison_key``: the key for train/held-out leakage."""
+    return prompts.fillna("").astype(str).map(comparison_key)
 
 
 def heldout_index(heldout: Mapping[str, tuple[pd.Series, Callable[[int], str]]]) -> dict[str, str]:

@@ -18,6 +18,7 @@ import pandas as pd
 
 from rlhf.config import ValidationConfig
 from rlhf.data.formats import REQUIRED_COLUMNS, DataKind
+from rlhf.validation.checks import BLANK_REGEX
 
 # Columns whose text is checked for blanks, length, tokens and PII; the others only exist, have a type, aren't null.
 TEXT_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -40,8 +41,14 @@ CHECKS: dict[str, tuple[str, str]] = {
     ),
     "nulls": ("{column!r} is null or missing in {count} of {total} rows", "fill in those values or drop the rows"),
     "blank": (
-        "{column!r} is empty or whitespace-only in {count} of {total} rows",
+        "{column!r} is empty, whitespace-only or only invisible (zero-width) characters in {count} of {total} rows",
         "drop those rows or fill in the text",
+    ),
+    "control": (
+        "{column!r} contains control or bidirectional-override characters in {count} of {total} rows "
+        "(they hide or reorder text as displayed)",
+        "remove them, e.g. `re.sub(r'[\\x00-\\x08\\x0b\\x0c\\x0e-\\x1f\\x7f-\\x9f\\u202a-\\u202e\\u2066-\\u2069]', '', text)`, "
+        "or drop those rows",
     ),
     "chars": (
         "{column!r} is outside {low}..{high} characters in {count} of {total} rows",
@@ -52,8 +59,8 @@ CHECKS: dict[str, tuple[str, str]] = {
         "drop or shorten those rows, or raise validation.max_tokens",
     ),
     "pii": (
-        "{column!r} contains personal data (e-mail, phone or card numbers) in {count} of {total} rows",
-        "remove it from the data, or set validation.pii_policy=redact to replace it with [EMAIL]/[PHONE]/[CARD]",
+        "{column!r} contains personal data (e-mail, phone, card, SSN or IBAN numbers) in {count} of {total} rows",
+        "remove it from the data, or set validation.pii_policy=redact to replace it with [EMAIL]/[PHONE]/[CARD]/...",
     ),
     "chosen_differs": (
         "chosen and rejected are the same text in {count} of {total} rows (no preference to learn)",
@@ -130,10 +137,17 @@ def build_suite(kind: DataKind, frame: pd.DataFrame, cfg: ValidationConfig) -> A
         add(
             E.ExpectColumnValuesToNotMatchRegex,
             "blank",
-            f"`{column}` is not empty or whitespace-only",
+            f"`{column}` is not empty, whitespace-only or invisible",
             column,
-            regex=r"^\s*$",
+            regex=BLANK_REGEX,
         )
+        if f"check_control_{column}" in frame.columns:
+            add(
+                E.ExpectColumnValuesToBeNull,
+                "control",
+                f"`{column}` has no control or bidi-override characters",
+                f"check_control_{column}",
+            )
         if column not in TEXT_COLUMNS[kind]:
             continue
         add(
@@ -156,7 +170,7 @@ def build_suite(kind: DataKind, frame: pd.DataFrame, cfg: ValidationConfig) -> A
             add(
                 E.ExpectColumnValuesToBeNull,
                 "pii",
-                f"`{column}` has no e-mail, phone or card numbers",
+                f"`{column}` has no e-mail, phone, card, SSN or IBAN numbers",
                 f"check_pii_{column}",
             )
     if "check_chosen_is_rejected" in frame.columns:
@@ -232,6 +246,7 @@ def failures(
         kwargs = config.kwargs
         shown = {
             "pii": (column or "").removeprefix("check_pii_"),
+            "control": (column or "").removeprefix("check_control_"),
             "tokens": (column or "").removeprefix("tokens_"),
             "timestamp": "timestamp",
             "leakage": "prompt",
@@ -288,7 +303,7 @@ def _example(check: str, item: dict, column: str | None, where: Callable[[int], 
         return f"{row}: {value}"
     if check in ("duplicates", "leakage"):  # "line 2 repeats line 1", "line 9 also in heldout_prompts line 3"
         return f"{row} {value}"
-    if check in ("chosen_differs", "timestamp"):
+    if check in ("chosen_differs", "timestamp", "control"):
         return f"{row}: {value}"
     if value is None or (isinstance(value, float) and pd.isna(value)):
         return row

@@ -149,7 +149,7 @@ def test_user_data_is_judged_by_an_independent_reward_model(mlflow_store, prefec
         (["run", "--set", "ppo.stepz=3"], "unknown option 'ppo.stepz'"),
         (["run", "--set", "ppo.batch_size=10"], "must be a multiple of ppo.mini_batch_size"),
         (["run", "--config", "/no/such.yaml"], "config file '/no/such.yaml' does not exist"),
-        (["run", "--set", "ppo.kl_control=pid"], "bad value for 'ppo.kl_control'"),
+        (["run", "--set", "ppo.kl_control=pid"], "bad value 'pid' for 'ppo.kl_control'"),
     ],
 )
 def test_cli_user_errors_are_one_line(argv, expected, capsys):

@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -112,12 +113,14 @@ def test_logged_checkpoints_are_verified_on_download(shared_store, tmp_path) -> 
     (folder / "model.safetensors").write_bytes(os.urandom(2048))
     with mlflow.start_run():
         uri = log_checkpoint(folder, "checkpoint")
-    assert sorted(p.name for p in download(uri).iterdir()) == [MANIFEST, "model.safetensors"]
+    local = download(uri, tmp_path / "into")
+    assert sorted(p.name for p in local.iterdir()) == [MANIFEST, "model.safetensors"]
+    assert local.is_relative_to(tmp_path / "into")  # under the caller's folder, which it removes
     # corrupt the stored copy (the local artifact store is a folder): the next download refuses it
     store_file = artifact_path(uri) / "model.safetensors"
     store_file.write_bytes(store_file.read_bytes()[:100])
     with pytest.raises(CheckpointCorrupted, match="model.safetensors"):
-        download(uri)
+        download(uri, tmp_path / "into")
 
 
 # ------------------------------------------------------------------------------- security
@@ -147,6 +150,50 @@ def test_secret_like_params_and_values_are_masked(shared_store) -> None:
     assert logged["ppo.max_new_tokens"] == "16"
 
 
+KILLED_MID_STAGE = """
+import os, signal, sys
+import mlflow
+from rlhf.config import PipelineConfig
+from tasks.common import pipeline_run
+from rlhf.infra.tracking import stage_run
+with pipeline_run(PipelineConfig(experiment="kill9"), "killed", "flow-run-id") as parent_id:
+    with stage_run(parent_id, "sft"):
+        print(parent_id, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)  # as kill -9 in the middle of SFT
+"""
+
+
+def test_runs_left_running_by_kill_9_end_killed_at_the_next_start(shared_store, tmp_path) -> None:
+    from rlhf.config import PipelineConfig
+    from tasks.common import pipeline_run
+
+    client = MlflowClient()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": shared_store, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", KILLED_MID_STAGE], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
+    parent_id = out.stdout.split()[0]
+    experiment_id = client.get_run(parent_id).info.experiment_id
+    left = client.search_runs([experiment_id], "attributes.status = 'RUNNING'")
+    assert {r.info.run_id for r in left} >= {parent_id} and len(left) == 2  # the parent and its sft run
+    # A live run of another process on this host, and a run of another host, are left alone.
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        live = client.create_run(
+            experiment_id, tags={"rlhf.owner_host": socket.gethostname(), "rlhf.owner_pid": str(sleeper.pid)}
+        )
+        remote = client.create_run(experiment_id, tags={"rlhf.owner_host": "gpu-node-7", "rlhf.owner_pid": "4242"})
+        with pipeline_run(PipelineConfig(experiment="kill9"), "next", "flow-run-2"):
+            pass
+        for run in left:
+            ended = client.get_run(run.info.run_id)
+            assert ended.info.status == "KILLED" and ended.data.tags["rlhf.ended_by"] == "dead-owner"
+        assert client.get_run(live.info.run_id).info.status == "RUNNING"
+        assert client.get_run(remote.info.run_id).info.status == "RUNNING"
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
 def test_pii_is_redacted_in_logged_ppo_samples(shared_store) -> None:
     from tasks.ppo import log_samples
 
@@ -168,6 +215,50 @@ def test_pii_is_redacted_in_drift_report_examples() -> None:
     assert "@" not in prompt and "7946" not in response and note == "31 tokens"
 
 
+UNPICKLERS = {
+    "torch.load",
+    "torch.serialization.load",
+    "pickle.load",
+    "pickle.loads",
+    "pickle.Unpickler",
+    "joblib.load",
+    "cloudpickle.load",
+    "cloudpickle.loads",
+    "dill.load",
+    "dill.loads",
+    "pandas.read_pickle",
+}
+
+
+def unsafe_loads(source: str) -> list[str]:
+    """Calls in source that may unpickle: a loader above, under any import alias, except torch.load with
+    weights_only=True."""
+    tree = ast.parse(source)
+    names: dict[str, str] = {}  # local name -> dotted name it stands for
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                names[alias.asname or alias.name.split(".")[0]] = (
+                    alias.name if alias.asname else alias.name.split(".")[0]
+                )
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            for alias in node.names:
+                names[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        head, _, rest = ast.unparse(node.func).partition(".")
+        dotted = names.get(head, head) + (f".{rest}" if rest else "")
+        if dotted not in UNPICKLERS:
+            continue
+        keywords = {kw.arg: ast.unparse(kw.value) for kw in node.keywords}
+        if dotted in ("torch.load", "torch.serialization.load") and keywords.get("weights_only") == "True":
+            continue
+        found.append(ast.unparse(node))
+    return found
+
+
 def test_safetensors_only_torch_load_weights_only_and_no_remote_code(tmp_path) -> None:
     from models.loading import load_causal_lm
     from rlhf.builtin.model import resolve_base_model
@@ -180,18 +271,29 @@ def test_safetensors_only_torch_load_weights_only_and_no_remote_code(tmp_path) -
     torch.save(load_causal_lm(base).state_dict(), pickled / "pytorch_model.bin")  # the legacy pickled layout
     with pytest.raises(ValueError, match="pickle-based.*safe_serialization=True"):
         load_causal_lm(str(pickled))
-    # 2. every torch.load in the project passes weights_only=True
-    calls = []
+    # 2. no code path unpickles: every torch.load (however imported) passes weights_only=True, and nothing
+    # calls pickle/joblib loaders. The checker is shown to catch the forms a text match missed.
+    for unsafe in [
+        "from torch import load\nload(f)",
+        "from torch import load as tl\ntl(f, weights_only=False)",
+        "import torch as t\nt.load(f)",
+        "import pickle\npickle.load(f)",
+        "from pickle import loads\nloads(b)",
+        "import joblib\njoblib.load(p)",
+    ]:
+        assert unsafe_loads(unsafe), unsafe
+    assert not unsafe_loads("import torch\ntorch.load(f, weights_only=True)\nimport json\njson.load(f)")
+    safe_calls = 0
     for path in [
         *ROOT.glob("rlhf/**/*.py"),
         *ROOT.glob("tasks/*.py"),
         *ROOT.glob("models/*.py"),
         *ROOT.glob("flows/*.py"),
     ]:
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.load":
-                calls.append((path.name, {kw.arg: ast.unparse(kw.value) for kw in node.keywords}))
-    assert calls and all(kw.get("weights_only") == "True" for _, kw in calls), calls
+        source = path.read_text()
+        assert not unsafe_loads(source), (path, unsafe_loads(source))
+        safe_calls += source.count("weights_only=True")
+    assert safe_calls >= 2  # the optimizer and RNG state of PPO checkpoints
     # 3. remote code is off unless asked for
     assert load_config().model.trust_remote_code is False
     # 4. servers we start listen on 127.0.0.1 only
@@ -427,6 +529,44 @@ def test_corrupted_checkpoint_is_refused_and_the_previous_good_one_used(micro_st
     after = {m.step: m.value for m in MlflowClient().get_metric_history(resumed.final.run_id, "objective/kl")}
     assert after[1] == before[1] and after[2] == before[2]  # copied from the source run up to the checkpoint
     assert sorted(resumed.checkpoints) == [0, 2, 4, 6] and resumed.checkpoints[4] != first.checkpoints[4]
+
+
+@pytest.mark.slow
+def test_two_live_runs_with_the_same_inputs_keep_their_own_local_checkpoints(
+    micro_stack, mlflow_store, tmp_path, monkeypatch
+) -> None:
+    """Run B starts (same inputs) while run A is uploading checkpoint 2: B neither resumes from A's
+    half-uploaded checkpoint nor deletes it, and A's upload then succeeds."""
+    import rlhf.ppo.resume as resume
+    import tasks.ppo as ppo_stage
+
+    real_log_checkpoint, seen = resume.log_checkpoint, {}
+    cfg = ppo_config(tmp_path, "ppo.steps=2", "ppo.checkpoint_every=2")
+    args = (micro_stack.sft, micro_stack.reward, micro_stack.paths["prompts"])
+
+    def run_b_during_a_upload(local, artifact_path):
+        if artifact_path.endswith("step_00002") and "a_folder" not in seen:
+            write_manifest(local)  # A's checkpoint is complete on disk, its upload under way
+            seen["a_folder"] = Path(local)
+            # B in its own thread (MLflow's active run is per thread), as a second pipeline would run it
+            thread = threading.Thread(target=lambda: seen.update(b=ppo_stage.run_ppo(cfg, *args, seen["parent"])))
+            thread.start()
+            thread.join()
+            assert Path(local).is_dir(), "run B deleted run A's checkpoint folder"
+        return real_log_checkpoint(local, artifact_path)
+
+    monkeypatch.setattr(resume, "log_checkpoint", run_b_during_a_upload)
+    with mlflow.start_run() as parent:
+        seen["parent"] = parent.info.run_id
+        a = ppo_stage.run_ppo(cfg, *args, parent.info.run_id)
+    b = seen["b"]
+    client = MlflowClient()
+    assert "ppo.resumed_from_checkpoint" not in client.get_run(b.final.run_id).data.tags  # B trained afresh
+    assert (
+        sorted(resume.logged_checkpoints(a.final.run_id)) == sorted(resume.logged_checkpoints(b.final.run_id)) == [0, 2]
+    )
+    assert a.final.run_id in seen["a_folder"].parts  # each run writes under its own folder
+    assert not any((tmp_path / "outputs" / "ppo-checkpoints").rglob("step_*"))
 
 
 @pytest.mark.slow

@@ -14,11 +14,11 @@ pytestmark = pytest.mark.slow
 
 
 def test_lora_sft_and_reward_log_merged_checkpoints(mlflow_store, tmp_path):
-    from models.loading import load_causal_lm, load_reward_model
+    from models.loading import load_causal_lm, load_reward_model, load_tokenizer
     from rlhf.builtin.model import resolve_base_model
     from rlhf.builtin.task import resolve_data_paths
     from rlhf.infra.tracking import download, setup_experiment
-    from tasks.reward import run_reward
+    from tasks.reward import heldout_accuracy, run_reward
     from tasks.sft import run_sft
 
     cfg = load_config(
@@ -38,7 +38,7 @@ def test_lora_sft_and_reward_log_merged_checkpoints(mlflow_store, tmp_path):
         sft = run_sft(cfg, base, paths["sft"], parent.info.run_id)
         reward = run_reward(cfg, sft, paths["preferences"], paths["preferences_heldout"], parent.info.run_id)
 
-    sft_dir, rm_dir = download(sft.uri), download(reward.uri)
+    sft_dir, rm_dir = download(sft.uri, tmp_path), download(reward.uri, tmp_path)
     # Plain Hugging Face checkpoints: merged weights, no adapter files, loadable by the next stages.
     for folder in (sft_dir, rm_dir):
         assert (folder / "model.safetensors").exists() and not (folder / "adapter_config.json").exists()
@@ -51,11 +51,14 @@ def test_lora_sft_and_reward_log_merged_checkpoints(mlflow_store, tmp_path):
     assert torch.equal(before["transformer.wte.weight"], after["transformer.wte.weight"])
     assert torch.equal(before["transformer.h.0.ln_1.weight"], after["transformer.h.0.ln_1.weight"])
     load_causal_lm(str(sft_dir))
-    load_reward_model(str(rm_dir), pad_token_id=0)
+    tokenizer = load_tokenizer(str(rm_dir))
+    logged_rm = load_reward_model(str(rm_dir), pad_token_id=tokenizer.pad_token_id)
+    # The logged accuracy and margin are those of the merged checkpoint that was logged, not of the adapters.
     metrics = MlflowClient().get_run(reward.run_id).data.metrics
-    assert (
-        0.0 <= metrics["reward/accuracy"] <= 1.0 and len(MlflowClient().get_metric_history(sft.run_id, "sft/loss")) == 4
-    )
+    accuracy, margin = heldout_accuracy(logged_rm, tokenizer, paths["preferences_heldout"])
+    assert metrics["reward/accuracy"] == pytest.approx(accuracy, abs=1e-6)
+    assert metrics["reward/heldout_margin"] == pytest.approx(margin, abs=1e-4)
+    assert len(MlflowClient().get_metric_history(sft.run_id, "sft/loss")) == 4
 
 
 def test_lora_target_modules_must_name_something():

@@ -100,6 +100,34 @@ def test_read_window_filters_the_version_and_checks_feedback(tmp_path):
         read_window(str(traffic.write_jsonl(tmp_path / "bad.jsonl", rows)), "2", min_rows=100)
 
 
+MALFORMED_WINDOWS = [
+    ("null-prompt", {"prompt": None}, "'prompt' is null, not text, or blank in 1 of 120 rows (e.g. line 4)"),
+    ("invisible-response", {"response": "\u200b\u200b"}, "'response' is null, not text, or blank in 1 of 120"),
+    ("bad-timestamp", {"timestamp": "yesterday"}, "'timestamp' is null or not an ISO 8601 time"),
+    ("null-timestamp", {"timestamp": None}, "'timestamp' is null or not an ISO 8601 time"),
+    ("impossible-date", {"timestamp": "2024-13-45T99:00:00Z"}, "'timestamp' is null or not an ISO 8601 time"),
+    ("null-version", {"model_version": None}, "'model_version' is null in 1 of 120 rows (e.g. line 4)"),
+]
+
+
+@pytest.mark.parametrize("name,edit,expected", MALFORMED_WINDOWS, ids=[c[0] for c in MALFORMED_WINDOWS])
+def test_malformed_traffic_window_fails_before_any_model_loads(tmp_path, name, edit, expected):
+    from rlhf.data.loading import DataError
+    from tasks.monitor import read_window, run_monitor
+
+    rows = traffic.simulate_window("clean", 0.0, 120, 0, _hand_pools(), model_version="2")
+    rows[3].update(edit)
+    path = traffic.write_jsonl(tmp_path / "window_000.jsonl", rows)
+    with pytest.raises(DataError) as info:
+        read_window(str(path), "2", min_rows=100)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and expected in message and "Fix: " in message, message
+    assert "\n" not in message
+    # the flow's task refuses it before it looks for a model (none is registered in this store)
+    with pytest.raises(DataError):
+        run_monitor(MonitorConfig(traffic=str(tmp_path / "window_*.jsonl")))
+
+
 def test_find_window_takes_the_latest_and_names_the_fix(tmp_path):
     from tasks.monitor import find_window
 
@@ -136,7 +164,7 @@ def champion(tiny_stack, tmp_path_factory):
         uris = {}
         for stage, ckpt in (("sft", tiny_stack.sft), ("reward", tiny_stack.reward)):
             with stage_run(parent.info.run_id, stage):
-                uris[stage] = log_checkpoint(download(ckpt.uri), "checkpoint")
+                uris[stage] = log_checkpoint(download(ckpt.uri, root), "checkpoint")
         with stage_run(parent.info.run_id, "register") as register:
             client.create_registered_model(MODEL)
             mv = client.create_model_version(MODEL, source=uris["sft"], run_id=register.info.run_id)
@@ -304,3 +332,43 @@ def test_rlhf_traffic_and_monitor_commands_alert_on_new_intent_only(champion, pr
     assert main(["monitor", "--traffic", str(short), *small]) == 2  # a user error: one line, before Prefect
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "fewer than min_rows=50" in err, err
+
+
+def test_drift_triggered_retraining_waits_out_the_cooldown(mlflow_store, tmp_path, monkeypatch):
+    import mlflow
+    import prefect.deployments
+    import prefect.events
+    from mlflow.tracking import MlflowClient
+
+    from tasks.monitor import MonitorResult, raise_alert, retrain_cooldown
+
+    started = []
+    monkeypatch.setattr(
+        prefect.deployments,
+        "run_deployment",
+        lambda name, **kw: started.append(name) or types.SimpleNamespace(id=len(started)),
+    )
+    monkeypatch.setattr(prefect.events, "emit_event", lambda **kw: None)
+    client = MlflowClient()
+    client.create_registered_model(MODEL)
+    (tmp_path / "model").mkdir()
+    version = str(client.create_model_version(MODEL, source=str(tmp_path / "model")).version)
+    cfg = MonitorConfig(trigger_deployment="rlhf-pipeline/rlhf-pipeline")
+
+    def alert(window: int) -> dict[str, str]:
+        with mlflow.start_run() as run:
+            result = MonitorResult(
+                MODEL, version, f"w{window}.jsonl", window, False, True, "input_shift", run_id=run.info.run_id
+            )
+        return raise_alert(cfg, result)
+
+    first, second = alert(1), alert(2)  # two alerting windows an hour apart
+    assert started == ["rlhf-pipeline/rlhf-pipeline"] and first["triggered_flow_run_id"] == "1"
+    assert "triggered_flow_run_id" not in second
+    assert second["trigger_skipped"].startswith("a retraining of this version was started 0.0 h ago")
+    assert "retrain_cooldown_h=24" in second["trigger_skipped"]
+    assert float(client.get_model_version(MODEL, version).tags["drift.retrain_triggered_at"]) > 0
+    # after the cooldown, the next alert retrains again
+    assert retrain_cooldown("1000", 24, 1000 + 24 * 3600) is None and retrain_cooldown(None, 24, 0) is None
+    cfg = cfg.model_copy(update={"retrain_cooldown_h": 0.0})
+    assert alert(3)["triggered_flow_run_id"] == "2"

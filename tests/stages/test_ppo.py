@@ -96,9 +96,10 @@ def test_ppo_config_rejects_settings_the_controller_cannot_honour() -> None:
 
 # --------------------------------------------------------------------------- on the tiny stack
 @pytest.fixture(scope="module")
-def stack_dirs(tiny_stack) -> tuple[str, str]:
+def stack_dirs(tiny_stack, tmp_path_factory) -> tuple[str, str]:
     """Local copies of the tiny stack's SFT and reward-model checkpoints."""
-    return str(download(tiny_stack.sft.uri)), str(download(tiny_stack.reward.uri))
+    into = tmp_path_factory.mktemp("stack_dirs")
+    return str(download(tiny_stack.sft.uri, into)), str(download(tiny_stack.reward.uri, into))
 
 
 def make_trainer(stack_dirs: tuple[str, str], tiny_stack, **ppo) -> PPOTrainer:
@@ -329,7 +330,9 @@ def test_resume_matches_the_uninterrupted_run(tiny_stack, mlflow_store, monkeypa
 
 
 @pytest.mark.slow
-def test_kl_budget_rollback_and_alerts_reach_mlflow_and_prefect(tiny_stack, stack_dirs, mlflow_store, monkeypatch):
+def test_kl_budget_rollback_and_alerts_reach_mlflow_and_prefect(
+    tiny_stack, stack_dirs, mlflow_store, monkeypatch, tmp_path
+):
     # NaN reward-model scores at step 2 (non-finite alert), then KL past the budget: roll back and stop.
     real_score, calls = ppo_trainer.score_token_ids, []
 
@@ -383,9 +386,9 @@ def test_kl_budget_rollback_and_alerts_reach_mlflow_and_prefect(tiny_stack, stac
     monkeypatch.undo()
     trainer = make_trainer(stack_dirs, tiny_stack)
     with pytest.raises(ValueError, match="set ppo.kl_control=fixed"):
-        trainer.load_checkpoint(download(result.final.uri))
+        trainer.load_checkpoint(download(result.final.uri, tmp_path))
     trainer = make_trainer(stack_dirs, tiny_stack, kl_control="fixed", kl_coef=0.0)
-    trainer.load_checkpoint(download(result.final.uri))
+    trainer.load_checkpoint(download(result.final.uri, tmp_path))
     assert trainer.step_count == result.rolled_back_to
     step = trainer.step()
     assert trainer.step_count == result.rolled_back_to + 1 and math.isfinite(step.metrics["loss/policy_avg"])

@@ -263,6 +263,30 @@ MALFORMED: list[tuple[str, str, bytes | None, list[str]]] = [
         ).encode(),
         ["line 1: chosen and rejected share no", "or add a prompt column"],
     ),
+    (
+        "deeply-nested-jsonl",  # json.loads raised RecursionError: a traceback, not a sentence
+        "p.jsonl",
+        (GOOD + '{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}\n").encode(),
+        ["line 2 nests lists/objects more than 16 levels deep", "Fix: flatten that row's fields"],
+    ),
+    (
+        "nested-jsonl-under-recursion-limit",
+        "p.jsonl",
+        (GOOD + '{"prompt": "p", "chosen": ' + '{"a": ' * 40 + '" a"' + "}" * 40 + ', "rejected": " b"}\n').encode(),
+        ["line 2 nests lists/objects more than 16 levels deep"],
+    ),
+    (
+        "deeply-nested-json",
+        "p.json",
+        ("[" + GOOD.strip() + ", " + "[" * 100_000 + "]" * 100_000 + "]").encode(),
+        ["the document nests lists/objects more than 16 levels deep", "Fix: flatten"],
+    ),
+    (
+        "nested-json-row",
+        "p.json",
+        ("[" + GOOD.strip() + ", " + '{"prompt": ' + "[" * 30 + "]" * 30 + "}]").encode(),
+        ["row 2 nests lists/objects more than 16 levels deep"],
+    ),
 ]
 
 
@@ -277,7 +301,8 @@ def test_malformed_file_fails_with_its_message(tmp_path, name, filename, content
     assert message.startswith(str(path)), message
     for part in expected:
         assert part in message, f"{part!r} not in {message!r}"
-    assert "Fix:" in message or "Fix" in message
+    assert "\n" not in message, message  # one line
+    assert re.search(r"\bFix: \S", message), f"no 'Fix: <what to do>' in {message!r}"
 
 
 def test_folder_is_not_a_data_file(tmp_path):

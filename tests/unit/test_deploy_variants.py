@@ -16,6 +16,7 @@ import yaml
 from rlhf.config import PipelineConfig
 
 ROOT = Path(__file__).resolve().parents[2]
+GPU_PRESET = yaml.safe_load((ROOT / "configs" / "gpu.yaml").read_text())
 
 
 def load(name: str) -> dict:
@@ -34,7 +35,9 @@ def test_docker_variant_requests_gpus_and_runs_the_pipeline_from_the_image():
         assert variables["env"]["MLFLOW_TRACKING_URI"] == "{{ $MLFLOW_TRACKING_URI }}"
         (request,) = variables["container_create_kwargs"]["device_requests"]
         assert request["Capabilities"] == [["gpu"]] and request["Count"] == -1
-        assert cfg.distributed.num_processes >= 1
+        # A GPU deployment trains the GPU preset's model in several processes, not the CPU demo's tiny one.
+        assert cfg.model.base_model == GPU_PRESET["model"]["base_model"] != PipelineConfig().model.base_model
+        assert cfg.distributed.num_processes > 1
 
 
 def test_k8s_variant_sets_the_resource_variables_its_job_template_defines():

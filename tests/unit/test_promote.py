@@ -263,6 +263,39 @@ def test_approval_denied_rejects_and_approval_granted_crowns(registry):
     assert client.get_model_version(MODEL, v1).tags["promotion.approved_by"] == "bob"
 
 
+def test_crowning_keeps_the_challenger_alias_of_another_waiting_version(registry):
+    client, add, lock = registry
+    v1, v2 = add(first_version_tags()), add(first_version_tags())
+
+    def v2_becomes_challenger_meanwhile(version: str) -> Approval:
+        client.set_registered_model_alias(MODEL, CHALLENGER, v2)  # another promotion awaits its own reviewer
+        return Approval(True, "bob")
+
+    assert promote_version(client, MODEL, v1, CFG, lock, approve=v2_becomes_challenger_meanwhile).promoted
+    assert registry_aliases(client, MODEL) == {CHAMPION: v1, CHALLENGER: v2}
+
+
+def test_an_approval_needs_a_reviewer(registry):
+    from pydantic import ValidationError
+
+    from flows.promote import ApprovalInput
+
+    client, add, lock = registry
+    v1 = add(first_version_tags())
+    outcome = promote_version(client, MODEL, v1, CFG, lock, approve=lambda v: Approval(True, "   "))
+    assert not outcome.promoted
+    assert outcome.reasons == (
+        "approval: approved without a reviewer's name: the reviewer must give their name to approve",
+    )
+    assert registry_aliases(client, MODEL) == {}
+    for blank in ("", "   "):
+        with pytest.raises(ValidationError, match="reviewer"):
+            ApprovalInput(approved=True, reviewer=blank)
+    with pytest.raises(ValidationError, match="reviewer"):
+        ApprovalInput(approved=True)
+    assert ApprovalInput(approved=True, reviewer="dana").reviewer == "dana"
+
+
 def test_champion_moving_during_approval_rejects_the_waiting_challenger(registry):
     client, add, lock = registry
     v1, v2 = add(first_version_tags()), add(first_version_tags())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import shutil
 from pathlib import Path
 
 import mlflow
@@ -86,6 +87,9 @@ def test_builtin_data_passes_every_suite_with_default_config(builtin):
 
 def test_stage_passes_builtin_data_and_logs_the_evidence(builtin, experiment, tmp_path):
     cfg = PipelineConfig()
+    token = "hf_" + "a1B2c3D4e5" * 3  # a path (or Hub name) that carries a token is logged masked
+    (tmp_path / token).mkdir()
+    builtin = dict(builtin, prompts=str(shutil.copy(builtin["prompts"], tmp_path / token / "prompts.jsonl")))
     with mlflow.start_run(experiment_id=experiment) as parent:
         validated = run_validation(
             cfg, builtin, str(tmp_path / "validated"), parent.info.run_id, tokenizer=WhitespaceTokenizer()
@@ -106,6 +110,9 @@ def test_stage_passes_builtin_data_and_logs_the_evidence(builtin, experiment, tm
     parent_tags = mlflow.MlflowClient().get_run(parent.info.run_id).data.tags
     for split, fp in validated.fingerprints.items():
         assert run.data.tags[f"data.fingerprint.{split}"] == fp == parent_tags[f"data.fingerprint.{split}"]
+    assert parent_tags["data.source.prompts"] == run.data.tags["data.source.prompts"] == f"{tmp_path}/***/prompts.jsonl"
+    summary = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/validation/summary.txt")
+    assert token not in summary and "***/prompts.jsonl" in summary
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "validation")}
     assert {
         "validation/preferences.gx_result.json",
@@ -186,6 +193,15 @@ def _duplicates(rows):
     return rows
 
 
+def _near_duplicates(rows):
+    """Rows 2-4 are row 1 with a zero-width space, full-width letters, or other case and punctuation."""
+    first = rows[0]
+    rows[1] = dict(first, prompt=first["prompt"].replace(" ", " \u200b", 1))
+    rows[2] = dict(first, chosen="".join(chr(ord(c) + 0xFEE0) if "a" <= c <= "z" else c for c in first["chosen"]))
+    rows[3] = dict(first, rejected=first["rejected"].upper().replace(".", "!") + "?")
+    return rows
+
+
 BAD_PREFERENCES = [
     (
         "missing-column",
@@ -201,12 +217,36 @@ BAD_PREFERENCES = [
     (
         "whitespace-only",
         _set(2, chosen="  \n "),
-        "blank: 'chosen' is empty or whitespace-only in 1 of 100 rows (e.g. line 3: '  \\n '). Fix: drop those rows",
+        "blank: 'chosen' is empty, whitespace-only or only invisible (zero-width) characters in 1 of 100 rows "
+        "(e.g. line 3: '  \\n '). Fix: drop those rows",
     ),
     (
         "empty-prompt",
         _set(9, prompt=""),
-        "blank: 'prompt' is empty or whitespace-only in 1 of 100 rows (e.g. line 10: '')",
+        "blank: 'prompt' is empty, whitespace-only or only invisible (zero-width) characters in 1 of 100 rows "
+        "(e.g. line 10: '')",
+    ),
+    (
+        "zero-width-only",  # U+200B/U+200D/U+FEFF are not whitespace to a regex: passed the blank check
+        _set(2, chosen="\u200b\u200d \ufeff"),
+        "blank: 'chosen' is empty, whitespace-only or only invisible (zero-width) characters in 1 of 100 rows",
+    ),
+    (
+        "bidi-override",
+        _set(3, chosen=" Refund approved\u202e.dlrow olleh"),
+        "control: 'chosen' contains control or bidirectional-override characters in 1 of 100 rows (they hide or "
+        "reorder text as displayed) (e.g. line 4: U+202E at character 17). Fix: remove them",
+    ),
+    (
+        "control-character",
+        _set(6, prompt="Customer: hi\x1b[2J\nAgent:"),
+        "control: 'prompt' contains control or bidirectional-override characters in 1 of 100 rows",
+    ),
+    (
+        "near-duplicate-pairs",
+        _near_duplicates,
+        "duplicates: 3 of 100 rows repeat an earlier row (for pairs: same prompt and responses, in either order), over "
+        "the allowed 1.0% (e.g. line 2 repeats line 1; line 3 repeats line 1; line 4 repeats line 1)",
     ),
     (
         "too-long",
@@ -230,18 +270,18 @@ BAD_PREFERENCES = [
     (
         "email",
         _set(9, prompt="Customer: write to jane.doe@example.com please\nAgent:"),
-        "pii: 'prompt' contains personal data (e-mail, phone or card numbers) in 1 of 100 rows (e.g. line 10: email). "
+        "pii: 'prompt' contains personal data (e-mail, phone, card, SSN or IBAN numbers) in 1 of 100 rows (e.g. line 10: email). "
         "Fix: remove it from the data, or set validation.pii_policy=redact",
     ),
     (
         "phone",
         _set(11, chosen=" Call us on +1 (555) 010-9999 today."),
-        "pii: 'chosen' contains personal data (e-mail, phone or card numbers) in 1 of 100 rows (e.g. line 12: phone)",
+        "pii: 'chosen' contains personal data (e-mail, phone, card, SSN or IBAN numbers) in 1 of 100 rows (e.g. line 12: phone)",
     ),
     (
         "card-number",
         _set(12, rejected=" Your card 4111-1111-1111-1111 was charged."),
-        "pii: 'rejected' contains personal data (e-mail, phone or card numbers) in 1 of 100 rows (e.g. line 13: card)",
+        "pii: 'rejected' contains personal data (e-mail, phone, card, SSN or IBAN numbers) in 1 of 100 rows (e.g. line 13: card)",
     ),
     (
         "too-few-rows",
@@ -276,7 +316,7 @@ def test_pii_is_never_quoted_in_messages(tmp_path, rows):
     report = validate_file(write_jsonl(tmp_path / "p.jsonl", edited), "preference", ValidationConfig())
     text = report.summary() + report.result_json()
     assert "jane.doe" not in text and "010-9999" not in text
-    assert report.redactions == {"email": 1, "phone": 1, "card": 0}
+    assert report.redactions == {"email": 1, "phone": 1, "card": 0, "ssn": 0, "iban": 0}
 
 
 def test_token_length_bound_uses_the_tokenizer(tmp_path, rows):
@@ -324,7 +364,8 @@ BAD_OTHER_KINDS = [
         "prompt-blank",
         "prompt",
         lambda rows: rows["prompts"][:50] + [{"prompt": "\t"}],
-        "blank: 'prompt' is empty or whitespace-only in 1 of 51 rows (e.g. line 51: '\\t')",
+        "blank: 'prompt' is empty, whitespace-only or only invisible (zero-width) characters in 1 of 51 rows "
+        "(e.g. line 51: '\\t')",
     ),
     (
         "traffic-bad-timestamp",
@@ -451,6 +492,98 @@ def test_luhn():
     assert not security.luhn_valid("4111111111111112")
 
 
+def test_leakage_ignores_invisible_characters_width_and_punctuation():
+    heldout = pd.Series(["Customer: Where is my order?\nAgent:", "ﬁle a claim"])
+    index = checks.heldout_index({"heldout_prompts": (heldout, lambda r: f"line {r}")})
+    near = pd.Series(
+        [
+            "Customer: Where\u200b is my order?\nAgent:",  # a zero-width space
+            "Ｃｕｓｔｏｍｅｒ: Ｗｈｅｒｅ ｉｓ ｍｙ ｏｒｄｅｒ?\nAgent:",  # full-width letters
+            "customer -- where is my order!!! agent",  # case and punctuation
+            "file a claim",  # the "ﬁ" ligature
+            "Customer: Where is my parcel?\nAgent:",
+        ]
+    )
+    assert checks.leaked_prompts(near, index).tolist() == ["also in heldout_prompts line 1"] * 3 + [
+        "also in heldout_prompts line 2",
+        None,
+    ]
+
+
+def test_stage_fails_on_near_duplicate_leakage(builtin, experiment, tmp_path):
+    heldout = load_split(builtin["heldout_prompts"])["prompt"]
+    prompts = [{"prompt": p} for p in load_split(builtin["prompts"])["prompt"]]
+    prompts[3] = {"prompt": heldout[0].replace(" ", "\u200b ", 2).upper()}
+    paths = dict(builtin, prompts=write_jsonl(tmp_path / "prompts.jsonl", prompts))
+    cfg = PipelineConfig()
+    with mlflow.start_run(experiment_id=experiment) as parent:
+        with pytest.raises(ValidationFailed) as info:
+            run_validation(cfg, paths, str(tmp_path / "out"), parent.info.run_id)
+    assert any(
+        ": leakage: 1 of 2000 prompts" in line and "line 4 also in heldout_prompts line 1" in line
+        for line in info.value.lines
+    ), info.value.lines
+
+
+def test_control_and_invisible_characters_checks():
+    texts = pd.Series(["plain\ttext\n", "a\u202eb", "\x00", "zero\u200bwidth", None])
+    found = checks.control_characters(texts)
+    assert found[1] == "U+202E at character 2" and found[2] == "U+0000 at character 1"
+    assert found[[0, 3, 4]].isna().all()
+    assert checks.comparison_key("  Ｈｅｌｌｏ,\u200b  WORLD! ") == "hello world"
+
+
+def test_gx_result_and_data_docs_never_quote_pii(tmp_path, rows):
+    # The row with the e-mail also fails the length check, whose GX result lists the failing values.
+    edited = _set(0, chosen=" mail jane.doe@example.com, SSN 078-05-1120 " + "x" * 9000)(
+        copy.deepcopy(rows["preferences"][:20])
+    )
+    report = validate_file(write_jsonl(tmp_path / "p.jsonl", edited), "preference", ValidationConfig())
+    assert {f.check for f in report.failures} >= {"pii", "chars"}
+    artifacts = report.result_json() + report.data_docs()
+    assert "[EMAIL]" in artifacts  # GX saw the redacted text
+    assert "jane.doe" not in artifacts and "078-05-1120" not in artifacts
+
+
+def test_ssn_iban_and_ip_addresses():
+    texts = pd.Series(
+        [
+            "my SSN is 078-05-1120",
+            "IBAN DE89 3704 0044 0532 0130 00 please",
+            "pay to GB82WEST12345698765432",
+            "server at 192.168.100.200 is down",
+            "ticket 000-12-3456 and GB00 WEST ABCD EFGH IJ",  # no SSN starts 000; the IBAN fails mod 97
+        ]
+    )
+    redacted, flags, counts = security.scan_pii(texts, security.PII_KINDS)
+    assert redacted.tolist()[:4] == [
+        "my SSN is [SSN]",
+        "IBAN [IBAN] please",
+        "pay to [IBAN]",
+        "server at 192.168.100.200 is down",
+    ]
+    assert flags.tolist()[:3] == ["ssn", "iban", "iban"] and flags.iloc[3:].isna().all()
+    assert security.redact_text("call +1 (555) 010-9999 from 10.20.30.40") == "call [PHONE] from 10.20.30.40"
+
+
+def test_secret_names_in_any_case_style_and_bearer_tokens_are_masked():
+    params = {
+        "passphrase": "correct horse",
+        "db_pass": "hunter2",
+        "openaiApiKey": "abc123",
+        "aws_access_key": "AKIAxxxx",
+        "awsSecretAccessKey": "zzz",
+        "headers": "Authorization: Bearer abcdef123456.ghijk",
+        "compass": "north",
+        "max_new_tokens": 16,
+    }
+    masked = security.mask_secrets(params)
+    assert masked["passphrase"] == masked["db_pass"] == masked["openaiApiKey"] == security.MASK
+    assert masked["aws_access_key"] == masked["awsSecretAccessKey"] == security.MASK
+    assert masked["headers"] == "Authorization: Bearer ***"
+    assert masked["compass"] == "north" and masked["max_new_tokens"] == 16
+
+
 def test_leakage_ignores_case_and_whitespace():
     index = checks.heldout_index({"heldout_prompts": (pd.Series(["Hi  there", ""]), lambda r: f"line {r}")})
     assert index == {"hi there": "heldout_prompts line 1"}
@@ -497,7 +630,7 @@ def test_prefect_table_artifact_lists_failures_inside_a_flow_run(monkeypatch, bu
             "column": "chosen",
             "rows": 20,
             "examples": "line 1: ' '; line 2: ' '; line 3: ' '",
-            "problem": "'chosen' is empty or whitespace-only in 20 of 20 rows",
+            "problem": "'chosen' is empty, whitespace-only or only invisible (zero-width) characters in 20 of 20 rows",
             "fix": "drop those rows or fill in the text",
         }
     ]
