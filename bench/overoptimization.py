@@ -110,9 +110,7 @@ def main() -> None:
     # 3. The evaluate stage as the pipeline runs it.
     t0 = time.perf_counter()
     with mlflow.start_run(run_id=parent_id):
-        evaluation = run_evaluate(
-            cfg, sft, reward, ppo, paths["heldout_prompts"], parent_id, diagnostics=diagnostics
-        )
+        evaluation = run_evaluate(cfg, sft, reward, ppo, paths["heldout_prompts"], parent_id, diagnostics=diagnostics)
     timings["evaluate_s"] = time.perf_counter() - t0
 
     # 4. Gold reward of every checkpoint on the test split, which the choice never saw.
