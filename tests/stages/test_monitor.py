@@ -131,7 +131,7 @@ def test_malformed_traffic_window_fails_before_any_model_loads(tmp_path, name, e
 def test_find_window_takes_the_latest_and_names_the_fix(tmp_path):
     from tasks.monitor import find_window
 
-    with pytest.raises(FileNotFoundError, match="MonitorConfig.traffic"):
+    with pytest.raises(FileNotFoundError, match=r"rlhf traffic --kind new_intent.*monitor\.traffic"):
         find_window(MonitorConfig(traffic=str(tmp_path / "none_*.jsonl")))
     for i in (0, 2, 1):
         traffic.write_jsonl(tmp_path / f"window_{i:04d}.jsonl", [])
