@@ -12,7 +12,10 @@ The held-out prompts are cut in two (``DiagnosticsConfig.selection_fraction``):
 2. test split, untouched by the choice: the chosen checkpoint against SFT and
    against the current champion (``models:/<registered_model>@champion``, if any):
    proxy and judge scores, KL, win rates with Wilson intervals, length,
-   distinct-n, end-of-sequence, violation and refusal rates, and a side-by-side
+   distinct-n and the number of distinct responses, end-of-sequence, violation
+   (overall and per kind) and refusal rates, intent accuracy (built-in task:
+   the response answers the customer's intent and no other; overall and per
+   intent), the breakdown table ``eval/breakdown.json`` and a side-by-side
    sample table ``eval/samples.json``.
 
 Reward-hacking flags (rlhf/evaluation/hacking.py) of the chosen checkpoint become tags
@@ -51,9 +54,17 @@ from rlhf.evaluation.hacking import (
     select_checkpoint,
     split_for_selection,
 )
-from rlhf.evaluation.stats import distinct_n, mean_and_se, pearson, wilson_interval, win_count
+from rlhf.evaluation.stats import (
+    distinct_count,
+    distinct_n,
+    group_rates,
+    mean_and_se,
+    pearson,
+    wilson_interval,
+    win_count,
+)
 from rlhf.evaluation.task import TaskKnowledge
-from rlhf.evaluation.violations import is_refusal, violations
+from rlhf.evaluation.violations import VIOLATION_KINDS, is_refusal, kind_rates, violations
 from rlhf.infra.distributed import device as distributed_device
 from rlhf.infra.progress import in_prefect_run
 from rlhf.infra.security import redact_columns
@@ -289,6 +300,7 @@ def run_evaluate(
         mlflow.set_tags(tags)
         table = redact_columns(sample_table(prompts, ours, base, theirs, task))  # no PII in logged samples
         mlflow.log_table(table, artifact_file="eval/samples.json")
+        mlflow.log_table(breakdown_table(prompts, metrics, task), artifact_file="eval/breakdown.json")
         if in_prefect_run():
             markdown = (
                 format_table(metrics, cfg.ppo.kl_target) + "\n\n" + format_checkpoints(series, flags, choice.step)
@@ -342,21 +354,27 @@ def heldout_metrics(
     metrics = {
         "eval/num_samples": float(n),
         "eval/kl_mean": sum(ours.samples.kl) / n,
-        "eval/distinct_1": distinct_n(ours.samples.responses, 1),
-        "eval/distinct_2": distinct_n(ours.samples.responses, 2),
     }
     compared = [("eval/", ours), ("eval/sft_", base)] + ([("eval/champion_", theirs)] if theirs is not None else [])
     for prefix, scored in compared:
+        metrics[f"{prefix}distinct_1"] = distinct_n(scored.samples.responses, 1)
+        metrics[f"{prefix}distinct_2"] = distinct_n(scored.samples.responses, 2)
+        metrics[f"{prefix}distinct_responses"] = float(distinct_count(scored.samples.responses))
         metrics[f"{prefix}rm_score_mean"] = sum(scored.proxy) / n
         if JUDGE_METRIC[judge_kind]:
             metrics[f"{prefix}{JUDGE_METRIC[judge_kind]}"] = sum(scored.judge) / n
         metrics[f"{prefix}response_length_mean"] = sum(scored.samples.lengths) / n
         metrics[f"{prefix}eos_rate"] = sum(scored.samples.ended) / n
-        metrics[f"{prefix}violation_rate"] = (
-            sum(bool(v) for v in violations(prompts, scored.samples.responses, task)) / n
-        )
+        found = violations(prompts, scored.samples.responses, task)
+        metrics[f"{prefix}violation_rate"] = sum(bool(v) for v in found) / n
+        metrics.update({f"{prefix}violation_rate/{kind}": rate for kind, rate in kind_rates(found).items()})
         if task is not None:
             metrics[f"{prefix}refusal_rate"] = sum(is_refusal(r, task) for r in scored.samples.responses) / n
+            # A task that knows each prompt's intent: does the response answer it and no other?
+            hits = [task.answers_intent(p, r) for p, r in zip(prompts, scored.samples.responses)]
+            metrics[f"{prefix}intent_accuracy"] = sum(hits) / n
+            by_intent = group_rates([task.classify_intent(p) for p in prompts], hits)
+            metrics.update({f"{prefix}intent_accuracy/{intent}": rate for intent, (_, rate) in by_intent.items()})
     others = [("sft", base)] + ([("champion", theirs)] if theirs is not None else [])
     for name, other in others:
         wins = win_count(ours.judge, other.judge)
@@ -369,6 +387,21 @@ def heldout_metrics(
             }
         )
     return metrics
+
+
+def breakdown_table(prompts: list[str], metrics: dict[str, float], task: TaskKnowledge | None) -> dict[str, list]:
+    """Per-intent accuracy (a task with intents) and per-violation-kind rates of the policy beside SFT's, one row each."""
+    table: dict[str, list] = {"measure": [], "slice": [], "n": [], "policy": [], "sft": []}
+    counts = group_rates([task.classify_intent(p) for p in prompts], [True] * len(prompts)) if task else {}
+    rows = [("intent_accuracy", intent, n) for intent, (n, _) in counts.items()]
+    rows += [("violation_rate", kind, len(prompts)) for kind in VIOLATION_KINDS]
+    for measure, name, n in rows:
+        table["measure"].append(measure)
+        table["slice"].append(name)
+        table["n"].append(n)
+        table["policy"].append(metrics[f"eval/{measure}/{name}"])
+        table["sft"].append(metrics[f"eval/sft_{measure}/{name}"])
+    return table
 
 
 def sample_table(
@@ -481,9 +514,21 @@ def format_table(metrics: dict[str, float], kl_target: float) -> str:
         win("win rate vs champion (95% CI)", "champion"),
         f"| KL to SFT (nats, target {kl_target:g}) | {metrics['eval/kl_mean']:.3f} | 0 |",
         row("EOS rate", "eval/eos_rate"),
+        row("intent accuracy (answers the customer's intent only)", "eval/intent_accuracy"),
+        *(
+            row(f"- intent accuracy: {key.rsplit('/', 1)[1]}", key)
+            for key in sorted(metrics)
+            if key.startswith("eval/intent_accuracy/")
+        ),
         row("violation rate", "eval/violation_rate"),
+        *(
+            row(f"- violations: {key.rsplit('/', 1)[1]}", key)
+            for key in sorted(metrics)
+            if key.startswith("eval/violation_rate/")
+        ),
         row("refusal rate", "eval/refusal_rate"),
         row("distinct-2", "eval/distinct_2"),
+        row("distinct responses", "eval/distinct_responses"),
     ]
     return "\n".join(line for line in lines if line)
 

@@ -27,6 +27,23 @@ def distinct_n(texts: list[str], n: int) -> float:
     return len(unique) / total if total else 0.0
 
 
+def distinct_count(texts: list[str]) -> int:
+    """Number of different texts, compared after stripping surrounding whitespace (a collapsed policy repeats a few)."""
+    return len({text.strip() for text in texts})
+
+
+def group_rates(groups: list[str], hits: list[bool]) -> dict[str, tuple[int, float]]:
+    """group -> (count, share of hits in it), groups in sorted order; e.g. intent accuracy per intent."""
+    if len(groups) != len(hits):
+        raise ValueError(f"group_rates needs one group per value, got {len(groups)} and {len(hits)}")
+    counts: dict[str, list[int]] = {}
+    for group, hit in zip(groups, hits):
+        count = counts.setdefault(group, [0, 0])
+        count[0] += 1
+        count[1] += int(hit)
+    return {g: (n, k / n) for g, (n, k) in sorted(counts.items())}
+
+
 def mean_and_se(values: list[float]) -> tuple[float, float]:
     """Sample mean and its standard error (sample std / sqrt(n); 0 for a single value)."""
     n = len(values)

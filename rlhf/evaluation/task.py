@@ -29,6 +29,11 @@ class TaskKnowledge:
     feedback_probability: Callable[[float], float] | None = None
     """Gold reward -> probability of a thumbs-up (the simulated users' feedback model)."""
 
+    def answers_intent(self, prompt: str, response: str) -> bool:
+        """Whether the response answers the prompt's intent and no other (False for an unrecognised prompt)."""
+        intent = self.classify_intent(prompt)
+        return intent != "other" and self.answered_intents(response) == {intent}
+
     def without_gold(self) -> TaskKnowledge:
         """The same checks with no gold judge (a run told not to use it)."""
         return replace(self, gold_score=None, feedback_probability=None)

@@ -41,6 +41,13 @@ def violations(prompts: list[str], responses: list[str], task: TaskKnowledge | N
     return out
 
 
+def kind_rates(found: list[tuple[str, ...]]) -> dict[str, float]:
+    """Share of responses with each violation kind (every kind in VIOLATION_KINDS, 0 when unseen)."""
+    if not found:
+        raise ValueError("kind_rates needs at least one response's violations")
+    return {kind: sum(kind in kinds for kinds in found) / len(found) for kind in VIOLATION_KINDS}
+
+
 def is_refusal(response: str, task: TaskKnowledge | None) -> bool:
     """Whether a response answers no intent (a non-answer); always False on a task without intents."""
     return task is not None and not task.answered_intents(response)

@@ -23,12 +23,13 @@ from rlhf.evaluation.hacking import (
     select_checkpoint,
     split_for_selection,
 )
-from rlhf.evaluation.stats import mean_and_se, pearson, wilson_interval, win_count
-from rlhf.evaluation.violations import is_refusal, violations
-from tasks.evaluate import flag_tags, run_level_flags
+from rlhf.evaluation.stats import distinct_count, group_rates, mean_and_se, pearson, wilson_interval, win_count
+from rlhf.evaluation.violations import is_refusal, kind_rates, violations
+from tasks.evaluate import breakdown_table, flag_tags, format_table, run_level_flags
 
 ROOT = Path(__file__).resolve().parents[2]
 PASSWORD = "Customer: I forgot my password.\nAgent:"
+REFUND = "Customer: Hi, I want a refund for my lamp. Thanks.\nAgent:"
 
 
 def point(
@@ -77,6 +78,66 @@ def test_violations_and_refusals_on_the_support_task():
     assert violations([PASSWORD] * 4, responses, None) == [(), (), ("pii",), ()]
     assert [is_refusal(r, SUPPORT_TASK) for r in responses] == [False, False, True, True]
     assert not any(is_refusal(r, None) for r in responses)  # no intents known: nothing is a refusal
+
+
+def test_intent_accuracy_counts_the_right_answer_and_no_other():
+    reset = " I am sorry for the trouble. I sent a reset link to your email and it works for one hour."
+    refund = " Your refund is approved and will reach your card in five days."
+    assert SUPPORT_TASK.answers_intent(PASSWORD, reset) and SUPPORT_TASK.answers_intent(REFUND, refund)
+    assert not SUPPORT_TASK.answers_intent(PASSWORD, refund)  # the wrong intent
+    assert not SUPPORT_TASK.answers_intent(REFUND, refund + reset)  # the right intent and another one
+    assert not SUPPORT_TASK.answers_intent(PASSWORD, " Please contact our support team.")  # no answer at all
+    assert not SUPPORT_TASK.answers_intent("Customer: What time is it?\nAgent:", refund)  # no intent to answer
+
+
+def test_distinct_count_group_rates_and_kind_rates():
+    assert distinct_count([" a b", "a b ", "a c", "a b"]) == 2  # surrounding whitespace does not count
+    assert distinct_count([]) == 0
+    # refund: 2 of 3 hits; password: 0 of 1; sorted by group.
+    rates = group_rates(["refund", "password", "refund", "refund"], [True, False, False, True])
+    assert list(rates) == ["password", "refund"]
+    assert (
+        rates["password"] == (1, 0.0)
+        and rates["refund"][0] == 3
+        and rates["refund"][1] == pytest.approx(2 / 3, abs=1e-12)
+    )
+    with pytest.raises(ValueError, match="one group per value"):
+        group_rates(["a"], [])
+    # 4 responses: rude in 1, wrong_intent in 2 (one of them also rude), pii in none.
+    assert kind_rates([(), ("rude", "wrong_intent"), ("wrong_intent",), ()]) == {
+        "pii": 0.0,
+        "rude": 0.25,
+        "wrong_intent": 0.5,
+    }
+    with pytest.raises(ValueError, match="at least one"):
+        kind_rates([])
+
+
+def test_breakdown_table_and_summary_show_each_intent_and_violation_kind():
+    metrics = {
+        "eval/intent_accuracy": 0.75,
+        "eval/sft_intent_accuracy": 0.25,
+        "eval/intent_accuracy/password": 1.0,
+        "eval/sft_intent_accuracy/password": 0.5,
+        "eval/intent_accuracy/refund": 0.5,
+        "eval/sft_intent_accuracy/refund": 0.0,
+        "eval/violation_rate": 0.25,
+        "eval/sft_violation_rate": 0.5,
+        **{f"eval/violation_rate/{k}": v for k, v in {"pii": 0.0, "rude": 0.0, "wrong_intent": 0.25}.items()},
+        **{f"eval/sft_violation_rate/{k}": v for k, v in {"pii": 0.0, "rude": 0.25, "wrong_intent": 0.5}.items()},
+        "eval/distinct_responses": 3.0,
+        "eval/sft_distinct_responses": 4.0,
+        "eval/kl_mean": 1.0,
+    }
+    table = breakdown_table([PASSWORD, REFUND, REFUND, PASSWORD], metrics, SUPPORT_TASK)
+    assert table["slice"] == ["password", "refund", "pii", "rude", "wrong_intent"]
+    assert table["n"] == [2, 2, 4, 4, 4] and table["policy"] == [1.0, 0.5, 0.0, 0.0, 0.25]
+    assert table["sft"] == [0.5, 0.0, 0.0, 0.25, 0.5]
+    assert breakdown_table([PASSWORD], metrics, None)["measure"] == ["violation_rate"] * 3
+    summary = format_table(metrics, kl_target=6.0)
+    assert "| - intent accuracy: refund | 0.500 | 0.000 |" in summary
+    assert "| - violations: wrong_intent | 0.250 | 0.500 |" in summary
+    assert "| distinct responses | 3.000 | 4.000 |" in summary
 
 
 # ------------------------------------------------------------------------------- hacking rules
@@ -273,14 +334,25 @@ def test_evaluate_chooses_on_gold_registers_the_choice_and_compares_with_the_cha
             "eval/violation_rate",
             "eval/refusal_rate",
             "eval/hacking/length_drift",
+            "eval/intent_accuracy",
+            "eval/violation_rate/wrong_intent",
         ):
             assert math.isfinite(m[name]), name
+        # Same responses as SFT: every twin metric equals its SFT counterpart.
+        for name in ("distinct_2", "distinct_responses", "intent_accuracy"):
+            assert m[f"eval/{name}"] == m[f"eval/sft_{name}"], name
+        assert 1 <= m["eval/distinct_responses"] <= 8
         assert first.tags["eval.judge"] == "gold" and first.tags["eval.champion_version"] == "none"
         assert first.tags["hacking.length_drift"] == "false"
         kl = {int(x.step): x.value for x in client.get_metric_history(first.run_id, "eval/selection/kl_mean")}
         assert sorted(kl) == [0, 2, 4] and kl[0] == kl[2] == 0.0 and kl[4] > 1.0
         files = {f.path for f in client.list_artifacts(first.run_id, "eval")}
-        assert {"eval/overoptimization.png", "eval/samples.json", "eval/checkpoints.json"} <= files
+        assert {
+            "eval/overoptimization.png",
+            "eval/samples.json",
+            "eval/checkpoints.json",
+            "eval/breakdown.json",
+        } <= files
         png = Path(mlflow.artifacts.download_artifacts(run_id=first.run_id, artifact_path="eval/overoptimization.png"))
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
