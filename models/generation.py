@@ -55,7 +55,7 @@ def sample(
     max_new_tokens: int,
     temperature: float = 1.0,
 ) -> Rollout:
-    """Sample one response per prompt from the full distribution (no top-k/top-p), at temperature."""
+    """Sample one response per prompt from the full distribution (no top-k/top-p, no EOS block), at temperature."""
     model.eval()
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
     enc = enc.to(model.device)  # left-padded: every prompt ends where generation starts
@@ -66,7 +66,9 @@ def sample(
         top_k=0,
         top_p=1.0,
         max_new_tokens=max_new_tokens,
-        min_new_tokens=1,
+        # No min_new_tokens: blocking EOS at the first position would sample from a distribution
+        # other than the one whose log-probs PPO and the KL use (off-policy). An empty response is
+        # scored as one (the judge and the reward model see just the prompt).
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         use_cache=True,

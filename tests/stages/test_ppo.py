@@ -123,6 +123,31 @@ def params_of(trainer: PPOTrainer) -> list[torch.Tensor]:
     return [p.detach().clone() for p in trainer.policy.parameters()]
 
 
+def eos_only_model():
+    """A tiny GPT-2 whose every next-token distribution puts ~all its mass on EOS, and its tokenizer."""
+    from models.tiny import build_model, build_tokenizer
+
+    tokenizer = build_tokenizer(["Customer: I forgot my password.\nAgent: I sent a reset link."] * 4, vocab_size=300)
+    model = build_model(tokenizer, n_layer=1, n_embd=16, n_head=2, n_positions=64)
+    with torch.no_grad():  # only EOS has a (tied) embedding and ln_f outputs it: logit 50 for EOS, 0 for the rest
+        model.transformer.wte.weight.zero_()
+        model.transformer.wte.weight[tokenizer.eos_token_id, 0] = 1.0
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.zero_()
+        model.transformer.ln_f.bias[0] = 50.0
+    return model, tokenizer
+
+
+def test_sampling_does_not_block_eos_that_the_logprobs_allow() -> None:
+    # Sampling must draw from the distribution whose log-probs PPO uses. An EOS block at the first
+    # position (min_new_tokens=1) would force a non-EOS token whose log-prob is ~-inf here.
+    model, tokenizer = eos_only_model()
+    torch.manual_seed(0)
+    rollout = sample(model, tokenizer, ["Customer: hi\nAgent:"] * 4, max_new_tokens=8)
+    assert rollout.response_ids[:, 0].tolist() == [tokenizer.eos_token_id] * 4
+    assert rollout.lengths.tolist() == [1] * 4 and rollout.ended.all()
+
+
 @pytest.mark.slow
 def test_adaptive_controller_keeps_kl_near_target(stack_dirs, tiny_stack) -> None:
     # Target 2 nats; horizon = one batch, so beta moves by the clipped error itself (up to 20%) each
