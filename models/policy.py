@@ -32,7 +32,10 @@ class PolicyWithValueHead(nn.Module):
         self.lm = lm
         hidden = lm.config.get_text_config().hidden_size
         self.value_head = nn.Linear(hidden, 1)
-        nn.init.normal_(self.value_head.weight, std=1.0 / (hidden + 1) ** 0.5)
+        # Zero-initialised (Huang et al. 2022, "The N implementation details of RLHF with PPO"): a random
+        # head adds a random baseline per token to the first advantages and sends large value-loss
+        # gradients into the shared trunk before the head has learnt anything.
+        nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -148,6 +148,16 @@ def test_sampling_does_not_block_eos_that_the_logprobs_allow() -> None:
     assert rollout.lengths.tolist() == [1] * 4 and rollout.ended.all()
 
 
+def test_value_head_starts_at_zero() -> None:
+    # Zero-initialised (Huang et al. 2022, "The N implementation details of RLHF with PPO"): the first
+    # advantages are the rewards themselves, not rewards minus a random value per token.
+    model, tokenizer = eos_only_model()
+    policy = PolicyWithValueHead(model)
+    enc = tokenizer(["Customer: hi\nAgent:"], return_tensors="pt")
+    _, values = policy(enc.input_ids, enc.attention_mask)
+    assert values.abs().max().item() == 0.0
+
+
 @pytest.mark.slow
 def test_adaptive_controller_keeps_kl_near_target(stack_dirs, tiny_stack) -> None:
     # Target 2 nats; horizon = one batch, so beta moves by the clipped error itself (up to 20%) each
