@@ -17,7 +17,7 @@ from prefect.context import FlowRunContext
 from flows.promote import promote
 from rlhf.builtin.model import resolve_base_model
 from rlhf.builtin.task import resolve_data_paths
-from rlhf.config import PipelineConfig
+from rlhf.config import PipelineConfig, resolve_config
 from rlhf.infra.env import quiet_defaults
 from rlhf.registry.promotion import PromotionOutcome
 from tasks.baseline import baseline_task
@@ -43,8 +43,17 @@ class PipelineResult:
 
 
 @flow(name="rlhf-pipeline")
-def rlhf_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineResult:
-    """Align the base model with the preference data and register the policy."""
+def rlhf_pipeline(
+    config: PipelineConfig = PipelineConfig(),
+    config_file: str | None = None,
+    overrides: list[str] | None = None,
+) -> PipelineResult:
+    """Align the base model with the preference data and register the policy.
+
+    ``config_file`` (a preset such as configs/gpu.yaml, relative to the working directory)
+    replaces ``config``; ``overrides`` (``section.field=value``) apply on top of either.
+    """
+    config = resolve_config(config, config_file, overrides)
     quiet_defaults()
     logger = get_run_logger()
     flow_run = FlowRunContext.get().flow_run

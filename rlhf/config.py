@@ -533,7 +533,27 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raw = yaml.safe_load(p.read_text()) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a YAML mapping of sections")
-    raw = apply_overrides(raw, overrides or [])
+    return _validated(apply_overrides(raw, overrides or []))
+
+
+def resolve_config(
+    config: PipelineConfig, config_file: str | Path | None = None, overrides: list[str] | None = None
+) -> PipelineConfig:
+    """The config a pipeline run trains with: ``config`` as given, or ``config_file`` (a YAML
+    preset such as configs/gpu.yaml) instead; ``overrides`` (``section.field=value``, as
+    ``--set``) apply on top of either. A deployment names its preset this way rather than
+    copying its values. Giving both a non-default ``config`` and a ``config_file`` is an error."""
+    if config_file is None:
+        return _validated(apply_overrides(config.model_dump(mode="json"), overrides or [])) if overrides else config
+    if config != PipelineConfig():
+        raise ConfigError(
+            f"both config and config_file ({str(config_file)!r}) were given: pass one of them, and put "
+            "changes to the file's values in overrides (e.g. ['distributed.num_processes=4'])"
+        )
+    return load_config(config_file, overrides)
+
+
+def _validated(raw: dict[str, Any]) -> PipelineConfig:
     try:
         return PipelineConfig.model_validate(raw)
     except ValidationError as e:
