@@ -61,7 +61,8 @@ def rlhf_pipeline(
         run_dir = Path(config.output_dir).resolve() / parent_id
         logger.info("MLflow parent run %s, outputs in %s", parent_id, run_dir)
 
-        # Stages whose inputs and code are unchanged come from Prefect's cache (tasks/caching.py).
+        # Every stage runs under its time limit (timeouts.<stage>_s); those whose inputs and code are
+        # unchanged come from Prefect's cache (tasks/caching.py).
         paths = resolve_data_paths(config.data, run_dir, config.seed)
         base_model = resolve_base_model(config.model.base_model, Path(config.output_dir) / "base-models", config.seed)
         data, cached_validate = call_stage(
@@ -94,14 +95,15 @@ def rlhf_pipeline(
                 reward_task, judge_config, sft, data.paths["preferences"], data.paths["preferences_heldout"], parent_id
             )
             mlflow.set_tag("rlhf.judge_reward_run", judge.run_id)
-        evaluation = evaluate_task(
-            config, sft, reward, ppo, data.paths["heldout_prompts"], parent_id, heldout_reward=judge
+        evaluation, _ = call_stage(
+            evaluate_task, config, sft, reward, ppo, data.paths["heldout_prompts"], parent_id, heldout_reward=judge
         )
         mlflow.log_metrics(evaluation.metrics)
-        version = register_task(config, ppo, evaluation, data.fingerprints, parent_id, reward)
+        version, _ = call_stage(register_task, config, ppo, evaluation, data.fingerprints, parent_id, reward)
         mlflow.set_tags({"registry.version": version.version, "registry.reused": str(version.reused).lower()})
         if version.baseline_uri is None:  # a version reused from an earlier run keeps its baseline
-            baseline_task(
+            call_stage(
+                baseline_task,
                 config,
                 version.name,
                 version.version,

@@ -241,6 +241,22 @@ class DistributedConfig(_Section):
     )
 
 
+class TimeoutConfig(_Section):
+    """How long each pipeline stage may run, in seconds, before Prefect fails it (a hung DDP
+    rendezvous or a stuck download must not hold the training queue forever). Generous on
+    purpose: a slow but healthy stage should never meet them; raise one for a bigger run."""
+
+    validate_s: int = Field(3600, ge=1, description="Data validation (Great Expectations, tokenizer checks)")
+    sft_s: int = Field(43_200, ge=1, description="Supervised fine-tuning, all processes together")
+    reward_s: int = Field(
+        43_200, ge=1, description="Reward-model training (also the judge reward model on your own data)"
+    )
+    ppo_s: int = Field(86_400, ge=1, description="PPO, all iterations and checkpoints")
+    evaluate_s: int = Field(21_600, ge=1, description="Held-out evaluation and checkpoint selection")
+    register_s: int = Field(3600, ge=1, description="Registering the policy and reward model versions")
+    baseline_s: int = Field(7200, ge=1, description="The drift-monitoring baseline profile of the new version")
+
+
 class BaselineConfig(_Section):
     max_prompts: int = Field(
         1000,
@@ -484,6 +500,7 @@ class PipelineConfig(_Section):
     promotion: PromotionConfig = PromotionConfig()
     monitor: MonitorConfig = MonitorConfig()
     distributed: DistributedConfig = DistributedConfig()
+    timeouts: TimeoutConfig = TimeoutConfig()
 
     @model_validator(mode="after")
     def _check_global_batches(self) -> PipelineConfig:

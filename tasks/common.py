@@ -44,9 +44,18 @@ RETRY_DELAYS_S = [10, 60]
 
 
 def retry_on_tracking_error(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect retry condition: retry only when the tracking store's connection failed."""
+    """Prefect retry condition: retry only when the tracking store's connection failed (a stage
+    that ran past its time limit is a TimeoutError too, and is not retried)."""
+    from prefect.task_engine import TaskRunTimeoutError
+
     exc = state.data if isinstance(state.data, BaseException) else state.result(raise_on_failure=False)
+    if isinstance(exc, TaskRunTimeoutError):
+        return False
     return isinstance(exc, BaseException) and is_transient_tracking_error(exc)
+
+
+class StageTimedOut(TimeoutError):
+    """A stage ran past its time limit, ``timeouts.<stage>_s`` of the config (the message names it)."""
 
 
 RETRY_ON_TRACKING_ERROR: dict[str, Any] = {
@@ -106,8 +115,8 @@ class Evaluation:
 
 # -- the pipeline's parent run ------------------------------------------------------------------
 def config_hash(cfg: PipelineConfig) -> str:
-    """Short stable hash of the resolved config."""
-    return hashlib.sha256(json.dumps(cfg.model_dump(), sort_keys=True).encode()).hexdigest()[:16]
+    """Short stable hash of the resolved config, time limits left out (they change no result)."""
+    return hashlib.sha256(json.dumps(cfg.model_dump(exclude={"timeouts"}), sort_keys=True).encode()).hexdigest()[:16]
 
 
 @contextmanager

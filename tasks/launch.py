@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -87,6 +88,21 @@ def launch_command(stage: str, cfg: PipelineConfig, spec: Path, result: Path) ->
     ]
 
 
+def stop_process_group(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
+    """SIGTERM to the launched process group (torchrun passes it on to its workers), SIGKILL after
+    ``grace_s`` seconds if any of it is still there."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def launch_stage(stage: str, cfg: PipelineConfig, run_id: str | None, args: dict[str, Any]) -> dict[str, Any]:
     """Run ``stage`` in several processes; rank 0's result (JSON).
 
@@ -115,10 +131,18 @@ def launch_stage(stage: str, cfg: PipelineConfig, run_id: str | None, args: dict
         env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
         cmd = launch_command(stage, cfg, spec, result)
         tail: deque[str] = deque(maxlen=OUTPUT_TAIL_LINES)
-        with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
-            for line in proc.stdout or ():
-                sys.stdout.write(line)
-                tail.append(line)
+        # Its own process group, so that a stage stopped here (its time limit, Ctrl-C) takes the
+        # launcher and every training process with it instead of waiting on a hung rendezvous.
+        with subprocess.Popen(
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        ) as proc:
+            try:
+                for line in proc.stdout or ():
+                    sys.stdout.write(line)
+                    tail.append(line)
+            except BaseException:
+                stop_process_group(proc)
+                raise
         if proc.returncode != 0 or not result.exists():
             raise StageLaunchFailed(
                 f"{stage} stage in {cfg.distributed.num_processes} processes failed (exit {proc.returncode}) "

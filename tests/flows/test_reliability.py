@@ -340,6 +340,46 @@ def test_cached_results_pointing_at_missing_runs_or_files_are_not_used(shared_st
     assert missing_references(good) == [f"MLflow run {run.info.run_id}"]
 
 
+@pytest.mark.slow
+def test_a_hung_stage_is_stopped_at_its_time_limit_naming_the_setting(prefect_harness, tmp_path, monkeypatch) -> None:
+    """A training stage whose launched processes hang (a DDP rendezvous that never completes) fails
+    at timeouts.<stage>_s: not retried, the error names the setting, and the processes are gone."""
+    from prefect import flow, task
+
+    import tasks.launch as launch
+    from tasks.caching import call_stage
+    from tasks.common import RETRY_ON_TRACKING_ERROR, SFT, StageTimedOut
+
+    pid_file = tmp_path / "pid"
+    hang = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(600)"
+    monkeypatch.setattr(launch, "launch_command", lambda *a: [sys.executable, "-c", hang])
+
+    @task(name=SFT, **RETRY_ON_TRACKING_ERROR)  # the stage's name and retry options; its body launches
+    def hung_sft(config):
+        return launch.launch_stage(SFT, config, None, {})
+
+    @flow
+    def one_stage():
+        return call_stage(hung_sft, load_config(None, ["timeouts.sft_s=3"]))
+
+    start = time.monotonic()
+    with pytest.raises(StageTimedOut, match=r"timeouts\.sft_s \(3 s\).*--set timeouts\.sft_s=SECONDS"):
+        one_stage()
+    assert time.monotonic() - start < 10 + 30  # no retry (the first retry waits 10 s), at most the SIGTERM grace
+    pid = int(pid_file.read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # the launched process was stopped with the stage
+
+
+def test_every_pipeline_stage_has_a_time_limit() -> None:
+    from rlhf.config import PipelineConfig
+    from tasks.common import BASELINE, EVALUATE, PPO, REGISTER, REWARD, SFT, VALIDATE
+
+    limits = PipelineConfig().timeouts.model_dump()
+    assert set(limits) == {f"{stage}_s" for stage in (VALIDATE, SFT, REWARD, PPO, EVALUATE, REGISTER, BASELINE)}
+    assert min(limits.values()) >= 3600  # generous: a healthy stage never meets them
+
+
 # ======================================================================== slow: PPO under faults
 SMALL_PPO = [
     "ppo.batch_size=8",
