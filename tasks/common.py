@@ -19,12 +19,20 @@ from typing import Any, Literal
 import mlflow
 import torch
 import yaml
+from prefect.artifacts import create_link_artifact
 
 from models.lora import save_merged
 from rlhf.config import PipelineConfig, RewardConfig, SFTConfig
 from rlhf.infra.distributed import device, is_main_process, world_size
 from rlhf.infra.security import mask_secrets
-from rlhf.infra.tracking import check_tracking_store, flatten, is_transient_tracking_error, log_params, setup_experiment
+from rlhf.infra.tracking import (
+    check_tracking_store,
+    flatten,
+    is_transient_tracking_error,
+    log_params,
+    run_url,
+    setup_experiment,
+)
 from rlhf.ppo.trainer import Alert
 
 # -- stage names: one per stage, used for the Prefect task, the MLflow run and the cache key --
@@ -38,6 +46,9 @@ BASELINE = "baseline"
 TrainingStage = Literal["sft", "reward", "ppo"]
 TRAINING_STAGES: tuple[TrainingStage, ...] = (SFT, REWARD, PPO)
 """Stages that may run in several processes (tasks/launch.py)."""
+
+MLFLOW_RUN_ARTIFACT = "mlflow-run"
+"""Key of the link artifact from a pipeline flow run to its MLflow parent run."""
 
 RETRY_DELAYS_S = [10, 60]
 """Prefect retries of a stage whose tracking-store connection failed (after MLflow's own HTTP retries)."""
@@ -123,13 +134,20 @@ def config_hash(cfg: PipelineConfig) -> str:
 def pipeline_run(cfg: PipelineConfig, flow_run_name: str, flow_run_id: str) -> Iterator[str]:
     """The MLflow parent run of one pipeline run (yields its id): checks the store, logs every
     config value as a param, the resolved config (secrets masked) as config.yaml, and the tags
-    that tie it to its Prefect flow run."""
+    that tie it to its Prefect flow run; the flow run gets a link artifact to it (``MLFLOW_RUN_ARTIFACT``)."""
     check_tracking_store()  # fail before any training when the store is unreachable
     experiment_id = setup_experiment(cfg.experiment)
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"pipeline-{flow_run_name}") as parent:
         log_params(flatten(cfg.model_dump()))
         mlflow.log_text(yaml.safe_dump(mask_secrets(cfg.model_dump()), sort_keys=False), "config.yaml")
         mlflow.set_tags({"prefect.flow_run_id": flow_run_id, "config_hash": config_hash(cfg)})
+        # The way back: the flow run's Artifacts tab links its MLflow run.
+        create_link_artifact(
+            run_url(experiment_id, parent.info.run_id),
+            link_text=f"MLflow run pipeline-{flow_run_name}",
+            key=MLFLOW_RUN_ARTIFACT,
+            description="The MLflow parent run of this flow run: params, config.yaml, the stage runs and their metrics",
+        )
         yield parent.info.run_id
 
 

@@ -94,6 +94,15 @@ def test_pipeline_tracks_six_stages_and_registers_the_policy(prefect_harness, ml
     assert {"eval/win_rate_vs_sft", "eval/selection/kl_mean"} <= {m.key for m in chosen.metrics}
     assert client.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
 
+    # Prefect's side: the flow run links its MLflow parent run (the local store: `make mlflow-ui`'s address).
+    from prefect.artifacts import Artifact
+
+    link = Artifact.get("mlflow-run")
+    assert link is not None  # Prefect 3.9 stores a link artifact as markdown: "[text](url)"
+    assert str(link.flow_run_id) == parent.data.tags["prefect.flow_run_id"]
+    url = f"http://127.0.0.1:5000/#/experiments/{parent.info.experiment_id}/runs/{result.parent_run_id}"
+    assert link.data.endswith(f"({url})"), link.data
+
 
 @pytest.mark.slow
 def test_bad_preference_data_stops_the_flow_before_training(prefect_harness, mlflow_store, tmp_path):
