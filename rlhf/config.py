@@ -34,7 +34,8 @@ class DataConfig(_Section):
         None, description="Preference pairs (prompt, chosen, rejected) for reward-model training"
     )
     preferences_heldout_path: str | None = Field(
-        None, description="Held-out preference pairs for reward-model accuracy"
+        None,
+        description="Held-out preference pairs for reward-model accuracy. Any *_path may name a Hub data set as org/name[:split][@revision] (split defaults to train; pin the revision), e.g. HuggingFaceH4/ultrafeedback_binarized:test_prefs@<sha>",
     )
     prompts_path: str | None = Field(None, description="PPO training prompts (prompt)")
     heldout_prompts_path: str | None = Field(None, description="Held-out evaluation prompts (prompt)")
