@@ -1,8 +1,9 @@
 """Resolve, check and load the pipeline's data files through Hugging Face `datasets`.
 
 A split is a local JSON/JSONL/CSV/Parquet file or a Hub data set,
-``org/name[:split][@revision]`` (where the user's machine reaches the Hub). ``user_data_paths`` finds the files of a data
-folder (the built-in data set is written by ``rlhf.builtin.task.resolve_data_paths``).
+``org/name[:split][@revision]`` (where the user's machine reaches the Hub).
+``user_data_paths`` finds the files of a data folder (the built-in data set is
+written by ``rlhf.builtin.task.resolve_data_paths``).
 
 Before `datasets` sees a local file, ``inspect_file`` reads it once, line by line,
 and turns every way a file can be malformed (empty, not UTF-8, truncated, a JSON
