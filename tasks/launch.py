@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -88,19 +87,18 @@ def launch_command(stage: str, cfg: PipelineConfig, spec: Path, result: Path) ->
     ]
 
 
-def stop_process_group(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
-    """SIGTERM to the launched process group (torchrun passes it on to its workers), SIGKILL after
-    ``grace_s`` seconds if any of it is still there."""
-    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, None)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+def stop_launcher(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
+    """SIGTERM to the launcher (torchrun, and accelerate through it, stops its workers on it),
+    SIGKILL after ``grace_s`` seconds if it is still there.
+
+    The launcher stays in the flow's process group, so a worker that kills the whole group
+    (a cancelled flow run) still takes every training process with it."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def launch_stage(stage: str, cfg: PipelineConfig, run_id: str | None, args: dict[str, Any]) -> dict[str, Any]:
@@ -131,17 +129,13 @@ def launch_stage(stage: str, cfg: PipelineConfig, run_id: str | None, args: dict
         env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
         cmd = launch_command(stage, cfg, spec, result)
         tail: deque[str] = deque(maxlen=OUTPUT_TAIL_LINES)
-        # Its own process group, so that a stage stopped here (its time limit, Ctrl-C) takes the
-        # launcher and every training process with it instead of waiting on a hung rendezvous.
-        with subprocess.Popen(
-            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-        ) as proc:
+        with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
             try:
                 for line in proc.stdout or ():
                     sys.stdout.write(line)
                     tail.append(line)
-            except BaseException:
-                stop_process_group(proc)
+            except BaseException:  # the stage's time limit, Ctrl-C, a cancellation: do not wait on a hung rendezvous
+                stop_launcher(proc)
                 raise
         if proc.returncode != 0 or not result.exists():
             raise StageLaunchFailed(
