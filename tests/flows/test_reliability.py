@@ -402,6 +402,11 @@ def test_every_pipeline_stage_has_a_time_limit() -> None:
     limits = PipelineConfig().timeouts.model_dump()
     assert set(limits) == {f"{stage}_s" for stage in (VALIDATE, SFT, REWARD, PPO, EVALUATE, REGISTER, BASELINE)}
     assert min(limits.values()) >= 3600  # generous: a healthy stage never meets them
+    # A time limit changes no result: the registry's config hash (version reuse) ignores it.
+    from tasks.common import config_hash
+
+    assert config_hash(load_config(None, ["timeouts.ppo_s=5"])) == config_hash(PipelineConfig())
+    assert config_hash(load_config(None, ["ppo.steps=5"])) != config_hash(PipelineConfig())
 
 
 # ======================================================================== slow: PPO under faults
