@@ -50,8 +50,12 @@ def rlhf_pipeline(
 ) -> PipelineResult:
     """Align the base model with the preference data and register the policy.
 
-    ``config_file`` (a preset such as configs/gpu.yaml, relative to the working directory)
-    replaces ``config``; ``overrides`` (``section.field=value``) apply on top of either.
+    Args:
+        config: The whole configuration (used when config_file is not given).
+        config_file: A preset such as configs/gpu.yaml, relative to the flow run's working
+            directory; it replaces config.
+        overrides: section.field=value strings (as `rlhf run --set`), applied on top of config
+            or config_file, e.g. distributed.num_processes=4.
     """
     config = resolve_config(config, config_file, overrides)
     quiet_defaults()
