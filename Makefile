@@ -15,9 +15,15 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: install demo drift-demo test test-fast lint format mlflow-ui prefect-ui clean
 
+# torch first, pinned to the CPU wheel on these machines' disk: pyproject.toml declares a range,
+# which the installed torch then satisfies (no CUDA build pulled). On a GPU machine:
+# make install TORCH=torch (or your CUDA build's pin, from its index).
+TORCH ?= torch==2.13.0
+
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH)"
 	$(BIN)/pip install --quiet -e ".[test]"
 	touch $@
 

@@ -17,7 +17,7 @@ from prefect.context import FlowRunContext
 from flows.promote import promote
 from rlhf.builtin.model import resolve_base_model
 from rlhf.builtin.task import resolve_data_paths
-from rlhf.config import PipelineConfig
+from rlhf.config import PipelineConfig, resolve_config
 from rlhf.infra.env import quiet_defaults
 from rlhf.registry.promotion import PromotionOutcome
 from tasks.baseline import baseline_task
@@ -43,8 +43,21 @@ class PipelineResult:
 
 
 @flow(name="rlhf-pipeline")
-def rlhf_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineResult:
-    """Align the base model with the preference data and register the policy."""
+def rlhf_pipeline(
+    config: PipelineConfig = PipelineConfig(),
+    config_file: str | None = None,
+    overrides: list[str] | None = None,
+) -> PipelineResult:
+    """Align the base model with the preference data and register the policy.
+
+    Args:
+        config: The whole configuration (used when config_file is not given).
+        config_file: A preset such as configs/gpu.yaml, relative to the flow run's working
+            directory; it replaces config.
+        overrides: section.field=value strings (as `rlhf run --set`), applied on top of config
+            or config_file, e.g. distributed.num_processes=4.
+    """
+    config = resolve_config(config, config_file, overrides)
     quiet_defaults()
     logger = get_run_logger()
     flow_run = FlowRunContext.get().flow_run
@@ -52,7 +65,8 @@ def rlhf_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineResult:
         run_dir = Path(config.output_dir).resolve() / parent_id
         logger.info("MLflow parent run %s, outputs in %s", parent_id, run_dir)
 
-        # Stages whose inputs and code are unchanged come from Prefect's cache (tasks/caching.py).
+        # Every stage runs under its time limit (timeouts.<stage>_s); those whose inputs and code are
+        # unchanged come from Prefect's cache (tasks/caching.py).
         paths = resolve_data_paths(config.data, run_dir, config.seed)
         base_model = resolve_base_model(config.model.base_model, Path(config.output_dir) / "base-models", config.seed)
         data, cached_validate = call_stage(
@@ -85,14 +99,15 @@ def rlhf_pipeline(config: PipelineConfig = PipelineConfig()) -> PipelineResult:
                 reward_task, judge_config, sft, data.paths["preferences"], data.paths["preferences_heldout"], parent_id
             )
             mlflow.set_tag("rlhf.judge_reward_run", judge.run_id)
-        evaluation = evaluate_task(
-            config, sft, reward, ppo, data.paths["heldout_prompts"], parent_id, heldout_reward=judge
+        evaluation, _ = call_stage(
+            evaluate_task, config, sft, reward, ppo, data.paths["heldout_prompts"], parent_id, heldout_reward=judge
         )
         mlflow.log_metrics(evaluation.metrics)
-        version = register_task(config, ppo, evaluation, data.fingerprints, parent_id, reward)
+        version, _ = call_stage(register_task, config, ppo, evaluation, data.fingerprints, parent_id, reward)
         mlflow.set_tags({"registry.version": version.version, "registry.reused": str(version.reused).lower()})
         if version.baseline_uri is None:  # a version reused from an earlier run keeps its baseline
-            baseline_task(
+            call_stage(
+                baseline_task,
                 config,
                 version.name,
                 version.version,

@@ -48,7 +48,8 @@ class DataConfig(_Section):
         None, description="Preference pairs (prompt, chosen, rejected) for reward-model training"
     )
     preferences_heldout_path: str | None = Field(
-        None, description="Held-out preference pairs for reward-model accuracy"
+        None,
+        description="Held-out preference pairs for reward-model accuracy. Any *_path may name a Hub data set as org/name[:split][@revision] (split defaults to train; pin the revision), e.g. HuggingFaceH4/ultrafeedback_binarized:test_prefs@<sha>",
     )
     prompts_path: str | None = Field(None, description="PPO training prompts (prompt)")
     heldout_prompts_path: str | None = Field(None, description="Held-out evaluation prompts (prompt)")
@@ -270,6 +271,22 @@ class DistributedConfig(_Section):
         None,
         description="An `accelerate config` file for the SFT and reward-model stages (FSDP, DeepSpeed, mixed precision); they are then started with `accelerate launch --config_file`. PPO's own loop always runs DDP",
     )
+
+
+class TimeoutConfig(_Section):
+    """How long each pipeline stage may run, in seconds, before Prefect fails it (a hung DDP
+    rendezvous or a stuck download must not hold the training queue forever). Generous on
+    purpose: a slow but healthy stage should never meet them; raise one for a bigger run."""
+
+    validate_s: int = Field(3600, ge=1, description="Data validation (Great Expectations, tokenizer checks)")
+    sft_s: int = Field(43_200, ge=1, description="Supervised fine-tuning, all processes together")
+    reward_s: int = Field(
+        43_200, ge=1, description="Reward-model training (also the judge reward model on your own data)"
+    )
+    ppo_s: int = Field(86_400, ge=1, description="PPO, all iterations and checkpoints")
+    evaluate_s: int = Field(21_600, ge=1, description="Held-out evaluation and checkpoint selection")
+    register_s: int = Field(3600, ge=1, description="Registering the policy and reward model versions")
+    baseline_s: int = Field(7200, ge=1, description="The drift-monitoring baseline profile of the new version")
 
 
 class BaselineConfig(_Section):
@@ -522,6 +539,7 @@ class PipelineConfig(_Section):
     promotion: PromotionConfig = PromotionConfig()
     monitor: MonitorConfig = MonitorConfig()
     distributed: DistributedConfig = DistributedConfig()
+    timeouts: TimeoutConfig = TimeoutConfig()
 
     @model_validator(mode="after")
     def _check_global_batches(self) -> PipelineConfig:
@@ -571,7 +589,27 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raw = yaml.safe_load(p.read_text()) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a YAML mapping of sections")
-    raw = apply_overrides(raw, overrides or [])
+    return _validated(apply_overrides(raw, overrides or []))
+
+
+def resolve_config(
+    config: PipelineConfig, config_file: str | Path | None = None, overrides: list[str] | None = None
+) -> PipelineConfig:
+    """The config a pipeline run trains with: ``config`` as given, or ``config_file`` (a YAML
+    preset such as configs/gpu.yaml) instead; ``overrides`` (``section.field=value``, as
+    ``--set``) apply on top of either. A deployment names its preset this way rather than
+    copying its values. Giving both a non-default ``config`` and a ``config_file`` is an error."""
+    if config_file is None:
+        return _validated(apply_overrides(config.model_dump(mode="json"), overrides or [])) if overrides else config
+    if config != PipelineConfig():
+        raise ConfigError(
+            f"both config and config_file ({str(config_file)!r}) were given: pass one of them, and put "
+            "changes to the file's values in overrides (e.g. ['distributed.num_processes=4'])"
+        )
+    return load_config(config_file, overrides)
+
+
+def _validated(raw: dict[str, Any]) -> PipelineConfig:
     try:
         return PipelineConfig.model_validate(raw)
     except ValidationError as e:

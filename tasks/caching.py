@@ -37,7 +37,7 @@ from prefect.context import TaskRunContext
 from rlhf.config import PipelineConfig
 from rlhf.infra.integrity import fingerprint, fingerprint_path
 from rlhf.infra.tracking import tracking_uri
-from tasks.common import PPO, RETRY_ON_TRACKING_ERROR, REWARD, SFT, VALIDATE, Checkpoint
+from tasks.common import PPO, RETRY_ON_TRACKING_ERROR, REWARD, SFT, VALIDATE, Checkpoint, StageTimedOut
 
 ROOT = Path(__file__).resolve().parents[1]
 EXCLUDED_INPUTS = frozenset({"parent_run_id", "out_dir"})
@@ -210,25 +210,38 @@ def missing_references(result: Any) -> list[str]:
     return missing
 
 
-def call_stage(stage_task: Any, *args: Any, **kwargs: Any) -> tuple[Any, bool]:
-    """Run a cached stage task; (result, whether it came from the cache).
+def call_stage(stage_task: Any, config: PipelineConfig, *args: Any, **kwargs: Any) -> tuple[Any, bool]:
+    """Run a stage task under its time limit; (result, whether it came from the cache).
 
-    A cached result whose references are gone (a deleted run, a cleaned outputs/
-    folder, another tracking store) is not used: the stage runs again and refreshes
-    the cache.
+    The limit is ``config.timeouts.<stage>_s`` (Prefect's ``timeout_seconds``): a stage that runs
+    past it fails the flow with ``StageTimedOut``, whose message names the setting. A cached
+    result whose references are gone (a deleted run, a cleaned outputs/ folder, another
+    tracking store) is not used: the stage runs again and refreshes the cache.
     """
     from prefect import get_run_logger
+    from prefect.task_engine import TaskRunTimeoutError
 
-    state = stage_task(*args, return_state=True, **kwargs)
-    result = state.result()
-    if state.name != "Cached":
-        return result, False
-    missing = missing_references(result)
-    if not missing:
-        return result, True
-    get_run_logger().warning(
-        "cached result of %s points to what no longer exists (%s): running the stage again",
-        stage_task.name,
-        ", ".join(missing[:3]),
-    )
-    return stage_task.with_options(refresh_cache=True)(*args, **kwargs), False
+    stage = stage_task.name
+    seconds = getattr(config.timeouts, f"{stage}_s")
+    timed = stage_task.with_options(timeout_seconds=seconds)
+    try:
+        state = timed(config, *args, return_state=True, **kwargs)
+        result = state.result()
+        if state.name != "Cached":
+            return result, False
+        missing = missing_references(result)
+        if not missing:
+            return result, True
+        get_run_logger().warning(
+            "cached result of %s points to what no longer exists (%s): running the stage again",
+            stage,
+            ", ".join(missing[:3]),
+        )
+        return timed.with_options(refresh_cache=True)(config, *args, **kwargs), False
+    except TaskRunTimeoutError as e:
+        raise StageTimedOut(
+            f"the {stage} stage ran longer than timeouts.{stage}_s ({seconds} s) and was stopped: if it is "
+            f"merely slow, raise the limit (--set timeouts.{stage}_s=SECONDS, or timeouts: {{{stage}_s: SECONDS}} "
+            "in the config file); if it hung (a DDP rendezvous waiting for a process that never came, a "
+            "stuck download), its log above shows where"
+        ) from e

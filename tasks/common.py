@@ -19,6 +19,7 @@ from typing import Any, Literal
 import mlflow
 import torch
 import yaml
+from prefect.artifacts import create_link_artifact
 
 from models.lora import save_merged
 from rlhf.config import PipelineConfig, RewardConfig, SFTConfig
@@ -31,6 +32,7 @@ from rlhf.infra.tracking import (
     is_transient_tracking_error,
     log_params,
     owner_tags,
+    run_url,
     setup_experiment,
 )
 from rlhf.ppo.trainer import Alert
@@ -47,14 +49,26 @@ TrainingStage = Literal["sft", "reward", "ppo"]
 TRAINING_STAGES: tuple[TrainingStage, ...] = (SFT, REWARD, PPO)
 """Stages that may run in several processes (tasks/launch.py)."""
 
+MLFLOW_RUN_ARTIFACT = "mlflow-run"
+"""Key of the link artifact from a pipeline flow run to its MLflow parent run."""
+
 RETRY_DELAYS_S = [10, 60]
 """Prefect retries of a stage whose tracking-store connection failed (after MLflow's own HTTP retries)."""
 
 
 def retry_on_tracking_error(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect retry condition: retry only when the tracking store's connection failed."""
+    """Prefect retry condition: retry only when the tracking store's connection failed (a stage
+    that ran past its time limit is a TimeoutError too, and is not retried)."""
+    from prefect.task_engine import TaskRunTimeoutError
+
     exc = state.data if isinstance(state.data, BaseException) else state.result(raise_on_failure=False)
+    if isinstance(exc, TaskRunTimeoutError):
+        return False
     return isinstance(exc, BaseException) and is_transient_tracking_error(exc)
+
+
+class StageTimedOut(TimeoutError):
+    """A stage ran past its time limit, ``timeouts.<stage>_s`` of the config (the message names it)."""
 
 
 RETRY_ON_TRACKING_ERROR: dict[str, Any] = {
@@ -114,15 +128,15 @@ class Evaluation:
 
 # -- the pipeline's parent run ------------------------------------------------------------------
 def config_hash(cfg: PipelineConfig) -> str:
-    """Short stable hash of the resolved config."""
-    return hashlib.sha256(json.dumps(cfg.model_dump(), sort_keys=True).encode()).hexdigest()[:16]
+    """Short stable hash of the resolved config, time limits left out (they change no result)."""
+    return hashlib.sha256(json.dumps(cfg.model_dump(exclude={"timeouts"}), sort_keys=True).encode()).hexdigest()[:16]
 
 
 @contextmanager
 def pipeline_run(cfg: PipelineConfig, flow_run_name: str, flow_run_id: str) -> Iterator[str]:
     """The MLflow parent run of one pipeline run (yields its id): checks the store, logs every
     config value as a param, the resolved config (secrets masked) as config.yaml, and the tags
-    that tie it to its Prefect flow run."""
+    that tie it to its Prefect flow run; the flow run gets a link artifact to it (``MLFLOW_RUN_ARTIFACT``)."""
     check_tracking_store()  # fail before any training when the store is unreachable
     experiment_id = setup_experiment(cfg.experiment)
     end_dead_runs(experiment_id)  # runs a kill -9 left RUNNING (their process on this host is gone) end KILLED
@@ -132,6 +146,13 @@ def pipeline_run(cfg: PipelineConfig, flow_run_name: str, flow_run_id: str) -> I
         log_params(flatten(cfg.model_dump()))
         mlflow.log_text(yaml.safe_dump(mask_secrets(cfg.model_dump()), sort_keys=False), "config.yaml")
         mlflow.set_tags({"prefect.flow_run_id": flow_run_id, "config_hash": config_hash(cfg)})
+        # The way back: the flow run's Artifacts tab links its MLflow run.
+        create_link_artifact(
+            run_url(experiment_id, parent.info.run_id),
+            link_text=f"MLflow run pipeline-{flow_run_name}",
+            key=MLFLOW_RUN_ARTIFACT,
+            description="The MLflow parent run of this flow run: params, config.yaml, the stage runs and their metrics",
+        )
         yield parent.info.run_id
 
 

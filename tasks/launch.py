@@ -87,6 +87,20 @@ def launch_command(stage: str, cfg: PipelineConfig, spec: Path, result: Path) ->
     ]
 
 
+def stop_launcher(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
+    """SIGTERM to the launcher (torchrun, and accelerate through it, stops its workers on it),
+    SIGKILL after ``grace_s`` seconds if it is still there.
+
+    The launcher stays in the flow's process group, so a worker that kills the whole group
+    (a cancelled flow run) still takes every training process with it."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def launch_stage(stage: str, cfg: PipelineConfig, run_id: str | None, args: dict[str, Any]) -> dict[str, Any]:
     """Run ``stage`` in several processes; rank 0's result (JSON).
 
@@ -116,9 +130,13 @@ def launch_stage(stage: str, cfg: PipelineConfig, run_id: str | None, args: dict
         cmd = launch_command(stage, cfg, spec, result)
         tail: deque[str] = deque(maxlen=OUTPUT_TAIL_LINES)
         with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
-            for line in proc.stdout or ():
-                sys.stdout.write(line)
-                tail.append(line)
+            try:
+                for line in proc.stdout or ():
+                    sys.stdout.write(line)
+                    tail.append(line)
+            except BaseException:  # the stage's time limit, Ctrl-C, a cancellation: do not wait on a hung rendezvous
+                stop_launcher(proc)
+                raise
         if proc.returncode != 0 or not result.exists():
             raise StageLaunchFailed(
                 f"{stage} stage in {cfg.distributed.num_processes} processes failed (exit {proc.returncode}) "

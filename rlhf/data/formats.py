@@ -18,6 +18,11 @@ Also accepted and converted here (row by row, errors naming the row):
   explicit ``prompt`` or (preferences) an implicit one, the messages shared by
   ``chosen`` and ``rejected``; SFT ``messages`` (the last assistant turn is the
   completion);
+- the UltraFeedback-binarized layout: a string ``prompt`` and ``chosen`` /
+  ``rejected`` as whole conversations that repeat the user turn (the prompt must
+  be the last user message they share; only the assistant replies are kept);
+  extra columns (``prompt_id``, ``messages``, ``score_chosen``, ...) are dropped;
+  for SFT, its ``messages`` column;
 - transcripts in the ``"\\n\\nHuman: ... \\n\\nAssistant: ..."`` style (Anthropic
   HH): for preferences ``chosen`` and ``rejected`` are whole transcripts and the
   prompt is their shared prefix up to the last ``"\\n\\nAssistant:"``; for SFT a
@@ -52,7 +57,7 @@ FILES = {
 
 
 DataKind = Literal["sft", "preference", "prompt", "traffic"]
-Format = Literal["trl", "conversational", "conversational-implicit", "messages", "transcript"]
+Format = Literal["trl", "conversational", "conversational-implicit", "conversational-full", "messages", "transcript"]
 
 REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
     "sft": ("prompt", "completion"),
@@ -88,11 +93,13 @@ def detect_format(columns: Mapping[str, str], kind: DataKind) -> Format:
     is_list = {name for name, t in columns.items() if t == "list"}
     if kind == "preference":
         if {"chosen", "rejected"} <= is_list:
+            if columns.get("prompt") == "string":  # UltraFeedback binarized: the prompt repeated in both
+                return "conversational-full"
             return "conversational" if "prompt" in columns else "conversational-implicit"
         if "prompt" not in columns and columns.get("chosen") == "string" and columns.get("rejected") == "string":
             return "transcript"
     elif kind == "sft":
-        if "messages" in is_list and "prompt" not in columns:
+        if "messages" in is_list and "completion" not in columns:  # a string prompt beside it repeats the first turn
             return "messages"
         if {"prompt", "completion"} <= is_list:
             return "conversational"
@@ -131,6 +138,8 @@ _FIXES = {
     "the prompt must end with a user message and each response must be one assistant message",
     "conversational-implicit": "chosen and rejected must be the same conversation up to the last user message, "
     "each followed by one assistant message (or give an explicit prompt column)",
+    "conversational-full": "chosen and rejected must be conversations that share everything up to the last user "
+    "message, which must be the prompt, each followed by one assistant message",
     "messages": "each row's messages must end with one assistant message after a user message",
     "transcript": "each text must read '\\n\\nHuman: ...\\n\\nAssistant: ...'; chosen and rejected must share "
     "everything up to the last '\\n\\nAssistant:' (or add a prompt column)",
@@ -232,19 +241,49 @@ def _pref_conversational(row: dict) -> dict[str, str]:
 
 
 def _pref_implicit(row: dict) -> dict[str, str]:
-    chosen = _check_messages(row["chosen"], "chosen")
-    rejected = _check_messages(row["rejected"], "rejected")
+    shared, chosen, rejected = _split_shared(row["chosen"], row["rejected"])
+    return {
+        "prompt": render_messages(shared, "shared prompt"),
+        "chosen": render_response(chosen, "chosen"),
+        "rejected": render_response(rejected, "rejected"),
+    }
+
+
+def _pref_full(row: dict) -> dict[str, str]:
+    """UltraFeedback binarized: the string prompt is the last user turn chosen and rejected share."""
+    prompt = row["prompt"]
+    if not isinstance(prompt, str):
+        raise ConversionError(f"prompt is {type(prompt).__name__}, not text")
+    shared, chosen, rejected = _split_shared(row["chosen"], row["rejected"])
+    if not shared:  # chosen and rejected hold only the replies: the prompt is the whole user turn
+        shared = [{"role": "user", "content": prompt}]
+    elif shared[-1]["content"].strip() != prompt.strip():
+        raise ConversionError(
+            f"prompt {_clip(prompt)!r} is not the last user message chosen and rejected share "
+            f"({_clip(shared[-1]['content'])!r})"
+        )
+    return {
+        "prompt": render_messages(shared, "shared prompt"),
+        "chosen": render_response(chosen, "chosen"),
+        "rejected": render_response(rejected, "rejected"),
+    }
+
+
+def _split_shared(chosen_messages: Any, rejected_messages: Any) -> tuple[list[dict], list[dict], list[dict]]:
+    """Two conversations -> (the messages they share up to a user turn, chosen's rest, rejected's rest)."""
+    chosen = _check_messages(chosen_messages, "chosen")
+    rejected = _check_messages(rejected_messages, "rejected")
     n = 0
     while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
         n += 1
     while n and chosen[n - 1][0] in ASSISTANT_ROLES:  # the shared part ends at a user turn
         n -= 1
     as_messages = [[{"role": r, "content": c} for r, c in turns] for turns in (chosen, rejected)]
-    return {
-        "prompt": render_messages(as_messages[0][:n], "shared prompt"),
-        "chosen": render_response(as_messages[0][n:], "chosen"),
-        "rejected": render_response(as_messages[1][n:], "rejected"),
-    }
+    return as_messages[0][:n], as_messages[0][n:], as_messages[1][n:]
+
+
+def _clip(text: str, n: int = 60) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 def _pref_transcript(row: dict) -> dict[str, str]:
@@ -290,6 +329,7 @@ def _prompt_conversational(row: dict) -> dict[str, str]:
 _CONVERTERS: dict[tuple[str, str], Callable[[dict], dict[str, str]]] = {
     ("preference", "conversational"): _pref_conversational,
     ("preference", "conversational-implicit"): _pref_implicit,
+    ("preference", "conversational-full"): _pref_full,
     ("preference", "transcript"): _pref_transcript,
     ("sft", "messages"): _sft_messages,
     ("sft", "conversational"): _sft_conversational,

@@ -1,8 +1,9 @@
 """Resolve, check and load the pipeline's data files through Hugging Face `datasets`.
 
-A split is a local JSON/JSONL/CSV/Parquet file or a Hub dataset name (where the
-user's machine reaches the Hub). ``user_data_paths`` finds the files of a data
-folder (the built-in data set is written by ``rlhf.builtin.task.resolve_data_paths``).
+A split is a local JSON/JSONL/CSV/Parquet file or a Hub data set,
+``org/name[:split][@revision]`` (where the user's machine reaches the Hub).
+``user_data_paths`` finds the files of a data folder (the built-in data set is
+written by ``rlhf.builtin.task.resolve_data_paths``).
 
 Before `datasets` sees a local file, ``inspect_file`` reads it once, line by line,
 and turns every way a file can be malformed (empty, not UTF-8, truncated, a JSON
@@ -65,6 +66,23 @@ class SourceInfo:
         return f"row {row}"
 
 
+def hub_spec(path: str) -> tuple[str, str, str | None]:
+    """A Hub data set reference ``org/name[:split][@revision]`` -> (name, split, revision).
+
+    The split defaults to ``train``; a revision (a commit sha, tag or branch) pins the
+    data, so a re-run reads the same rows (and the stage cache can trust the name), e.g.
+    ``HuggingFaceH4/ultrafeedback_binarized:test_prefs@<sha>`` as the held-out preferences.
+    """
+    head, _, revision = path.partition("@")
+    name, _, split = head.partition(":")
+    return name, split or "train", revision or None
+
+
+def _is_local(path: str) -> bool:
+    """A path that can only mean a local file: it exists, has an extension or starts like a path."""
+    return Path(path).exists() or bool(Path(hub_spec(path)[0]).suffix) or path.startswith((".", "/", "~"))
+
+
 def user_data_paths(cfg: DataConfig, paths: dict[str, str] | None = None) -> dict[str, str]:
     """Split name -> file path (or Hub name) for every split the pipeline reads.
 
@@ -86,7 +104,7 @@ def user_data_paths(cfg: DataConfig, paths: dict[str, str] | None = None) -> dic
         if override:
             paths[split] = override
     for split, path in paths.items():
-        if not Path(path).exists() and ("/" not in path or Path(path).suffix):
+        if not Path(path).exists() and ("/" not in hub_spec(path)[0] or _is_local(path)):
             raise DataError(f"{split} data {path!r} does not exist: fix the path in data.source or data.{split}_path")
     return paths
 
@@ -94,7 +112,7 @@ def user_data_paths(cfg: DataConfig, paths: dict[str, str] | None = None) -> dic
 def load_split(
     path: str, max_row_bytes: int = DEFAULT_MAX_ROW_BYTES, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
 ) -> datasets.Dataset:
-    """One split as a `datasets.Dataset` (local file by extension, else a Hub dataset's train split)."""
+    """One split as a `datasets.Dataset` (local file by extension, else a Hub data set, see ``hub_spec``)."""
     return _load(path, max_row_bytes, max_file_bytes)[0]
 
 
@@ -173,10 +191,11 @@ def _load(
 ) -> tuple[datasets.Dataset, SourceInfo]:
     p = Path(path)
     if not p.exists():
-        if p.suffix or path.startswith((".", "/", "~")):
+        if _is_local(path):
             raise DataError(f"{path}: no such file. Fix: correct the path (data.source or data.<split>_path)")
+        name, split, revision = hub_spec(path)
         try:
-            return datasets.load_dataset(path, split="train"), SourceInfo(path, "hub")
+            return datasets.load_dataset(name, split=split, revision=revision), SourceInfo(path, "hub")
         except Exception as e:  # the Hub raises many types; all mean "cannot get it"
             raise DataError(
                 f"{path}: not a local file, and loading it as a Hub dataset failed ({_first_line(e)}). "

@@ -50,6 +50,28 @@ DIGEST_CHARS = 36
 """The longest dataset digest MLflow's store holds (the full fingerprint is the input's ``fingerprint`` tag)."""
 
 
+LOCAL_UI_URL = "http://127.0.0.1:5000"
+"""Where `make mlflow-ui` serves a local store (sqlite, file or a database URI): the UI links point there."""
+
+
+def run_url(experiment_id: str, run_id: str, uri: str | None = None) -> str:
+    """The MLflow UI page of a run: ``<server>/#/experiments/<id>/runs/<run id>``.
+
+    A tracking server (http/https) serves its own UI; credentials in its URI are left out of
+    the link. Any other store is shown by `make mlflow-ui` at ``LOCAL_UI_URL``.
+    """
+    parts = urlsplit(uri or tracking_uri())
+    if parts.scheme in ("http", "https"):
+        host = parts.hostname or ""
+        netloc = f"[{host}]" if ":" in host else host
+        if parts.port is not None:
+            netloc += f":{parts.port}"
+        base = f"{parts.scheme}://{netloc}{parts.path.rstrip('/')}"
+    else:
+        base = LOCAL_UI_URL
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
 class TrackingUnavailable(RuntimeError):
     """The MLflow tracking store cannot be reached or written; the message names the URI and the fix."""
 

@@ -94,6 +94,15 @@ def test_pipeline_tracks_six_stages_and_registers_the_policy(prefect_harness, ml
     assert {"eval/win_rate_vs_sft", "eval/selection/kl_mean"} <= {m.key for m in chosen.metrics}
     assert client.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
 
+    # Prefect's side: the flow run links its MLflow parent run (the local store: `make mlflow-ui`'s address).
+    from prefect.artifacts import Artifact
+
+    link = Artifact.get("mlflow-run")
+    assert link is not None  # Prefect 3.9 stores a link artifact as markdown: "[text](url)"
+    assert str(link.flow_run_id) == parent.data.tags["prefect.flow_run_id"]
+    url = f"http://127.0.0.1:5000/#/experiments/{parent.info.experiment_id}/runs/{result.parent_run_id}"
+    assert link.data.endswith(f"({url})"), link.data
+
 
 @pytest.mark.slow
 def test_bad_preference_data_stops_the_flow_before_training(prefect_harness, mlflow_store, tmp_path):
@@ -120,17 +129,80 @@ def test_bad_preference_data_stops_the_flow_before_training(prefect_harness, mlf
     assert not (Path("mlartifacts").exists() and any(Path("mlartifacts").rglob("model.safetensors")))
 
 
+def as_public_layouts(folder: Path) -> None:
+    """Rewrite a data folder as public data sets come: UltraFeedback-binarized preferences (string
+    prompt, whole conversations, extra columns), UltraChat SFT messages, Anthropic HH held-out pairs."""
+    from rlhf.builtin.support import customer_message
+
+    def rows(name: str) -> list[dict]:
+        return [json.loads(line) for line in (folder / name).read_text().splitlines() if line.strip()]
+
+    def write(name: str, out: list[dict]) -> None:
+        (folder / name).write_text("".join(json.dumps(r) + "\n" for r in out))
+
+    def turn(role: str, text: str) -> dict:
+        return {"role": role, "content": text.strip()}
+
+    sft = rows("sft.jsonl")
+    write(
+        "sft.jsonl",
+        [
+            {
+                "prompt": customer_message(r["prompt"]),
+                "prompt_id": str(i),
+                "messages": [turn("user", customer_message(r["prompt"])), turn("assistant", r["completion"])],
+            }
+            for i, r in enumerate(sft)
+        ],
+    )
+    preferences = []
+    for i, r in enumerate(rows("preferences.jsonl")):
+        user = turn("user", customer_message(r["prompt"]))
+        chosen, rejected = [user, turn("assistant", r["chosen"])], [user, turn("assistant", r["rejected"])]
+        preferences.append(
+            {
+                "prompt": user["content"],
+                "prompt_id": str(i),
+                "chosen": chosen,
+                "rejected": rejected,
+                "messages": chosen,
+                "score_chosen": 8.0,
+                "score_rejected": 2.0,
+            }
+        )
+    write("preferences.jsonl", preferences)
+    write(
+        "preferences_heldout.jsonl",
+        [
+            {
+                key: f"\n\nHuman: {customer_message(r['prompt'])}\n\nAssistant: {r[key].strip()}"
+                for key in ("chosen", "rejected")
+            }
+            for r in rows("preferences_heldout.jsonl")
+        ],
+    )
+
+
 @pytest.mark.slow
 def test_user_data_is_judged_by_an_independent_reward_model(mlflow_store, prefect_harness, tmp_path):
-    """With no gold judge, a second reward model (another seed) judges; divergence and efficiency are checked."""
+    """A folder of public layouts validates and trains; with no gold judge, a second reward model
+    (another seed) judges; divergence and efficiency are checked."""
     from flows.pipeline import rlhf_pipeline
     from rlhf.builtin.dataset import write_builtin_dataset
 
     data = write_builtin_dataset(tmp_path / "data", seed=0)["sft"].parent  # the same files, as a user's folder
+    as_public_layouts(data)
     result = rlhf_pipeline(load_config(SMOKE, [f"data.source={data}", "output_dir=outputs"]))
 
     client = MlflowClient()
     parent = client.get_run(result.parent_run_id)
+    assert {
+        split: parent.data.tags[f"data.format.{split}"] for split in ("sft", "preferences", "preferences_heldout")
+    } == {
+        "sft": "messages",
+        "preferences": "conversational-full",
+        "preferences_heldout": "transcript",
+    }
     judge_run = client.get_run(parent.data.tags["rlhf.judge_reward_run"])
     proxy_run_id = dict(kv.split("=") for kv in parent.data.tags["rlhf.stage_runs"].split(","))["reward"]
     assert judge_run.data.tags["rlhf.stage"] == "reward" and judge_run.info.run_id != proxy_run_id

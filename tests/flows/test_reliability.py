@@ -442,6 +442,75 @@ def test_cached_results_pointing_at_missing_runs_or_files_are_not_used(shared_st
     assert missing_references(good) == [f"MLflow run {run.info.run_id}"]
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)  # without the time limit the stage would wait on the rendezvous forever
+def test_a_hung_stage_is_stopped_at_its_time_limit_naming_the_setting(prefect_harness, tmp_path, monkeypatch) -> None:
+    """A training stage launched in two processes whose DDP rendezvous never completes (rank 1 never
+    joins) fails at timeouts.<stage>_s: not retried, the error names the setting, and torchrun and
+    both workers are gone."""
+    from prefect import flow, task
+
+    import tasks.launch as launch
+    from tasks.caching import call_stage
+    from tasks.common import RETRY_ON_TRACKING_ERROR, SFT, StageTimedOut
+
+    worker = tmp_path / "hung_worker.py"
+    worker.write_text(
+        "import os, pathlib, time\n"
+        f"pathlib.Path({str(tmp_path)!r}, 'rank' + os.environ['RANK']).write_text(str(os.getpid()))\n"
+        "if os.environ['RANK'] == '0':\n"
+        "    import torch.distributed as dist\n"
+        "    dist.init_process_group('gloo')  # waits for rank 1, which never comes\n"
+        "time.sleep(600)\n"
+    )
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
+    port = launch.free_port()
+    monkeypatch.setattr(launch, "launch_command", lambda *a: [*torchrun, "--master_port", str(port), str(worker)])
+
+    @task(name=SFT, **RETRY_ON_TRACKING_ERROR)  # the stage's name and retry options; its body launches
+    def hung_sft(config):
+        return launch.launch_stage(SFT, config, None, {})
+
+    @flow
+    def one_stage():
+        return call_stage(hung_sft, load_config(None, ["timeouts.sft_s=40"]))
+
+    start = time.monotonic()
+    with pytest.raises(StageTimedOut, match=r"timeouts\.sft_s \(40 s\).*--set timeouts\.sft_s=SECONDS"):
+        one_stage()
+    assert time.monotonic() - start < 40 + 10 + 30  # no retry (the first waits 10 s); at most the SIGTERM grace
+    pids = [int((tmp_path / f"rank{rank}").read_text()) for rank in (0, 1)]  # both workers had started
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+        time.sleep(0.5)  # torchrun passes the SIGTERM on; its workers may still be exiting
+    assert not any(_alive(pid) for pid in pids), "a training process outlived its stage"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # an exited worker of an exited torchrun may linger as a zombie until init reaps it
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_every_pipeline_stage_has_a_time_limit() -> None:
+    from rlhf.config import PipelineConfig
+    from tasks.common import BASELINE, EVALUATE, PPO, REGISTER, REWARD, SFT, VALIDATE
+
+    limits = PipelineConfig().timeouts.model_dump()
+    assert set(limits) == {f"{stage}_s" for stage in (VALIDATE, SFT, REWARD, PPO, EVALUATE, REGISTER, BASELINE)}
+    assert min(limits.values()) >= 3600  # generous: a healthy stage never meets them
+    # A time limit changes no result: the registry's config hash (version reuse) ignores it.
+    from tasks.common import config_hash
+
+    assert config_hash(load_config(None, ["timeouts.ppo_s=5"])) == config_hash(PipelineConfig())
+    assert config_hash(load_config(None, ["ppo.steps=5"])) != config_hash(PipelineConfig())
+
+
 # ======================================================================== slow: PPO under faults
 SMALL_PPO = [
     "ppo.batch_size=8",

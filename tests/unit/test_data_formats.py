@@ -52,16 +52,32 @@ def as_transcript(row: dict) -> dict:
     return {"chosen": human + row["chosen"], "rejected": human + row["rejected"]}
 
 
+def as_ultrafeedback(row: dict, i: int = 0) -> dict:
+    """HuggingFaceH4/ultrafeedback_binarized: string prompt, whole conversations, extra columns."""
+    conv = as_conversational(row)
+    message = conv["prompt"][0]["content"]
+    return {
+        "prompt": message,
+        "prompt_id": f"{i:064x}",
+        "chosen": conv["prompt"] + conv["chosen"],
+        "rejected": conv["prompt"] + conv["rejected"],
+        "messages": conv["prompt"] + conv["chosen"],
+        "score_chosen": 8.0,
+        "score_rejected": 3.5,
+    }
+
+
 # --- accepted formats ---------------------------------------------------------------------------
 
 
-def test_three_preference_formats_load_to_the_same_rows(tmp_path, pairs):
+def test_every_preference_format_loads_to_the_same_rows(tmp_path, pairs):
     expected = pd.DataFrame(pairs)
     for name, convert, fmt in [
         ("trl", dict, "trl"),
         ("conversational", as_conversational, "conversational"),
         ("implicit", as_implicit, "conversational-implicit"),
         ("transcript", as_transcript, "transcript"),
+        ("ultrafeedback", as_ultrafeedback, "conversational-full"),
     ]:
         loaded = load_standard(str(write_jsonl(tmp_path / f"{name}.jsonl", [convert(r) for r in pairs])), "preference")
         assert loaded.format == fmt
@@ -119,6 +135,82 @@ def test_multi_turn_conversation_renders_in_the_prompt_format():
         "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: Sure, e",
     )
     assert (prompt, chosen, rejected) == ("Customer: a\nAgent: b\nCustomer: c\nAgent:", " Sure, d", " Sure, e")
+
+
+def test_ultrafeedback_keeps_the_assistant_replies_of_multi_turn_conversations(tmp_path):
+    user, bot = (lambda text: {"role": "user", "content": text}), (lambda text: {"role": "assistant", "content": text})
+    history = [{"role": "system", "content": "Be brief."}, user("Where is my lamp?"), bot("Which order?")]
+    rows = [
+        {  # multi-turn: the string prompt is the last shared user turn
+            "prompt": "Order 7.",
+            "chosen": [*history, user("Order 7."), bot("It ships today.")],
+            "rejected": [*history, user("Order 7."), bot("No idea.")],
+            "score_chosen": 9.0,
+        },
+        {  # replies only: the string prompt is the whole user turn
+            "prompt": "hi",
+            "chosen": [bot("Hello! How can I help?")],
+            "rejected": [bot("What.")],
+            "score_chosen": 7.0,
+        },
+    ]
+    loaded = load_standard(str(write_jsonl(tmp_path / "uf.jsonl", rows)), "preference")
+    assert loaded.format == "conversational-full"
+    assert loaded.frame.to_dict("records") == [
+        {
+            "prompt": "System: Be brief.\nCustomer: Where is my lamp?\nAgent: Which order?\nCustomer: Order 7.\nAgent:",
+            "chosen": " It ships today.",
+            "rejected": " No idea.",
+        },
+        {"prompt": "Customer: hi\nAgent:", "chosen": " Hello! How can I help?", "rejected": " What."},
+    ]
+
+
+def test_ultrafeedback_prompt_that_is_not_the_shared_user_turn_is_refused(tmp_path):
+    row = {
+        "prompt": "Where is my lamp?",
+        "chosen": [{"role": "user", "content": "Cancel my order."}, {"role": "assistant", "content": "Done."}],
+        "rejected": [{"role": "user", "content": "Cancel my order."}, {"role": "assistant", "content": "No."}],
+    }
+    ok = {**row, "prompt": "Cancel my order."}
+    with pytest.raises(
+        DataError,
+        match=r"1 of 2 rows .*conversational-full format: line 2: prompt 'Where is my lamp\?' is not the last user message",
+    ):
+        load_standard(str(write_jsonl(tmp_path / "uf.jsonl", [ok, row])), "preference")
+
+
+def test_sft_ultrachat_layout_takes_the_messages(tmp_path):
+    """A string prompt beside messages (UltraChat, UltraFeedback's train_sft): the messages are the example."""
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    rows = [{"prompt": "hi", "prompt_id": "0a", "messages": messages, "chosen": messages}]
+    loaded = load_standard(str(write_jsonl(tmp_path / "sft.jsonl", rows)), "sft")
+    assert loaded.format == "messages"
+    assert loaded.frame.to_dict("records") == [{"prompt": "Customer: hi\nAgent:", "completion": " hello"}]
+
+
+def test_hub_data_sets_take_a_split_and_a_revision(monkeypatch):
+    import datasets
+
+    from rlhf.data import loading
+
+    assert loading.hub_spec("org/prefs") == ("org/prefs", "train", None)
+    assert loading.hub_spec("HuggingFaceH4/ultrafeedback_binarized:test_prefs@3949bf5") == (
+        "HuggingFaceH4/ultrafeedback_binarized",
+        "test_prefs",
+        "3949bf5",
+    )
+    assert loading.hub_spec("org/prefs@v1.0") == ("org/prefs", "train", "v1.0")
+    calls = []
+    monkeypatch.setattr(
+        datasets,
+        "load_dataset",
+        lambda *a, **kw: calls.append((a, kw)) or datasets.Dataset.from_list([{"prompt": "p"}]),
+    )
+    assert load_split("org/prefs:test_prefs@v1.0")["prompt"] == ["p"]  # a dotted revision is not a file extension
+    assert calls == [(("org/prefs",), {"split": "test_prefs", "revision": "v1.0"})]
+    with pytest.raises(DataError, match="no such file"):
+        load_split("./org/prefs:test")
 
 
 def test_sft_messages_and_transcripts_convert(tmp_path):

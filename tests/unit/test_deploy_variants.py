@@ -7,13 +7,15 @@ never see them. No Docker or Kubernetes here: the checks are on the files.
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 from pathlib import Path
 
+import pytest
 import yaml
 
-from rlhf.config import PipelineConfig
+from rlhf.config import ConfigError, PipelineConfig, load_config, resolve_config
 
 ROOT = Path(__file__).resolve().parents[2]
 GPU_PRESET = yaml.safe_load((ROOT / "configs" / "gpu.yaml").read_text())
@@ -23,24 +25,61 @@ def load(name: str) -> dict:
     return yaml.safe_load((ROOT / "deploy" / name).read_text())
 
 
+def deployed_config(deployment: dict) -> PipelineConfig:
+    """The config a run of the deployment trains with: its parameters validated against the
+    flow's signature as Prefect does, defaults filled, resolved as the flow's first line does."""
+    from flows.pipeline import rlhf_pipeline
+
+    assert deployment["entrypoint"] == "flows/pipeline.py:rlhf_pipeline"
+    validated = rlhf_pipeline.validate_parameters(deployment.get("parameters") or {})
+    bound = inspect.signature(rlhf_pipeline.fn).bind(**validated)
+    bound.apply_defaults()
+    return resolve_config(**bound.arguments)
+
+
+@pytest.mark.parametrize("name", ["prefect-docker.yaml", "prefect-k8s.yaml"])
+def test_gpu_deployments_run_configs_gpu_yaml(name: str, monkeypatch: pytest.MonkeyPatch):
+    """Every value of configs/gpu.yaml reaches the flow; only the process count is the deployment's own."""
+    monkeypatch.chdir(ROOT)  # the flow runs in the image's copy of the repository root
+    for deployment in load(name)["deployments"]:
+        cfg = deployed_config(deployment)
+        gpu = load_config("configs/gpu.yaml")
+        assert cfg.model.base_model == "Qwen/Qwen2.5-0.5B-Instruct"
+        assert (cfg.sft, cfg.reward, cfg.ppo, cfg.eval) == (gpu.sft, gpu.reward, gpu.ppo, gpu.eval)
+        assert cfg.model_copy(update={"distributed": gpu.distributed}) == gpu
+        assert cfg.distributed.num_processes > 1
+
+
+def test_pipeline_config_resolution():
+    """config alone, config_file instead of it, overrides on either; both at once is an error."""
+    smoke = load_config(ROOT / "configs" / "smoke.yaml")
+    assert resolve_config(smoke) is smoke
+    assert resolve_config(PipelineConfig(), ROOT / "configs" / "smoke.yaml") == smoke
+    assert resolve_config(smoke, None, ["ppo.steps=6"]) == smoke.model_copy(
+        update={"ppo": smoke.ppo.model_copy(update={"steps": 6})}
+    )
+    assert resolve_config(PipelineConfig(), ROOT / "configs" / "smoke.yaml", ["seed=3"]).seed == 3
+    with pytest.raises(ConfigError, match="both config and config_file"):
+        resolve_config(smoke, ROOT / "configs" / "gpu.yaml")
+    with pytest.raises(ConfigError, match="unknown option 'ppo.stepz'"):
+        resolve_config(smoke, None, ["ppo.stepz=6"])
+
+
 def test_docker_variant_requests_gpus_and_runs_the_pipeline_from_the_image():
     spec = load("prefect-docker.yaml")
     assert "build_docker_image" in next(iter(spec["build"][0]))
     assert (ROOT / spec["build"][0]["prefect_docker.deployments.steps.build_docker_image"]["dockerfile"]).is_file()
     for deployment in spec["deployments"]:
         assert (ROOT / deployment["entrypoint"].split(":")[0]).is_file()
-        cfg = PipelineConfig.model_validate(deployment["parameters"]["config"])
         variables = deployment["work_pool"]["job_variables"]
         assert deployment["work_pool"]["name"] == "rlhf-docker"
         assert variables["env"]["MLFLOW_TRACKING_URI"] == "{{ $MLFLOW_TRACKING_URI }}"
         (request,) = variables["container_create_kwargs"]["device_requests"]
         assert request["Capabilities"] == [["gpu"]] and request["Count"] == -1
-        # A GPU deployment trains the GPU preset's model in several processes, not the CPU demo's tiny one.
-        assert cfg.model.base_model == GPU_PRESET["model"]["base_model"] != PipelineConfig().model.base_model
-        assert cfg.distributed.num_processes > 1
 
 
-def test_k8s_variant_sets_the_resource_variables_its_job_template_defines():
+def test_k8s_variant_sets_the_resource_variables_its_job_template_defines(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(ROOT)
     spec = load("prefect-k8s.yaml")
     template = json.loads((ROOT / "deploy" / "k8s-gpu-job-template.json").read_text())
     declared = set(template["variables"]["properties"])
@@ -52,9 +91,8 @@ def test_k8s_variant_sets_the_resource_variables_its_job_template_defines():
     for deployment in spec["deployments"]:
         variables = deployment["work_pool"]["job_variables"]
         assert set(variables) <= declared, set(variables) - declared
-        cfg = PipelineConfig.model_validate(deployment["parameters"]["config"])
         # One training process per requested GPU.
-        assert cfg.distributed.num_processes == variables["gpu_count"]
+        assert deployed_config(deployment).distributed.num_processes == variables["gpu_count"]
 
 
 def test_process_pool_prefect_yaml_has_no_container_deployments():
