@@ -25,7 +25,7 @@ from tasks.caching import call_stage
 from tasks.common import PPO, REWARD, SFT, VALIDATE, pipeline_run
 from tasks.evaluate import evaluate_task, format_table
 from tasks.ppo import ppo_task
-from tasks.register import register_task
+from tasks.register import pipeline_lock_dir, register_task
 from tasks.reward import reward_task
 from tasks.sft import sft_task
 from tasks.validate import validate_task
@@ -116,7 +116,8 @@ def rlhf_pipeline(
             )
         logger.info("Evaluation on held-out prompts:\n%s", format_table(evaluation.metrics, config.ppo.kl_target))
         # The day ends with the gates: a version that passes them all becomes champion.
-        outcome = promote(version.name, version.version, config.promotion)
+        promotion = config.promotion.model_copy(update={"lock_dir": pipeline_lock_dir(config)})
+        outcome = promote(version.name, version.version, promotion)
         return PipelineResult(parent_id, version.model_uri, evaluation.metrics, outcome)
 
 

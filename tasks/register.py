@@ -187,13 +187,17 @@ def run_register(
         return _register(cfg, ppo, evaluation, fingerprints, parent_run_id, reward)
 
 
+def pipeline_lock_dir(cfg: PipelineConfig) -> str | None:
+    """Where the pipeline's registration and promotion locks live: promotion.lock_dir; for a remote registry
+    without one, output_dir, which guards the pipelines of this machine; else None (beside the local store)."""
+    if cfg.promotion.lock_dir is None and urlparse(mlflow.get_registry_uri()).scheme not in ("", "file", "sqlite"):
+        return str(Path(cfg.output_dir).resolve())
+    return cfg.promotion.lock_dir
+
+
 def registration_lock_path(cfg: PipelineConfig) -> Path:
-    """Beside a local store (or in promotion.lock_dir); for a remote server without lock_dir, in output_dir,
-    which guards the pipelines of this machine."""
-    lock_dir = cfg.promotion.lock_dir
-    if lock_dir is None and urlparse(mlflow.get_registry_uri()).scheme not in ("", "file", "sqlite"):
-        lock_dir = str(Path(cfg.output_dir).resolve())
-    return lock_path(mlflow.get_registry_uri(), cfg.registered_model, lock_dir, purpose="register")
+    """The registration lock of cfg.registered_model (see pipeline_lock_dir)."""
+    return lock_path(mlflow.get_registry_uri(), cfg.registered_model, pipeline_lock_dir(cfg), purpose="register")
 
 
 def _register(
