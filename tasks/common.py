@@ -24,6 +24,7 @@ from prefect.artifacts import create_link_artifact
 from models.lora import save_merged
 from rlhf.config import PipelineConfig, RewardConfig, SFTConfig
 from rlhf.infra.distributed import device, is_main_process, world_size
+from rlhf.infra.progress import in_prefect_run
 from rlhf.infra.security import mask_secrets
 from rlhf.infra.tracking import (
     check_tracking_store,
@@ -146,13 +147,13 @@ def pipeline_run(cfg: PipelineConfig, flow_run_name: str, flow_run_id: str) -> I
         log_params(flatten(cfg.model_dump()))
         mlflow.log_text(yaml.safe_dump(mask_secrets(cfg.model_dump()), sort_keys=False), "config.yaml")
         mlflow.set_tags({"prefect.flow_run_id": flow_run_id, "config_hash": config_hash(cfg)})
-        # The way back: the flow run's Artifacts tab links its MLflow run.
-        create_link_artifact(
-            run_url(experiment_id, parent.info.run_id),
-            link_text=f"MLflow run pipeline-{flow_run_name}",
-            key=MLFLOW_RUN_ARTIFACT,
-            description="The MLflow parent run of this flow run: params, config.yaml, the stage runs and their metrics",
-        )
+        if in_prefect_run():  # the way back: the flow run's Artifacts tab links its MLflow run
+            create_link_artifact(
+                run_url(experiment_id, parent.info.run_id),
+                link_text=f"MLflow run pipeline-{flow_run_name}",
+                key=MLFLOW_RUN_ARTIFACT,
+                description="The MLflow parent run of this flow run: params, config.yaml, the stage runs and their metrics",
+            )
         yield parent.info.run_id
 
 
