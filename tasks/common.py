@@ -63,15 +63,9 @@ def retry_on_tracking_error(task: Any, task_run: Any, state: Any) -> bool:
     from prefect.task_engine import TaskRunTimeoutError
 
     exc = state.data if isinstance(state.data, BaseException) else state.result(raise_on_failure=False)
-    if not isinstance(exc, BaseException):
+    if isinstance(exc, TaskRunTimeoutError):
         return False
-    cause, seen = exc, set()
-    while cause is not None and id(cause) not in seen:  # the time limit may sit under what the stage raised
-        if isinstance(cause, TaskRunTimeoutError):
-            return False
-        seen.add(id(cause))
-        cause = cause.__cause__ or cause.__context__
-    return is_transient_tracking_error(exc)
+    return isinstance(exc, BaseException) and is_transient_tracking_error(exc)
 
 
 class StageTimedOut(TimeoutError):
