@@ -49,14 +49,6 @@ def server_deployments(servers: LiveServers) -> dict[str, dict]:
     return {d["name"]: d for d in servers.post("/deployments/filter")}
 
 
-def test_smoke_deployment_parameters_are_configs_smoke_yaml():
-    """The smoke deployment runs exactly configs/smoke.yaml, and the values are a valid PipelineConfig."""
-    smoke = deployment_specs()["smoke"]
-    assert smoke["entrypoint"] == "flows/pipeline.py:rlhf_pipeline"
-    assert smoke["parameters"] == {"config": yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())}
-    assert PipelineConfig.model_validate(smoke["parameters"]["config"]).ppo.steps == 4
-
-
 def test_deployment_specs_schedules_and_limits():
     """Weekly pipeline, hourly monitor, on-demand promotion; one run at a time for trainings."""
     specs = deployment_specs()

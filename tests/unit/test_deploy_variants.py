@@ -1,6 +1,8 @@
-"""deploy/prefect-docker.yaml and deploy/prefect-k8s.yaml: GPU requests through job variables.
+"""Deployments that run what they say: each resolves to its preset's values.
 
-They are separate files (``prefect deploy --all --prefect-file ...``) so that `make serve`
+prefect.yaml's ``smoke`` names configs/smoke.yaml; deploy/prefect-docker.yaml and
+deploy/prefect-k8s.yaml name configs/gpu.yaml and request GPUs through job variables.
+The container files are separate (``prefect deploy --all --prefect-file ...``) so that `make serve`
 and tests/integration/test_integration_servers.py, which deploy prefect.yaml on the process pool,
 never see them. No Docker or Kubernetes here: the checks are on the files.
 """
@@ -23,6 +25,12 @@ GPU_PRESET = yaml.safe_load((ROOT / "configs" / "gpu.yaml").read_text())
 
 def load(name: str) -> dict:
     return yaml.safe_load((ROOT / "deploy" / name).read_text())
+
+
+def prefect_yaml_deployment(name: str) -> dict:
+    """One deployment of prefect.yaml, by name."""
+    (deployment,) = [d for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"] if d["name"] == name]
+    return deployment
 
 
 def deployed_config(deployment: dict) -> PipelineConfig:
@@ -48,6 +56,16 @@ def test_gpu_deployments_run_configs_gpu_yaml(name: str, monkeypatch: pytest.Mon
         assert (cfg.sft, cfg.reward, cfg.ppo, cfg.eval) == (gpu.sft, gpu.reward, gpu.ppo, gpu.eval)
         assert cfg.model_copy(update={"distributed": gpu.distributed}) == gpu
         assert cfg.distributed.num_processes > 1
+
+
+def test_smoke_deployment_runs_configs_smoke_yaml(monkeypatch: pytest.MonkeyPatch):
+    """The smoke deployment names the preset rather than copying it: a run trains with exactly its values."""
+    monkeypatch.chdir(ROOT)  # the worker runs the flow in this folder (prefect.yaml's working directory)
+    deployment = prefect_yaml_deployment("smoke")
+    assert deployment["parameters"] == {"config_file": "configs/smoke.yaml"}
+    smoke = load_config("configs/smoke.yaml")
+    assert deployed_config(deployment) == smoke
+    assert smoke != PipelineConfig() and smoke.ppo.steps == 4  # the preset is not the defaults
 
 
 def test_pipeline_config_resolution():
