@@ -2,7 +2,10 @@
 
 Wiring only: each stage is a task in tasks/, and stages hand each other MLflow
 references. One MLflow parent run spans the flow run; each stage opens a child run. The
-registered version gets its drift-monitoring baseline (tasks/baseline.py) last.
+registered version gets its drift-monitoring baseline (tasks/baseline.py) last. A run
+started by a drift alert (``retrain_of``) trains only if the data, code or config changed
+since the drifted version was trained (tasks/retrain.py); otherwise it ends after
+validation, Completed in the state ``Skipped`` with the reason.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from pathlib import Path
 import mlflow
 from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
+from prefect.states import Completed, State
 
 from flows.promote import promote
 from rlhf.builtin.model import resolve_base_model
@@ -26,6 +30,7 @@ from tasks.common import PPO, REWARD, SFT, VALIDATE, pipeline_run
 from tasks.evaluate import evaluate_task, format_table
 from tasks.ppo import ppo_task
 from tasks.register import pipeline_lock_dir, register_task
+from tasks.retrain import drifted_version, retrain_check_task
 from tasks.reward import reward_task
 from tasks.sft import sft_task
 from tasks.validate import validate_task
@@ -47,7 +52,8 @@ def rlhf_pipeline(
     config: PipelineConfig = PipelineConfig(),
     config_file: str | None = None,
     overrides: list[str] | None = None,
-) -> PipelineResult:
+    retrain_of: str | None = None,
+) -> PipelineResult | State:
     """Align the base model with the preference data and register the policy.
 
     Args:
@@ -56,8 +62,15 @@ def rlhf_pipeline(
             directory; it replaces config.
         overrides: section.field=value strings (as `rlhf run --set`), applied on top of config
             or config_file, e.g. distributed.num_processes=4.
+        retrain_of: A model version (models:/rlhf-policy/3) that drifted: train only if the data, code
+            or config changed since it was trained, else end after validation (state Skipped). The
+            drift trigger of the retrain-on-drift deployment sets it.
+
+    Returns:
+        What the run produced; for a retraining that found nothing new, the Skipped state.
     """
     config = resolve_config(config, config_file, overrides)
+    drifted = drifted_version(retrain_of) if retrain_of else None  # a version the registry lacks fails here
     quiet_defaults()
     logger = get_run_logger()
     flow_run = FlowRunContext.get().flow_run
@@ -74,6 +87,13 @@ def rlhf_pipeline(
         )
         mlflow.set_tags({f"data.fingerprint.{split}": fp for split, fp in data.fingerprints.items()})
         mlflow.set_tag("validation.success", "true")  # validate_task returns only when every check passed
+        if drifted is not None:
+            decision = retrain_check_task(drifted, config, data.fingerprints)
+            mlflow.set_tags({"rlhf.retrain_of": drifted.model_uri, "rlhf.retrain": str(decision.retrain).lower()})
+            if not decision.retrain:
+                logger.warning(decision.message)
+                return Completed(name="Skipped", message=decision.message)
+            logger.info(decision.message)
 
         sft, cached_sft = call_stage(sft_task, config, base_model, data.paths["sft"], parent_id)
         reward, cached_reward = call_stage(

@@ -37,7 +37,7 @@ from prefect.context import TaskRunContext
 from rlhf.config import PipelineConfig
 from rlhf.infra.integrity import fingerprint, fingerprint_path
 from rlhf.infra.tracking import tracking_uri
-from tasks.common import PPO, RETRY_ON_TRACKING_ERROR, REWARD, SFT, VALIDATE, Checkpoint, StageTimedOut
+from tasks.common import PPO, RETRY_ON_TRACKING_ERROR, REWARD, SFT, VALIDATE, Checkpoint, StageTimedOut, config_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 EXCLUDED_INPUTS = frozenset({"parent_run_id", "out_dir"})
@@ -97,6 +97,30 @@ def code_fingerprint(module: str) -> str:
     return fingerprint(
         [[f.relative_to(ROOT).as_posix(), f.read_text(encoding="utf-8")] for f in import_closure(module)]
     )
+
+
+PIPELINE_MODULE = "flows.pipeline"
+"""The module whose import closure is the code of a pipeline run (every stage, the promote flow, the library)."""
+LINEAGE_CODE_TAG = "lineage.code"
+LINEAGE_CONFIG_TAG = "lineage.config_hash"
+LINEAGE_DATA_PREFIX = "lineage.data."
+
+
+def pipeline_code_fingerprint() -> str:
+    """Hash of the code a pipeline run executes: the source of every project file the pipeline flow
+    imports (directly or not) and the torch/transformers/trl versions."""
+    return fingerprint({"code": code_fingerprint(PIPELINE_MODULE), "libraries": _library_versions()})
+
+
+def training_lineage(cfg: PipelineConfig, fingerprints: dict[str, str]) -> dict[str, str]:
+    """What a model version is trained from, as its ``lineage.*`` tags: the validated data (one fingerprint per
+    split), the code (``pipeline_code_fingerprint``) and the config hash. Registration writes them; a
+    drift-triggered retraining compares them with its own (tasks/retrain.py)."""
+    return {
+        LINEAGE_CONFIG_TAG: config_hash(cfg),
+        LINEAGE_CODE_TAG: pipeline_code_fingerprint(),
+        **{f"{LINEAGE_DATA_PREFIX}{split}": fp for split, fp in sorted(fingerprints.items())},
+    }
 
 
 def _library_versions() -> dict[str, str]:

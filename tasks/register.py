@@ -3,7 +3,8 @@
 Each pipeline run adds a version of ``registered_model`` (a pyfunc that serves
 generation) holding the checkpoint the evaluate stage chose, not simply the last.
 Tags on the version trace it to the pipeline run (``lineage.*``: parent run id,
-PPO run and checkpoint, data fingerprints, config hash) and carry the evidence
+PPO run and checkpoint, and what it was trained from: data fingerprints, code
+fingerprint, config hash; tasks/caching.py ``training_lineage``) and carry the evidence
 promotion gates read: ``eval.*`` metrics, ``hacking.*`` flags and
 ``validation.success``. Promotion (gates, then aliases, then ``gate.*`` tags) is
 flows/promote.py's job.
@@ -39,6 +40,7 @@ from rlhf.infra.integrity import MANIFEST
 from rlhf.infra.tracking import download, stage_run
 from rlhf.ppo.trainer import OPTIMIZER_FILE, RNG_FILE
 from rlhf.registry.promotion import lock_path, registry_lock
+from tasks.caching import training_lineage
 from tasks.common import REGISTER, RETRY_ON_TRACKING_ERROR, Checkpoint, Evaluation, PPOResult, config_hash
 
 TRAINING_ONLY_FILES = (OPTIMIZER_FILE, RNG_FILE, "training_args.bin", MANIFEST)
@@ -147,9 +149,8 @@ def version_tags(
         "lineage.checkpoint_uri": evaluation.checkpoint.uri,
         "lineage.checkpoint_step": str(evaluation.step),
         "lineage.final_checkpoint_uri": ppo.final.uri,
-        "lineage.config_hash": config_hash(cfg),
+        **training_lineage(cfg, fingerprints),  # data, code and config: what a retraining compares with
         TRUST_REMOTE_CODE_TAG: str(cfg.model.trust_remote_code).lower(),  # monitoring loads the models the same way
-        **{f"lineage.data.{split}": fp for split, fp in fingerprints.items()},
         **{
             k: f"{v:.6g}" for k, v in evaluation.metrics.items() if not k.startswith("eval/hacking/")
         },  # metric names as tag keys

@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from rlhf.cli import main
 from rlhf.config import load_config
+from tasks.common import config_hash
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ROOT / "configs" / "smoke.yaml"
@@ -102,6 +103,49 @@ def test_pipeline_tracks_six_stages_and_registers_the_policy(prefect_harness, ml
     assert str(link.flow_run_id) == parent.data.tags["prefect.flow_run_id"]
     url = f"http://127.0.0.1:5000/#/experiments/{parent.info.experiment_id}/runs/{result.parent_run_id}"
     assert link.data.endswith(f"({url})"), link.data
+
+
+@pytest.mark.slow
+def test_drift_retraining_trains_only_when_data_code_or_config_changed(prefect_harness, mlflow_store, tmp_path):
+    """retrain_of: a version without recorded lineage is retrained; the version that retraining registered,
+    alerting in turn with the same data, code and config, is not (the run stops after validation)."""
+    from flows.pipeline import rlhf_pipeline
+    from tasks.retrain import drifted_version, retrain_check
+
+    client = MlflowClient()
+    client.create_registered_model("rlhf-policy")
+    (tmp_path / "old").mkdir()
+    old = client.create_model_version("rlhf-policy", source=str(tmp_path / "old")).version  # no lineage tags
+    smoke = load_config(SMOKE)
+
+    retrained = rlhf_pipeline(smoke, retrain_of=f"models:/rlhf-policy/{old}")
+    assert retrained.model_uri == "models:/rlhf-policy/2"
+    tags = client.get_run(retrained.parent_run_id).data.tags
+    assert (tags["rlhf.retrain_of"], tags["rlhf.retrain"]) == (f"models:/rlhf-policy/{old}", "true")
+    lineage = client.get_model_version("rlhf-policy", "2").tags
+    assert {"lineage.code", "lineage.config_hash", "lineage.data.sft", "lineage.data.preferences"} <= set(lineage)
+
+    state = rlhf_pipeline(smoke, retrain_of="models:/rlhf-policy/2", return_state=True)
+    assert state.is_completed() and state.name == "Skipped"
+    assert state.message.startswith("not retraining models:/rlhf-policy/2: it was trained on the same data")
+    assert "run the deployment without retrain_of" in state.message  # the way to retrain anyway
+    assert sorted(str(v.version) for v in client.search_model_versions("name = 'rlhf-policy'")) == ["1", "2"]
+    experiment = client.get_experiment_by_name("rlhf").experiment_id
+    (parent,) = [r for r in client.search_runs([experiment]) if r.data.tags.get("rlhf.retrain") == "false"]
+    assert parent.info.status == "FINISHED" and parent.data.tags["rlhf.retrain_of"] == "models:/rlhf-policy/2"
+    assert child_runs(client, parent.info.run_id) == []  # validation came from the cache, and no training ran
+    assert parent.data.tags["data.fingerprint.sft"] == lineage["lineage.data.sft"]
+
+    # Registration and the check agree on the lineage: only a real change makes the same version retrainable.
+    fingerprints = {k.removeprefix("lineage.data."): v for k, v in lineage.items() if k.startswith("lineage.data.")}
+    drifted = drifted_version("models:/rlhf-policy/2")
+    assert not retrain_check(drifted, smoke, fingerprints).retrain
+    longer = load_config(SMOKE, ["ppo.steps=6"])
+    assert retrain_check(drifted, longer, fingerprints).changes == (
+        f"lineage.config_hash: {lineage['lineage.config_hash'][:12]} -> {config_hash(longer)[:12]}",
+    )
+    new_data = {**fingerprints, "preferences": "0" * 64}
+    assert retrain_check(drifted, smoke, new_data).changes[0].startswith("lineage.data.preferences: ")
 
 
 @pytest.mark.slow
