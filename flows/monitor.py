@@ -3,8 +3,9 @@
 Wiring only: tasks/monitor.py measures the window against the version's baseline,
 logs ``drift/*`` to the ``rlhf-monitoring`` experiment (step = window index) and
 flags the run and the model version on a breach; the alert task then emits the
-Prefect event ``rlhf.drift.alert``, shows the diagnosis report as a markdown
-artifact and, if configured, starts the training deployment.
+Prefect event ``rlhf.drift.alert`` and shows the diagnosis report as a markdown
+artifact. Retraining is not started here: the ``retrain-on-drift`` deployment's
+trigger (prefect.yaml) starts it on the event, with a cooldown per model version.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def drift_monitor(config: MonitorConfig = MonitorConfig()) -> MonitorResult:
         f"ALERT, likely {result.cause} ({', '.join(result.breached)})" if result.alert else "no drift",
     )
     if result.alert:
-        alert_task(config, result)
+        alert_task(result)
     return result
 
 

@@ -399,15 +399,19 @@ class MonitorConfig(_Section):
     report_dir: str = Field(
         "outputs/monitoring", description="Local folder for diagnosis reports before they are logged"
     )
-    trigger_deployment: str | None = Field(
-        None,
-        description="On an alert, start this Prefect deployment ('flow-name/deployment-name', e.g. the training pipeline's)",
-    )
-    retrain_cooldown_h: float = Field(
-        24.0,
-        ge=0,
-        description="Hours after a drift-triggered retraining of a version during which further alerts on it start none (0: every alert starts one); the skip is tagged drift.trigger_skipped",
-    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _retraining_is_a_trigger(cls, data: Any) -> Any:
+        """The options of the retraining the monitor used to start itself say where it is configured now."""
+        removed = sorted({"trigger_deployment", "retrain_cooldown_h"} & set(data)) if isinstance(data, dict) else []
+        if removed:
+            raise ValueError(
+                f"{' and '.join(removed)}: the monitor no longer starts retraining; the retrain-on-drift deployment's "
+                "trigger in prefect.yaml does, on the rlhf.drift.alert event, with its cooldown as the trigger's "
+                f"`within:` (docs/monitoring.md). Fix: remove {' and '.join(removed)} from the monitor options"
+            )
+        return data
 
     @field_validator("version", mode="before")
     @classmethod

@@ -11,8 +11,9 @@ one child *window* run per window holds that window's metrics, the diagnosis
 report (``report/diagnosis.md`` + PNG) and the tags ``drift.alert`` and
 ``drift.cause``. On a breach the model version gets the tags ``drift.alert``
 (the cause), ``drift.alert_window`` and ``drift.alert_run_id``.
-``raise_alert`` does the Prefect side: an event, a markdown artifact, optionally
-a deployment run.
+``raise_alert`` does the Prefect side: the event ``rlhf.drift.alert``, on which the
+``retrain-on-drift`` deployment's trigger (prefect.yaml) starts a retraining, and a
+markdown artifact.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ import glob
 import random
 import re
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import numpy as np
@@ -461,44 +462,42 @@ def monitor_task(cfg: MonitorConfig) -> MonitorResult:
     return run_monitor(cfg)
 
 
-RETRAIN_TAG = "drift.retrain_triggered_at"
-"""Model-version tag: when (epoch seconds) a drift alert last started a retraining of that version."""
+ALERT_EVENT = "rlhf.drift.alert"
+"""The Prefect event of a drift alert; prefect.yaml's retrain-on-drift trigger expects it."""
 
 
-def retrain_cooldown(last_triggered_at: str | None, cooldown_h: float, now: float) -> str | None:
-    """Why an alert must not start another retraining (one started within the cooldown), else None."""
-    if last_triggered_at is None:
-        return None
-    age_h = max(0.0, now - float(last_triggered_at)) / 3600
-    if age_h >= cooldown_h:
-        return None
-    return (
-        f"a retraining of this version was started {age_h:.1f} h ago, within MonitorConfig.retrain_cooldown_h="
-        f"{cooldown_h:g}: not starting another (lower retrain_cooldown_h to retrain sooner)"
-    )
+def alert_event(result: MonitorResult) -> dict[str, Any]:
+    """The Prefect event of an alert, as ``emit_event``'s keyword arguments.
 
-
-def raise_alert(cfg: MonitorConfig, result: MonitorResult) -> dict[str, str]:
-    """Prefect side of an alert: an event, a markdown artifact, optionally a deployment run; returns their ids."""
-    from prefect.artifacts import create_markdown_artifact
-    from prefect.deployments import run_deployment
-    from prefect.events import emit_event
-
-    out: dict[str, str] = {}
-    event = emit_event(
-        event="rlhf.drift.alert",
-        resource={
+    Its resource is the model version (``mlflow.model-version.<name>.<version>``), so a trigger can keep
+    one cooldown per version; its payload names the version as ``model_uri``, which the retraining's
+    ``retrain_of`` parameter takes, and the evidence (cause, breached signals, window, MLflow run).
+    """
+    return {
+        "event": ALERT_EVENT,
+        "resource": {
             "prefect.resource.id": f"mlflow.model-version.{result.model_name}.{result.version}",
             "prefect.resource.name": f"{result.model_name} v{result.version}",
         },
-        payload={
+        "payload": {
+            "model_uri": f"models:/{result.model_name}/{result.version}",
             "cause": result.cause,
             "breached": list(result.breached),
             "window_index": result.window_index,
             "window_file": result.window_path,
             "mlflow_run_id": result.run_id,
         },
-    )
+    }
+
+
+def raise_alert(result: MonitorResult) -> dict[str, str]:
+    """Prefect side of an alert: the event (``alert_event``) and a markdown artifact; returns their ids, which
+    the window run is tagged with (``drift.event_id``, ``drift.artifact_id``)."""
+    from prefect.artifacts import create_markdown_artifact
+    from prefect.events import emit_event
+
+    out: dict[str, str] = {}
+    event = emit_event(**alert_event(result))
     if event is not None:
         out["event_id"] = str(event.id)
     if in_prefect_run():
@@ -507,23 +506,14 @@ def raise_alert(cfg: MonitorConfig, result: MonitorResult) -> dict[str, str]:
                 result.report_markdown, key="drift-report", description=f"Drift alert: {result.cause}"
             )
         )
-    client = MlflowClient()
-    if cfg.trigger_deployment:
-        version = client.get_model_version(result.model_name, result.version)
-        skip = retrain_cooldown(version.tags.get(RETRAIN_TAG), cfg.retrain_cooldown_h, time.time())
-        if skip is not None:
-            out["trigger_skipped"] = skip
-        else:
-            flow_run = run_deployment(cfg.trigger_deployment, timeout=0, tags=["drift-alert"])
-            out["triggered_flow_run_id"] = str(flow_run.id)
-            client.set_model_version_tag(result.model_name, result.version, RETRAIN_TAG, f"{time.time():.3f}")
     if result.run_id:
+        client = MlflowClient()
         for key, value in out.items():
             client.set_tag(result.run_id, f"drift.{key}", value)
     return out
 
 
 @task(name="drift-alert", cache_policy=NO_CACHE)
-def alert_task(cfg: MonitorConfig, result: MonitorResult) -> dict[str, str]:
+def alert_task(result: MonitorResult) -> dict[str, str]:
     """Emit the drift alert."""
-    return raise_alert(cfg, result)
+    return raise_alert(result)

@@ -8,6 +8,9 @@ deployment; the tests then read what it left through the two servers' HTTP APIs.
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -15,6 +18,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 from prefect import flow
+from prefect.events import Event
+from prefect.events.clients import PrefectEventsClient
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from servers import (
     CHAMPION,
@@ -27,9 +32,11 @@ from servers import (
 
 from rlhf.config import PipelineConfig, PromotionConfig
 from rlhf.infra.progress import StageProgress
+from tasks.monitor import ALERT_EVENT, MonitorResult, alert_event
 
 PREFECT_YAML = yaml.safe_load((REPO / "prefect.yaml").read_text())
 STAGES = {"validate", "sft", "reward", "ppo", "evaluate", "register"}
+TRIGGER_TIMEOUT_S = 120  # an event to a flow run takes seconds; the bound only keeps a broken trigger from hanging
 
 
 def deployment_specs() -> dict[str, dict]:
@@ -169,3 +176,80 @@ def test_stage_progress_is_a_progress_artifact_on_the_server(live_servers: LiveS
     assert float(half) == 50.0
     assert artifact["data"] == 100.0
     assert artifact["description"] == "progress check: 4/4 steps (loss=0.25)"
+
+
+def retraining_runs(servers: LiveServers, deployment_id: str) -> Counter:
+    """How many runs of the retraining deployment exist, by the version they retrain (retrain_of)."""
+    runs = servers.post("/flow_runs/filter", {"deployments": {"id": {"any_": [deployment_id]}}})
+    return Counter(run["parameters"].get("retrain_of") for run in runs)
+
+
+def wait_for_retraining_runs(servers: LiveServers, deployment_id: str, expected: dict[str, int]) -> Counter:
+    """Poll until the deployment has at least the expected runs per version; the counts then."""
+    deadline = time.monotonic() + TRIGGER_TIMEOUT_S
+    while time.monotonic() < deadline:
+        runs = retraining_runs(servers, deployment_id)
+        if all(runs[uri] >= n for uri, n in expected.items()):
+            return runs
+        time.sleep(1)
+    raise AssertionError(
+        f"expected runs {expected} of the retraining deployment, found {dict(runs)} after {TRIGGER_TIMEOUT_S} s;"
+        f" Prefect server log:\n{servers.log_tail('prefect-server')}"
+    )
+
+
+def send_events(servers: LiveServers, events: list[Event]) -> None:
+    """Emit events to the live server in this order (each one acknowledged before the next is sent)."""
+
+    async def send() -> None:
+        async with PrefectEventsClient(api_url=servers.prefect_api, checkpoint_every=1) as client:
+            for event in events:
+                await client.emit(event)
+
+    asyncio.run(send())
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_drift_alert_starts_retraining_once_per_version_and_cooldown(live_servers: LiveServers):
+    """`prefect deploy --all` registered the retrain-on-drift trigger: the monitor's alert event starts one run
+    of the deployment for the alerting version, a second alert of that version inside the cooldown starts none,
+    another version's alert starts its own, and the first version's next alert after the cooldown starts one.
+
+    Evidence is the flow runs the trigger creates (with retrain_of from the event's payload); the worker also
+    picks them up, and each fails fast at the first step, since the registry has no such version.
+    """
+    spec = deployment_specs()["retrain-on-drift"]
+    cooldown = timedelta(seconds=spec["triggers"][0]["within"])
+    deployment = server_deployments(live_servers)["retrain-on-drift"]
+    automations = live_servers.post("/automations/filter")
+    (automation,) = [a for a in automations if a["name"] == spec["triggers"][0]["name"]]
+    assert automation["enabled"] and automation["trigger"]["expect"] == [ALERT_EVENT]
+    assert automation["trigger"]["within"] == cooldown.total_seconds()
+    (action,) = automation["actions"]
+    assert (action["type"], action["deployment_id"]) == ("run-deployment", deployment["id"])
+    assert (deployment["work_pool_name"], deployment["work_queue_name"]) == (WORK_POOL, "training")
+
+    def alert(version: str, window: int, **fields) -> Event:
+        result = MonitorResult(REGISTERED_MODEL, version, f"traffic/window_{window:04d}.jsonl", window, False, True)
+        return Event(**alert_event(result), **fields)  # what the monitor's drift-alert task emits
+
+    a, b = "9001", "9002"  # versions the registry does not have: the runs the worker picks up end quickly
+    uri_a, uri_b = f"models:/{REGISTERED_MODEL}/{a}", f"models:/{REGISTERED_MODEL}/{b}"
+    first = alert(a, 1)
+    send_events(live_servers, [first])
+    assert wait_for_retraining_runs(live_servers, deployment["id"], {uri_a: 1})[uri_a] == 1
+
+    # An hour later, the same version alerts again (inside the cooldown); then another version alerts. The
+    # second version's event follows the first's, so the server evaluates the repeat alert before it.
+    again = alert(a, 2, occurred=first.occurred + timedelta(hours=1))
+    send_events(live_servers, [again, alert(b, 2, occurred=again.occurred, follows=again.id)])
+    runs = wait_for_retraining_runs(live_servers, deployment["id"], {uri_b: 1})
+    assert (runs[uri_a], runs[uri_b]) == (1, 1), runs
+
+    # The trigger's window counts the events' own time: an alert of the first version after the cooldown
+    # starts a retraining again.
+    send_events(live_servers, [alert(a, 3, occurred=first.occurred + cooldown + timedelta(hours=1))])
+    runs = wait_for_retraining_runs(live_servers, deployment["id"], {uri_a: 2})
+    assert (runs[uri_a], runs[uri_b]) == (2, 1), runs
+    assert set(runs) == {uri_a, uri_b}  # every run names the version that alerted, from the event's payload

@@ -264,20 +264,14 @@ def test_clean_windows_pass_and_drift_is_detected_and_diagnosed(champion):
 @pytest.mark.slow
 def test_drift_monitor_flow_logs_series_flags_version_and_alerts(champion, prefect_harness):
     from mlflow.tracking import MlflowClient
-    from prefect import flow
 
     from flows.monitor import drift_monitor
 
-    @flow(name="retrain-on-drift")
-    def retrain() -> None:
-        """Stands in for the training deployment."""
-
-    retrain.to_deployment(name="test", _sync=True).apply()
     traffic.write_windows(
         champion.root / "traffic", ["clean", "new_intent"], champion.pools, n_rows=300, model_version=champion.version
     )
     first = drift_monitor(champion.cfg.model_copy(update={"window_index": 0}))
-    cfg = champion.cfg.model_copy(update={"trigger_deployment": "retrain-on-drift/test"})
+    cfg = champion.cfg
     latest = drift_monitor(cfg)
     assert not first.alert and first.window_index == 0
     assert latest.alert and latest.cause == "input_shift" and latest.window_index == 1
@@ -290,7 +284,7 @@ def test_drift_monitor_flow_logs_series_flags_version_and_alerts(champion, prefe
     run = client.get_run(latest.run_id)
     assert run.data.tags["drift.alert"] == "true" and run.data.tags["model_version"] == champion.version
     assert run.data.tags["drift.cause"] == "input_shift"
-    assert {"drift.event_id", "drift.artifact_id", "drift.triggered_flow_run_id"} <= set(run.data.tags)
+    assert {"drift.event_id", "drift.artifact_id"} <= set(run.data.tags)
     assert {a.path for a in client.list_artifacts(latest.run_id, "report")} == {
         "report/diagnosis.md",
         "report/distributions.png",
@@ -334,41 +328,35 @@ def test_rlhf_traffic_and_monitor_commands_alert_on_new_intent_only(champion, pr
     assert err.count("\n") == 1 and "fewer than min_rows=50" in err, err
 
 
-def test_drift_triggered_retraining_waits_out_the_cooldown(mlflow_store, tmp_path, monkeypatch):
-    import mlflow
-    import prefect.deployments
-    import prefect.events
-    from mlflow.tracking import MlflowClient
+def test_alert_event_is_what_the_retraining_trigger_expects():
+    """prefect.yaml's retrain-on-drift trigger covers the monitor's alert event, keeps one cooldown per model
+    version, and its retrain_of template names a payload field the event carries (the server renders it)."""
+    from pathlib import Path
 
-    from tasks.monitor import MonitorResult, raise_alert, retrain_cooldown
+    import yaml
+    from prefect.events import Event
+    from prefect.server.events.schemas.automations import EventTrigger
+    from prefect.server.events.schemas.events import ReceivedEvent
 
-    started = []
-    monkeypatch.setattr(
-        prefect.deployments,
-        "run_deployment",
-        lambda name, **kw: started.append(name) or types.SimpleNamespace(id=len(started)),
+    from tasks.monitor import MonitorResult, alert_event
+
+    root = Path(__file__).resolve().parents[2]
+    (deployment,) = [
+        d for d in yaml.safe_load((root / "prefect.yaml").read_text())["deployments"] if d["name"] == "retrain-on-drift"
+    ]
+    (spec,) = deployment["triggers"]
+    trigger = EventTrigger.model_validate(
+        {k: spec[k] for k in ("match", "expect", "for_each", "posture", "threshold", "within")}
     )
-    monkeypatch.setattr(prefect.events, "emit_event", lambda **kw: None)
-    client = MlflowClient()
-    client.create_registered_model(MODEL)
-    (tmp_path / "model").mkdir()
-    version = str(client.create_model_version(MODEL, source=str(tmp_path / "model")).version)
-    cfg = MonitorConfig(trigger_deployment="rlhf-pipeline/rlhf-pipeline")
 
-    def alert(window: int) -> dict[str, str]:
-        with mlflow.start_run() as run:
-            result = MonitorResult(
-                MODEL, version, f"w{window}.jsonl", window, False, True, "input_shift", run_id=run.info.run_id
-            )
-        return raise_alert(cfg, result)
+    def received(model: str, version: str) -> ReceivedEvent:
+        result = MonitorResult(model, version, "w.jsonl", 3, False, True, "input_shift")
+        return ReceivedEvent(**Event(**alert_event(result)).model_dump())  # as emit_event sends it
 
-    first, second = alert(1), alert(2)  # two alerting windows an hour apart
-    assert started == ["rlhf-pipeline/rlhf-pipeline"] and first["triggered_flow_run_id"] == "1"
-    assert "triggered_flow_run_id" not in second
-    assert second["trigger_skipped"].startswith("a retraining of this version was started 0.0 h ago")
-    assert "retrain_cooldown_h=24" in second["trigger_skipped"]
-    assert float(client.get_model_version(MODEL, version).tags["drift.retrain_triggered_at"]) > 0
-    # after the cooldown, the next alert retrains again
-    assert retrain_cooldown("1000", 24, 1000 + 24 * 3600) is None and retrain_cooldown(None, 24, 0) is None
-    cfg = cfg.model_copy(update={"retrain_cooldown_h": 0.0})
-    assert alert(3)["triggered_flow_run_id"] == "2"
+    first, again, other = received(MODEL, "3"), received(MODEL, "3"), received(MODEL, "4")
+    assert trigger.covers(first) and trigger.covers(other)
+    assert not trigger.covers(received("rlhf-reward", "3"))  # another model's alerts do not retrain the policy
+    assert trigger.bucketing_key(first) == trigger.bucketing_key(again) != trigger.bucketing_key(other)
+    assert spec["parameters"] == {"retrain_of": "{{ event.payload.model_uri }}"}
+    assert first.payload["model_uri"] == "models:/rlhf-policy/3"
+    assert trigger.within.total_seconds() == 24 * 3600  # the cooldown docs/monitoring.md states

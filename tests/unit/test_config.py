@@ -35,6 +35,12 @@ NONSENSE = [
         "ppo.mini_batch_size (16): change one of them",
     ),
     ("ppo.typo=1", "unknown option 'ppo.typo': valid options here are steps, "),
+    (
+        "monitor.retrain_cooldown_h=12",
+        "bad configuration in 'monitor': retrain_cooldown_h: the monitor no longer starts retraining; the "
+        "retrain-on-drift deployment's trigger in prefect.yaml does",
+    ),
+    ("monitor.trigger_deployment=x/y", "Fix: remove trigger_deployment from the monitor options"),
 ]
 
 
