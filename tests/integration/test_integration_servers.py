@@ -62,11 +62,11 @@ def test_deployment_specs_schedules_and_limits():
     assert {"rlhf-pipeline", "smoke", "drift-monitor", "promote"} <= set(specs)
     assert specs["rlhf-pipeline"]["schedules"][0]["cron"] == "0 2 * * 1"
     assert specs["drift-monitor"]["schedules"][0]["cron"] == "0 * * * *"
-    assert "schedules" not in specs["promote"] and "schedules" not in specs["smoke"]
+    assert all("schedules" not in specs[name] for name in ("promote", "smoke", "retrain-on-drift"))
     assert specs["drift-monitor"]["entrypoint"] == "flows/monitor.py:drift_monitor"
     assert specs["promote"]["entrypoint"] == "flows/promote.py:promote"
     assert PromotionConfig.model_validate(specs["promote"]["parameters"]["config"]).require_approval  # the gate
-    for name in ("rlhf-pipeline", "smoke"):
+    for name in ("rlhf-pipeline", "smoke", "retrain-on-drift"):  # every training: one at a time, on one queue
         assert specs[name]["concurrency_limit"] == {"limit": 1, "collision_strategy": "ENQUEUE"}
         assert specs[name]["work_pool"]["work_queue_name"] == "training"
     assert {spec["work_pool"]["name"] for spec in specs.values()} == {WORK_POOL}
