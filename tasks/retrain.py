@@ -34,8 +34,6 @@ class DriftedVersion:
     """The registered version a drift alert names, with the lineage its registration recorded."""
 
     model_uri: str
-    name: str
-    version: str
     lineage: dict[str, str]
     """Its ``lineage.*`` tags."""
 
@@ -70,7 +68,7 @@ def drifted_version(model_uri: str) -> DriftedVersion:
             "run the deployment without retrain_of to retrain unconditionally"
         ) from None
     lineage = {k: v for k, v in tags.items() if k.startswith("lineage.")}
-    return DriftedVersion(model_uri, name, version, lineage)
+    return DriftedVersion(model_uri, lineage)
 
 
 def what_changed(recorded: Mapping[str, str], current: Mapping[str, str]) -> list[str]:
