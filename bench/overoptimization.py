@@ -27,8 +27,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--out", default="outputs/overoptimization", help="working folder (MLflow store, caches, summary)"
     )
-    parser.add_argument("--sft-steps", type=int, default=150, help="the default sft.max_steps")
-    parser.add_argument("--reward-steps", type=int, default=250, help="the default reward.max_steps")
+    parser.add_argument("--sft-steps", type=int, default=None, help="sft.max_steps (default: the config's)")
+    parser.add_argument("--reward-steps", type=int, default=None, help="reward.max_steps (default: the config's)")
     parser.add_argument("--ppo-steps", type=int, default=80, help="PPO iterations with the KL penalty off")
     parser.add_argument("--checkpoint-every", type=int, default=5, help="log a checkpoint every N iterations")
     parser.add_argument("--seed", type=int, default=0)
@@ -60,12 +60,13 @@ def main() -> None:
     from tasks.reward import run_reward
     from tasks.sft import run_sft
 
+    stack_overrides = [f"sft.max_steps={args.sft_steps}"] if args.sft_steps else []
+    stack_overrides += [f"reward.max_steps={args.reward_steps}"] if args.reward_steps else []
     cfg = load_config(
         None,
         [
             f"seed={args.seed}",
-            f"sft.max_steps={args.sft_steps}",
-            f"reward.max_steps={args.reward_steps}",
+            *stack_overrides,
             f"ppo.steps={args.ppo_steps}",
             f"ppo.checkpoint_every={args.checkpoint_every}",
             f"ppo.sample_every={args.ppo_steps}",
@@ -135,8 +136,8 @@ def main() -> None:
     best_step = max(test_gold, key=test_gold.get)
     chosen_gold = test_gold[evaluation.step]
     summary = {
-        "command": f"PYTHONPATH=. python bench/overoptimization.py --out {args.out} --sft-steps {args.sft_steps} "
-        f"--reward-steps {args.reward_steps} --ppo-steps {args.ppo_steps} --checkpoint-every {args.checkpoint_every}",
+        "command": f"PYTHONPATH=. python bench/overoptimization.py --out {args.out} --sft-steps {cfg.sft.max_steps} "
+        f"--reward-steps {cfg.reward.max_steps} --ppo-steps {args.ppo_steps} --checkpoint-every {args.checkpoint_every}",
         "evaluate_run_id": evaluation.run_id,
         "chosen_step": evaluation.step,
         "last_step": max(ppo.checkpoints),

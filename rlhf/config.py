@@ -140,7 +140,11 @@ class ModelConfig(_Section):
 
 
 class SFTConfig(_Section):
-    max_steps: int = Field(150, ge=1, description="Optimizer steps of supervised fine-tuning")
+    max_steps: int = Field(
+        300,
+        ge=1,
+        description="Optimizer steps of supervised fine-tuning; 150 left the demo policy writing garbled mixtures of answers that PPO could not clean up (docs/evaluation.md)",
+    )
     batch_size: int = Field(32, ge=1, description="Sequences per optimizer step")
     learning_rate: float = Field(3e-3, gt=0, le=1, description="Peak AdamW learning rate (linear decay)")
     max_length: int = Field(128, ge=8, description="Longest prompt+completion in tokens; longer rows are truncated")
@@ -148,10 +152,18 @@ class SFTConfig(_Section):
         False,
         description="Recompute activations in the backward pass to save memory (about 20% slower); off unless the model does not fit",
     )
+    group_by_length: bool = Field(
+        True,
+        description="Batch rows of similar length (transformers' LengthGroupedSampler) so less of each batch is padding; the built-in data's random batches are about a third padding",
+    )
 
 
 class RewardConfig(_Section):
-    max_steps: int = Field(250, ge=1, description="Optimizer steps of reward-model training (Bradley-Terry loss)")
+    max_steps: int = Field(
+        400,
+        ge=1,
+        description="Optimizer steps of reward-model training (Bradley-Terry loss); at 250 the demo reward model barely told a refund answer from a shipping one (docs/evaluation.md)",
+    )
     batch_size: int = Field(32, ge=1, description="Preference pairs per optimizer step")
     learning_rate: float = Field(
         3e-4,
@@ -163,6 +175,10 @@ class RewardConfig(_Section):
     activation_checkpointing: bool = Field(
         False,
         description="Recompute activations in the backward pass to save memory (about 20% slower); off unless the model does not fit",
+    )
+    group_by_length: bool = Field(
+        True,
+        description="Batch pairs of similar length (the longer of chosen and rejected) so less of each batch is padding",
     )
 
 
@@ -200,7 +216,11 @@ class PPOConfig(_Section):
     clip_range: float = Field(0.2, gt=0, description="PPO ratio clip epsilon")
     clip_range_value: float = Field(0.2, gt=0, description="Value clip range")
     vf_coef: float = Field(0.1, ge=0, description="Value loss coefficient")
-    ent_coef: float = Field(0.0, ge=0, description="Entropy bonus coefficient")
+    ent_coef: float = Field(
+        0.05,
+        ge=0,
+        description="Entropy bonus coefficient; at 0 the demo policy collapsed onto one opening and one closing (distinct-2 0.77x SFT's, docs/evaluation.md)",
+    )
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient norm clip")
     whiten_advantages: bool = Field(True, description="Normalise advantages per batch")
     normalize_reward: bool = Field(True, description="Normalise reward-model scores with running mean/std")

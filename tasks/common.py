@@ -182,6 +182,7 @@ def trl_training_args(section: SFTConfig | RewardConfig, seed: int, output_dir: 
         "dataloader_num_workers": 0,
         # TRL turns gradient checkpointing on by default; a model that fits needs no recomputation
         "activation_checkpointing": section.activation_checkpointing,
+        "train_sampling_strategy": "group_by_length" if section.group_by_length else "random",
         "use_cpu": not on_gpu,
         "bf16": on_gpu and torch.cuda.is_bf16_supported(),
     }

@@ -65,19 +65,8 @@ def train_reward(cfg: PipelineConfig, sft_uri: str, preferences_path: str, heldo
             torch.manual_seed(cfg.seed)
         model = load_reward_model(sft_dir, tokenizer.pad_token_id, trust_remote_code=trust)
     with tempfile.TemporaryDirectory(prefix="rlhf-reward-") as tmp:
-        args = TRLRewardConfig(**trl_training_args(cfg.reward, cfg.seed, tmp))
         logger = MlflowStepLogger("reward", rename={"accuracy": "train_accuracy", "margin": "train_margin"})
-        trainer = RewardTrainer(
-            model=model,
-            args=args,
-            train_dataset=load_split(preferences_path),
-            processing_class=tokenizer,
-            callbacks=[logger, TrainerProgress("reward")],
-            peft_config=lora_config(
-                cfg.model.lora_r, cfg.model.lora_alpha, cfg.model.lora_dropout, cfg.model.lora_target_modules, "seq_cls"
-            ),
-        )
-        trainer.remove_callback(ProgressCallback)  # TrainerProgress replaces its bar and log prints
+        trainer = reward_trainer(cfg, model, tokenizer, preferences_path, tmp, [logger, TrainerProgress("reward")])
         trainer.train()
         out = Path(tmp) / "checkpoint"
         if not save_trained(trainer, tokenizer, cfg.model.lora_r, out):
@@ -86,6 +75,30 @@ def train_reward(cfg: PipelineConfig, sft_uri: str, preferences_path: str, heldo
         logged = load_reward_model(str(out), tokenizer.pad_token_id, trust_remote_code=trust).to(device())
         accuracy, margin = heldout_accuracy(logged, tokenizer, heldout_path)
         return log_checkpoint(out, "checkpoint", {"reward/accuracy": accuracy, "reward/heldout_margin": margin})
+
+
+def reward_trainer(
+    cfg: PipelineConfig, model, tokenizer, preferences_path: str, output_dir: str, callbacks: list
+) -> RewardTrainer:
+    """TRL's RewardTrainer as the stage configures it (progress bar replaced by ``callbacks``)."""
+    # Kept columns: the length-grouped sampler reads `length` (added below), the collator only its own.
+    args = TRLRewardConfig(**trl_training_args(cfg.reward, cfg.seed, output_dir), remove_unused_columns=False)
+    trainer = RewardTrainer(
+        model=model,
+        args=args,
+        train_dataset=load_split(preferences_path),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+        peft_config=lora_config(
+            cfg.model.lora_r, cfg.model.lora_alpha, cfg.model.lora_dropout, cfg.model.lora_target_modules, "seq_cls"
+        ),
+    )
+    trainer.remove_callback(ProgressCallback)
+    if cfg.reward.group_by_length:  # a pair's cost is its longer sequence (chosen and rejected share a batch)
+        trainer.train_dataset = trainer.train_dataset.map(
+            lambda row: {"length": max(len(row["chosen_ids"]), len(row["rejected_ids"]))}
+        )
+    return trainer
 
 
 def heldout_accuracy(model, tokenizer, heldout_path: str) -> tuple[float, float]:

@@ -52,29 +52,31 @@ def train_sft(cfg: PipelineConfig, base_model: str, sft_path: str) -> str | None
     model = load_causal_lm(base_model, trust_remote_code=cfg.model.trust_remote_code)
     dataset = load_split(sft_path)
     with tempfile.TemporaryDirectory(prefix="rlhf-sft-") as tmp:
-        args = TRLSFTConfig(completion_only_loss=True, **trl_training_args(cfg.sft, cfg.seed, tmp))
         logger = MlflowStepLogger("sft")
-        trainer = SFTTrainer(
-            model=model,
-            args=args,
-            train_dataset=dataset,
-            processing_class=tokenizer,
-            callbacks=[logger, TrainerProgress("sft")],
-            peft_config=lora_config(
-                cfg.model.lora_r,
-                cfg.model.lora_alpha,
-                cfg.model.lora_dropout,
-                cfg.model.lora_target_modules,
-                "causal_lm",
-            ),
-        )
-        trainer.remove_callback(ProgressCallback)  # TrainerProgress replaces its bar and log prints
+        trainer = sft_trainer(cfg, model, tokenizer, dataset, tmp, [logger, TrainerProgress("sft")])
         trainer.train()
         out = Path(tmp) / "checkpoint"
         if not save_trained(trainer, tokenizer, cfg.model.lora_r, out):
             return None
         losses = [h["sft/loss"] for h in logger.history if "sft/loss" in h]
         return log_checkpoint(out, "checkpoint", {"sft/final_loss": losses[-1]} if losses else None)
+
+
+def sft_trainer(cfg: PipelineConfig, model, tokenizer, dataset, output_dir: str, callbacks: list) -> SFTTrainer:
+    """TRL's SFTTrainer as the stage configures it (loss on completions only; progress bar replaced by ``callbacks``)."""
+    args = TRLSFTConfig(completion_only_loss=True, **trl_training_args(cfg.sft, cfg.seed, output_dir))
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+        peft_config=lora_config(
+            cfg.model.lora_r, cfg.model.lora_alpha, cfg.model.lora_dropout, cfg.model.lora_target_modules, "causal_lm"
+        ),
+    )
+    trainer.remove_callback(ProgressCallback)  # TrainerProgress replaces its bar and log prints
+    return trainer
 
 
 @task(**cached_stage(SFT))

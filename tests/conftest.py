@@ -64,7 +64,15 @@ def tiny_stack(tmp_path_factory):
     try:
         cfg = load_config(
             None,
-            ["sft.max_steps=120", "sft.batch_size=32", "reward.max_steps=160", "reward.batch_size=32"],
+            # random batches, as when the PPO tests' figures (tests/stages/test_ppo.py) were measured on this stack
+            [
+                "sft.max_steps=120",
+                "sft.batch_size=32",
+                "sft.group_by_length=false",
+                "reward.max_steps=160",
+                "reward.batch_size=32",
+                "reward.group_by_length=false",
+            ],
         )
         paths = resolve_data_paths(cfg.data, root, cfg.seed)
         base = resolve_base_model(cfg.model.base_model, root / "base-models", cfg.seed)

@@ -31,12 +31,14 @@ class BuiltinSizes:
     """Row counts of the built-in data set."""
 
     sft: int = 2000
-    preferences: int = 3000
+    preferences: int = 6000
     preferences_heldout: int = 500
     prompts: int = 2000
     heldout_prompts: int = 128
     heldout_fraction: float = 0.2
     """Share of each intent's distinct prompts reserved for held-out evaluation."""
+    non_answer_fraction: float = 0.15
+    """Share of training preference pairs whose second response is a polite non-answer (`sample_non_answer`)."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,15 @@ def sample_response(rng: random.Random, prompt: Prompt) -> str:
     return " ".join(parts)
 
 
+def sample_non_answer(rng: random.Random) -> str:
+    """A polite reply that answers nothing (an opening, sometimes a closing): what a policy drifts to when
+    politeness pays. Raters see it in preference pairs, so the reward model learns where it ranks."""
+    parts = [rng.choice(support.POLITE_OPENINGS)]
+    if rng.random() < 0.5:
+        parts.append(rng.choice(support.CLOSINGS))
+    return " ".join(parts)
+
+
 def build_builtin_rows(seed: int = 0, sizes: BuiltinSizes = BuiltinSizes()) -> dict[str, list[dict]]:
     """All splits of the built-in data set as lists of rows (deterministic in seed)."""
     rng = random.Random(seed)
@@ -118,7 +129,8 @@ def build_builtin_rows(seed: int = 0, sizes: BuiltinSizes = BuiltinSizes()) -> d
     preferences = []
     for _ in range(sizes.preferences):
         p = sample_prompt(rng, train)
-        a, b = sample_response(rng, p), sample_response(rng, p)
+        a = sample_response(rng, p)
+        b = sample_non_answer(rng) if rng.random() < sizes.non_answer_fraction else sample_response(rng, p)
         while b == a:
             b = sample_response(rng, p)
         chosen, rejected = rater.label(p.text, a, b, rng)

@@ -17,7 +17,7 @@ import mlflow
 import pandas as pd
 import pytest
 
-from rlhf.builtin.dataset import build_builtin_rows, write_builtin_dataset
+from rlhf.builtin.dataset import BuiltinSizes, build_builtin_rows, write_builtin_dataset
 from rlhf.config import ConfigError, PipelineConfig, ValidationConfig, load_config
 from rlhf.data.loading import load_split
 from rlhf.infra import security
@@ -104,7 +104,7 @@ def test_stage_passes_builtin_data_and_logs_the_evidence(builtin, experiment, tm
     run = stage_run_of(parent.info.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["validation.success"] == "true"
-    assert run.data.metrics["data/preferences_rows"] == 3000
+    assert run.data.metrics["data/preferences_rows"] == BuiltinSizes().preferences
     assert run.data.metrics["data/heldout_prompts_rows"] == 128
     assert run.data.params["validation.pii_policy"] == "fail"
     parent_tags = mlflow.MlflowClient().get_run(parent.info.run_id).data.tags
@@ -162,7 +162,7 @@ def test_stage_reports_a_malformed_file_as_a_failure(builtin, experiment, tmp_pa
         with pytest.raises(ValidationFailed) as info:
             run_validation(PipelineConfig(), paths, str(tmp_path / "validated"), parent.info.run_id)
     assert info.value.lines[0].startswith(
-        f"preferences: malformed file: {paths['preferences']}: line 3000 is truncated"
+        f"preferences: malformed file: {paths['preferences']}: line {BuiltinSizes().preferences} is truncated"
     )
     table = failure_table({}, info.value.lines)
     assert table[0]["split"] == "preferences" and table[0]["check"] == "file"
