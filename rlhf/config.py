@@ -164,6 +164,11 @@ class RewardConfig(_Section):
         False,
         description="Recompute activations in the backward pass to save memory (about 20% slower); off unless the model does not fit",
     )
+    max_heldout_pairs: int | None = Field(
+        None,
+        ge=1,
+        description="Held-out accuracy (reward/accuracy) is measured on at most this many held-out pairs, drawn with the seed; all when unset",
+    )
 
 
 class PPOConfig(_Section):

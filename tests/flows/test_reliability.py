@@ -557,7 +557,7 @@ SMALL_PPO = [
 def micro_stack(tmp_path_factory):
     """SFT and reward checkpoints after 2 steps each: enough for fault tests, which need no learning.
 
-    (conftest's tiny_stack trains 120 + 160 steps, for tests that check learning.)
+    (conftest's tiny_stack trains 120 + 80 steps, for tests that check learning.)
     """
     import types
 
@@ -572,7 +572,16 @@ def micro_stack(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         mp.setenv("MLFLOW_TRACKING_URI", uri)
-        cfg = load_config(None, ["sft.max_steps=2", "sft.batch_size=8", "reward.max_steps=2", "reward.batch_size=8"])
+        cfg = load_config(
+            None,
+            [
+                "sft.max_steps=2",
+                "sft.batch_size=8",
+                "reward.max_steps=2",
+                "reward.batch_size=8",
+                "reward.max_heldout_pairs=50",
+            ],
+        )
         paths = resolve_data_paths(cfg.data, root, cfg.seed)
         base = resolve_base_model(cfg.model.base_model, root / "base-models", cfg.seed)
         with mlflow.start_run(experiment_id=setup_experiment("micro-stack")) as parent:
@@ -824,6 +833,7 @@ TINY_PIPELINE = [
     "sft.batch_size=8",
     "reward.max_steps=3",
     "reward.batch_size=8",
+    "reward.max_heldout_pairs=50",
     "ppo.steps=4",
     "ppo.batch_size=4",
     "ppo.mini_batch_size=2",
