@@ -557,7 +557,7 @@ SMALL_PPO = [
 def micro_stack(tmp_path_factory):
     """SFT and reward checkpoints after 2 steps each: enough for fault tests, which need no learning.
 
-    (conftest's tiny_stack trains 120 + 80 steps, for tests that check learning.)
+    (conftest's tiny_stack trains 120 + 160 steps, for tests that check learning.)
     """
     import types
 
