@@ -112,15 +112,21 @@ def stop_launcher(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
     for worker in workers:
         with contextlib.suppress(psutil.NoSuchProcess):
             worker.terminate()
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and (proc.poll() is None or any(map(_running, workers))):
-        time.sleep(POLL_S)
+    _wait_until_stopped(proc, workers, grace_s)
     for worker in filter(_running, workers):
         with contextlib.suppress(psutil.NoSuchProcess):
             worker.kill()
     if proc.poll() is None:
         proc.kill()
+    _wait_until_stopped(proc, workers, grace_s)  # a killed process still has to be scheduled to exit
     proc.wait()
+
+
+def _wait_until_stopped(proc: subprocess.Popen, workers: list[psutil.Process], timeout_s: float) -> None:
+    """Wait, at most ``timeout_s`` seconds, for the launcher and its workers to exit."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and (proc.poll() is None or any(map(_running, workers))):
+        time.sleep(POLL_S)
 
 
 def _running(process: psutil.Process) -> bool:
