@@ -180,6 +180,11 @@ class RewardConfig(_Section):
         True,
         description="Batch pairs of similar length (the longer of chosen and rejected) so less of each batch is padding",
     )
+    max_heldout_pairs: int | None = Field(
+        None,
+        ge=1,
+        description="Held-out accuracy (reward/accuracy) is measured on at most this many held-out pairs, drawn with the seed; all when unset",
+    )
 
 
 class PPOConfig(_Section):

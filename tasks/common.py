@@ -58,14 +58,31 @@ RETRY_DELAYS_S = [10, 60]
 
 
 def retry_on_tracking_error(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect retry condition: retry only when the tracking store's connection failed (a stage
-    that ran past its time limit is a TimeoutError too, and is not retried)."""
+    """Prefect retry condition: retry only when the tracking store's connection failed.
+
+    A stage stopped at its time limit (or cancelled) is never retried, wherever the limit sits in
+    the exception chain: the limit is a TimeoutError, which alone would read as a lost connection.
+    """
+    exc = state.data if isinstance(state.data, BaseException) else state.result(raise_on_failure=False)
+    if not isinstance(exc, BaseException):
+        return False
+    return not stopped_by_limit_or_cancel(exc) and is_transient_tracking_error(exc)
+
+
+def stopped_by_limit_or_cancel(exc: BaseException) -> bool:
+    """Whether ``exc`` or anything under it is a time limit (Prefect's or ours) or a cancellation."""
+    from asyncio import CancelledError  # Prefect raises its subclass in a task at the time limit
+
     from prefect.task_engine import TaskRunTimeoutError
 
-    exc = state.data if isinstance(state.data, BaseException) else state.result(raise_on_failure=False)
-    if isinstance(exc, TaskRunTimeoutError):
-        return False
-    return isinstance(exc, BaseException) and is_transient_tracking_error(exc)
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, (TaskRunTimeoutError, StageTimedOut, CancelledError)):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 class StageTimedOut(TimeoutError):

@@ -18,23 +18,31 @@ PPO: the stage run it opens itself), writes checkpoints, and writes the stage's 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from collections import deque
 from pathlib import Path
 from typing import Any
 
 import mlflow
+import psutil
 
 from rlhf.config import PipelineConfig
 from tasks.common import TRAINING_STAGES
 
 REPO = Path(__file__).resolve().parents[1]
 OUTPUT_TAIL_LINES = 60
+POLL_S = 0.2
+"""How often the flow checks on the launched processes (and so how late a time limit may act)."""
+OUTPUT_DRAIN_S = 10.0
+"""How long the flow waits for the rest of the output once the launcher has exited."""
 
 
 class StageLaunchFailed(RuntimeError):
@@ -87,18 +95,53 @@ def launch_command(stage: str, cfg: PipelineConfig, spec: Path, result: Path) ->
     ]
 
 
-def stop_launcher(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
-    """SIGTERM to the launcher (torchrun, and accelerate through it, stops its workers on it),
-    SIGKILL after ``grace_s`` seconds if it is still there.
+def stop_launcher(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """Stop the launcher and every process under it: SIGTERM to each, SIGKILL after ``grace_s``
+    seconds to whatever is still running.
 
-    The launcher stays in the flow's process group, so a worker that kills the whole group
-    (a cancelled flow run) still takes every training process with it."""
-    proc.terminate()
+    Signalled one by one, not through the launcher's process group: torchrun starts each worker
+    in a session of its own, so a group signal would miss them, and a worker that hangs in a
+    collective (a rendezvous that never completes) would outlive its launcher. The tree is read
+    before any signal: a worker whose launcher has gone is re-parented and no longer found.
+    """
     try:
-        proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
+        workers = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:  # the launcher is gone, and with it the way to its workers
+        workers = []
+    proc.terminate()
+    for worker in workers:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            worker.terminate()
+    _wait_until_stopped(proc, workers, grace_s)
+    for worker in filter(_running, workers):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            worker.kill()
+    if proc.poll() is None:
         proc.kill()
-        proc.wait()
+    _wait_until_stopped(proc, workers, grace_s)  # a killed process still has to be scheduled to exit
+    proc.wait()
+
+
+def _wait_until_stopped(proc: subprocess.Popen, workers: list[psutil.Process], timeout_s: float) -> None:
+    """Wait, at most ``timeout_s`` seconds, for the launcher and its workers to exit."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and (proc.poll() is None or any(map(_running, workers))):
+        time.sleep(POLL_S)
+
+
+def _running(process: psutil.Process) -> bool:
+    """Whether a process still runs (an exited one may stay a zombie until its new parent reaps it)."""
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _copy_output(stream: Any, tail: deque[str]) -> None:
+    """Copy the processes' output to this process's stdout as it comes, keeping the last lines."""
+    for line in stream:
+        sys.stdout.write(line)
+        tail.append(line)
 
 
 def launch_stage(stage: str, cfg: PipelineConfig, run_id: str | None, args: dict[str, Any]) -> dict[str, Any]:
@@ -129,14 +172,23 @@ def launch_stage(stage: str, cfg: PipelineConfig, run_id: str | None, args: dict
         env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
         cmd = launch_command(stage, cfg, spec, result)
         tail: deque[str] = deque(maxlen=OUTPUT_TAIL_LINES)
-        with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
-            try:
-                for line in proc.stdout or ():
-                    sys.stdout.write(line)
-                    tail.append(line)
-            except BaseException:  # the stage's time limit, Ctrl-C, a cancellation: do not wait on a hung rendezvous
-                stop_launcher(proc)
-                raise
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        reader = threading.Thread(target=_copy_output, args=(proc.stdout, tail), name=f"{stage}-output", daemon=True)
+        reader.start()
+        try:
+            # Wait in short naps, never in one blocking read or wait: off the main thread (or
+            # where another SIGALRM handler is installed) Prefect enforces the stage's time limit
+            # by raising in this thread between two Python instructions, which a blocking call
+            # would hold off until the processes print or exit, possibly never.
+            while proc.poll() is None:
+                time.sleep(POLL_S)
+        except BaseException:  # the stage's time limit, Ctrl-C, a cancellation: stop every process
+            stop_launcher(proc)
+            raise
+        finally:
+            reader.join(timeout=OUTPUT_DRAIN_S)
+            if not reader.is_alive():  # else a process that outlived its launcher holds the pipe open
+                proc.stdout.close()
         if proc.returncode != 0 or not result.exists():
             raise StageLaunchFailed(
                 f"{stage} stage in {cfg.distributed.num_processes} processes failed (exit {proc.returncode}) "

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import mlflow
 import torch
+from datasets import Dataset
 from prefect import task
 from transformers.trainer_callback import ProgressCallback
 from trl import RewardConfig as TRLRewardConfig
@@ -73,7 +74,8 @@ def train_reward(cfg: PipelineConfig, sft_uri: str, preferences_path: str, heldo
             return None
         # The held-out accuracy of exactly what is logged (merged adapters, gathered shards).
         logged = load_reward_model(str(out), tokenizer.pad_token_id, trust_remote_code=trust).to(device())
-        accuracy, margin = heldout_accuracy(logged, tokenizer, heldout_path)
+        pairs = heldout_pairs(heldout_path, cfg.reward.max_heldout_pairs, cfg.seed)
+        accuracy, margin = heldout_accuracy(logged, tokenizer, pairs)
         return log_checkpoint(out, "checkpoint", {"reward/accuracy": accuracy, "reward/heldout_margin": margin})
 
 
@@ -101,9 +103,16 @@ def reward_trainer(
     return trainer
 
 
-def heldout_accuracy(model, tokenizer, heldout_path: str) -> tuple[float, float]:
-    """(accuracy, mean margin) of r(chosen) > r(rejected) on held-out pairs."""
+def heldout_pairs(heldout_path: str, max_pairs: int | None, seed: int) -> Dataset:
+    """The held-out pairs to measure on: all of them, or ``max_pairs`` drawn with ``seed``."""
     pairs = load_split(heldout_path)
+    if max_pairs is None or max_pairs >= len(pairs):
+        return pairs
+    return pairs.shuffle(seed=seed).select(range(max_pairs))
+
+
+def heldout_accuracy(model, tokenizer, pairs: Dataset) -> tuple[float, float]:
+    """(accuracy, mean margin) of r(chosen) > r(rejected) on held-out pairs."""
     chosen = score_texts(model, tokenizer, pairs["prompt"], pairs["chosen"])
     rejected = score_texts(model, tokenizer, pairs["prompt"], pairs["rejected"])
     return (chosen > rejected).float().mean().item(), (chosen - rejected).mean().item()

@@ -228,15 +228,18 @@ def as_public_layouts(folder: Path) -> None:
 
 
 @pytest.mark.slow
-def test_user_data_is_judged_by_an_independent_reward_model(mlflow_store, prefect_harness, tmp_path):
-    """A folder of public layouts validates and trains; with no gold judge, a second reward model
-    (another seed) judges; divergence and efficiency are checked."""
+def test_user_data_and_a_llama_model_go_through_the_whole_pipeline(mlflow_store, prefect_harness, tmp_path):
+    """A user's own data and model, every stage, in one run: a folder of public layouts validates and
+    trains a locally built Llama-architecture model (the non-GPT-2 path); with no gold judge, a second
+    reward model (another seed) judges; divergence and efficiency are checked."""
     from flows.pipeline import rlhf_pipeline
     from rlhf.builtin.dataset import write_builtin_dataset
 
     data = write_builtin_dataset(tmp_path / "data", seed=0)["sft"].parent  # the same files, as a user's folder
     as_public_layouts(data)
-    result = rlhf_pipeline(load_config(SMOKE, [f"data.source={data}", "output_dir=outputs"]))
+    result = rlhf_pipeline(
+        load_config(SMOKE, [f"data.source={data}", "output_dir=outputs", "model.base_model=builtin:tiny-llama"])
+    )
 
     client = MlflowClient()
     parent = client.get_run(result.parent_run_id)
@@ -257,6 +260,15 @@ def test_user_data_is_judged_by_an_independent_reward_model(mlflow_store, prefec
     assert evaluate.data.tags["hacking.proxy_efficiency"] in ("true", "false")  # measured, not "n/a"
     assert "eval/gold_reward_mean" not in result.metrics and "eval/heldout_rm_score_mean" in result.metrics
 
+    # The Llama path: every stage ran (the judge is a second reward run) and the registered policy is a Llama.
+    assert parent.data.params["model.base_model"] == "builtin:tiny-llama"
+    stages = sorted(run.info.run_name for run in child_runs(client, result.parent_run_id))
+    assert stages == sorted([*STAGES, "reward"]), stages
+    version = client.search_model_versions("name = 'rlhf-policy'")[0]
+    checkpoint = version.tags["lineage.checkpoint_uri"]
+    config = json.loads(Path(mlflow.artifacts.download_artifacts(f"{checkpoint}/config.json")).read_text())
+    assert config["model_type"] == "llama"
+
 
 @pytest.mark.parametrize(
     ("argv", "expected"),
@@ -272,19 +284,3 @@ def test_cli_user_errors_are_one_line(argv, expected, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and expected in err, err
-
-
-@pytest.mark.slow
-def test_tiny_llama_goes_through_the_whole_pipeline(prefect_harness, mlflow_store):
-    """The non-GPT-2 path: a locally built Llama-architecture model, every stage."""
-    from flows.pipeline import rlhf_pipeline
-
-    result = rlhf_pipeline(load_config(SMOKE, ["model.base_model=builtin:tiny-llama"]))
-
-    client = MlflowClient()
-    assert client.get_run(result.parent_run_id).data.params["model.base_model"] == "builtin:tiny-llama"
-    assert len(child_runs(client, result.parent_run_id)) == 6
-    version = client.search_model_versions("name = 'rlhf-policy'")[0]
-    checkpoint = version.tags["lineage.checkpoint_uri"]
-    config = json.loads(Path(mlflow.artifacts.download_artifacts(f"{checkpoint}/config.json")).read_text())
-    assert config["model_type"] == "llama"

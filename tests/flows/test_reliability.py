@@ -361,6 +361,36 @@ def test_transient_tracking_errors_are_told_apart() -> None:
     assert not is_transient_tracking_error(MlflowException("Run 'abc' not found", error_code="RESOURCE_DOES_NOT_EXIST"))
 
 
+def test_a_stage_stopped_at_its_time_limit_is_never_retried() -> None:
+    import requests
+    from prefect._internal.concurrency.cancellation import CancelledError
+    from prefect.states import Failed
+    from prefect.task_engine import TaskRunTimeoutError
+
+    from tasks.common import StageTimedOut, retry_on_tracking_error
+
+    def retried(exc: BaseException) -> bool:
+        return retry_on_tracking_error(None, None, Failed(data=exc))
+
+    def raised(exc: BaseException, under: BaseException) -> BaseException:
+        try:
+            try:
+                raise under
+            except BaseException:
+                raise exc  # noqa: B904 (chained implicitly, as a stage's own handler would)
+        except BaseException as e:
+            return e
+
+    lost = requests.ConnectionError("Connection refused")
+    assert retried(lost)
+    assert not retried(TaskRunTimeoutError("Scope timed out after 40 second(s)."))
+    # the limit under what the stage raised: a connection it interrupted, the stage's own wrapper
+    assert not retried(raised(lost, TaskRunTimeoutError("Scope timed out after 40 second(s).")))
+    assert not retried(raised(lost, CancelledError()))  # how Prefect interrupts a task at its limit
+    assert not retried(raised(RuntimeError("upload failed"), StageTimedOut("timeouts.sft_s")))
+    assert not retried(ValueError("bad config"))
+
+
 # ---------------------------------------------------------------------------------- caching
 def test_stage_cache_key_follows_inputs_not_run_ids_or_paths(tmp_path, shared_store) -> None:
     from tasks.caching import StageCache
@@ -447,7 +477,11 @@ def test_cached_results_pointing_at_missing_runs_or_files_are_not_used(shared_st
 def test_a_hung_stage_is_stopped_at_its_time_limit_naming_the_setting(prefect_harness, tmp_path, monkeypatch) -> None:
     """A training stage launched in two processes whose DDP rendezvous never completes (rank 1 never
     joins) fails at timeouts.<stage>_s: not retried, the error names the setting, and torchrun and
-    both workers are gone."""
+    both workers are gone.
+
+    pytest-timeout's SIGALRM handler makes Prefect enforce the limit from a watcher thread, by an
+    exception raised between two Python instructions, as for a task off the main thread: the harder
+    path, which a blocking wait on the launcher's output would hold off."""
     from prefect import flow, task
 
     import tasks.launch as launch
@@ -538,7 +572,16 @@ def micro_stack(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         mp.setenv("MLFLOW_TRACKING_URI", uri)
-        cfg = load_config(None, ["sft.max_steps=2", "sft.batch_size=8", "reward.max_steps=2", "reward.batch_size=8"])
+        cfg = load_config(
+            None,
+            [
+                "sft.max_steps=2",
+                "sft.batch_size=8",
+                "reward.max_steps=2",
+                "reward.batch_size=8",
+                "reward.max_heldout_pairs=50",
+            ],
+        )
         paths = resolve_data_paths(cfg.data, root, cfg.seed)
         base = resolve_base_model(cfg.model.base_model, root / "base-models", cfg.seed)
         with mlflow.start_run(experiment_id=setup_experiment("micro-stack")) as parent:
@@ -790,6 +833,7 @@ TINY_PIPELINE = [
     "sft.batch_size=8",
     "reward.max_steps=3",
     "reward.batch_size=8",
+    "reward.max_heldout_pairs=50",
     "ppo.steps=4",
     "ppo.batch_size=4",
     "ppo.mini_batch_size=2",

@@ -40,6 +40,7 @@ OVERRIDES = [
     "sft.batch_size=8",
     "reward.max_steps=6",
     "reward.batch_size=8",
+    "reward.max_heldout_pairs=50",
     "ppo.steps=3",
     "ppo.batch_size=8",
     "ppo.mini_batch_size=4",

@@ -18,7 +18,7 @@ def test_lora_sft_and_reward_log_merged_checkpoints(mlflow_store, tmp_path):
     from rlhf.builtin.model import resolve_base_model
     from rlhf.builtin.task import resolve_data_paths
     from rlhf.infra.tracking import download, setup_experiment
-    from tasks.reward import heldout_accuracy, run_reward
+    from tasks.reward import heldout_accuracy, heldout_pairs, run_reward
     from tasks.sft import run_sft
 
     cfg = load_config(
@@ -29,6 +29,7 @@ def test_lora_sft_and_reward_log_merged_checkpoints(mlflow_store, tmp_path):
             "sft.batch_size=8",
             "reward.max_steps=2",
             "reward.batch_size=8",
+            "reward.max_heldout_pairs=100",
             "sft.learning_rate=0.01",
         ],
     )
@@ -53,9 +54,12 @@ def test_lora_sft_and_reward_log_merged_checkpoints(mlflow_store, tmp_path):
     load_causal_lm(str(sft_dir))
     tokenizer = load_tokenizer(str(rm_dir))
     logged_rm = load_reward_model(str(rm_dir), pad_token_id=tokenizer.pad_token_id)
-    # The logged accuracy and margin are those of the merged checkpoint that was logged, not of the adapters.
+    # The logged accuracy and margin are those of the merged checkpoint that was logged, not of the adapters
+    # (on the same 100 held-out pairs: the draw follows the seed).
     metrics = MlflowClient().get_run(reward.run_id).data.metrics
-    accuracy, margin = heldout_accuracy(logged_rm, tokenizer, paths["preferences_heldout"])
+    pairs = heldout_pairs(paths["preferences_heldout"], cfg.reward.max_heldout_pairs, cfg.seed)
+    assert len(pairs) == 100
+    accuracy, margin = heldout_accuracy(logged_rm, tokenizer, pairs)
     assert metrics["reward/accuracy"] == pytest.approx(accuracy, abs=1e-6)
     assert metrics["reward/heldout_margin"] == pytest.approx(margin, abs=1e-4)
     assert len(MlflowClient().get_metric_history(sft.run_id, "sft/loss")) == 4

@@ -70,3 +70,17 @@ def test_cli_exits_2_before_anything_starts(capsys, monkeypatch):
     assert cli.main(["run", "--set", "ppo.steps=true"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("rlhf: error: bad value True for 'ppo.steps'") and err.count("\n") == 1
+
+
+def test_reward_accuracy_may_be_measured_on_fewer_held_out_pairs(tmp_path):
+    from rlhf.builtin.dataset import write_builtin_dataset
+    from tasks.reward import heldout_pairs
+
+    path = str(write_builtin_dataset(tmp_path, 0)["preferences_heldout"])
+    assert load_config(None, []).reward.max_heldout_pairs is None
+    assert len(heldout_pairs(path, None, 0)) == len(heldout_pairs(path, 10_000, 0)) == 500  # all of them
+    drawn = heldout_pairs(path, 20, seed=0)
+    assert len(drawn) == 20 and drawn["chosen"] == heldout_pairs(path, 20, seed=0)["chosen"]  # the seed's draw
+    assert drawn["chosen"] != heldout_pairs(path, 20, seed=1)["chosen"]
+    with pytest.raises(ConfigError, match="reward.max_heldout_pairs"):
+        load_config(None, ["reward.max_heldout_pairs=0"])

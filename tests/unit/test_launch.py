@@ -1,14 +1,17 @@
-"""The launcher's command lines and the config checks of several processes (fast; no process started)."""
+"""The launcher's command lines, how it stops, and the config checks of several processes (fast)."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
 import sys
 
+import psutil
 import pytest
 
 from rlhf.config import ConfigError, load_config
 from rlhf.infra.distributed import Shard, all_gather_rows, all_reduce_sum, world_size
-from tasks.launch import launch_command
+from tasks.launch import launch_command, stop_launcher
 
 
 def test_torchrun_for_ddp_and_accelerate_launch_for_an_accelerate_config(tmp_path):
@@ -66,3 +69,29 @@ def test_one_process_helpers_are_the_identity():
     x = torch.arange(6).reshape(2, 3)
     assert all_gather_rows(x) is x
     assert all_reduce_sum([1.5, 2.0]) == [1.5, 2.0]
+
+
+def test_stopping_a_launcher_stops_each_worker_even_one_that_ignores_sigterm():
+    # The launcher starts its worker in a session of its own, as torchrun does; the worker ignores
+    # SIGTERM, as one stuck in a collective may; SIGKILL follows after the grace period.
+    worker = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(600)"
+    )
+    launcher = (
+        "import subprocess, sys, time\n"
+        f"w = subprocess.Popen([sys.executable, '-c', {worker!r}], start_new_session=True)\n"
+        "print(w.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", launcher], stdout=subprocess.PIPE, text=True)
+    try:
+        pid = int(proc.stdout.readline())
+        assert proc.stdout.readline() == "up\n"  # the worker has set its handler
+        child = psutil.Process(pid)
+        stop_launcher(proc, grace_s=1.0)
+        assert proc.returncode == -signal.SIGTERM
+        assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdout.close()
