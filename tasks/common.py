@@ -138,8 +138,8 @@ def crash_flow_runs(flow_run_ids: list[str]) -> list[str]:
 
     The flow runs of pipelines whose process was killed (their MLflow parent run's owner is gone, see
     rlhf.infra.tracking.end_dead_runs): on a server with the zombie automation (flows/automations.py,
-    `make serve`) Prefect ends them itself once their heartbeats stop; on the temporary local server,
-    which runs no automations, this is what ends them. Flow runs the API does not know are skipped.
+    `make serve`) Prefect ends them itself once their heartbeats stop; on a temporary local server,
+    which dies with the killed process, this is what ends them. Flow runs the API does not know are skipped.
     """
     from uuid import UUID
 

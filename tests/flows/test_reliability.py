@@ -285,6 +285,53 @@ def test_flow_run_of_a_killed_pipeline_ends_crashed_at_the_next_start(prefect_ha
     assert {r.data.tags.get("rlhf.stage", "pipeline") for r in killed} == {"pipeline", "evaluate"}
 
 
+ZOMBIE_FLOW_RUN = """
+import os, signal, time
+from prefect import flow
+from prefect.context import FlowRunContext
+
+@flow
+def zombie() -> None:
+    print(FlowRunContext.get().flow_run.id, flush=True)
+    time.sleep(3)  # Prefect sends the first heartbeat as the run starts
+    os.kill(os.getpid(), signal.SIGKILL)  # the process (and its machine) is gone: no final state is reported
+
+zombie()
+"""
+
+
+def test_flow_run_whose_heartbeats_stop_is_crashed_by_the_zombie_automation(prefect_harness) -> None:
+    from uuid import UUID
+
+    from prefect.automations import Automation
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.automations import NAME, ensure_zombie_automation
+
+    # 4-second beats (12 s to Crashed) instead of `make serve`'s 30 (90 s); created twice: still one automation
+    ensure_zombie_automation(4)
+    automation = ensure_zombie_automation(4)
+    try:
+        with get_client(sync_client=True) as prefect:
+            assert [a.id for a in prefect.read_automations_by_name(NAME)] == [automation.id]
+        env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(ROOT)}
+        out = subprocess.run(
+            [sys.executable, "-c", ZOMBIE_FLOW_RUN], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert out.returncode == -signal.SIGKILL, out.stdout[-2000:] + out.stderr[-2000:]
+        flow_run_id = UUID(out.stdout.split()[0])
+        deadline = time.monotonic() + 180
+        with get_client(sync_client=True) as prefect:
+            state = prefect.read_flow_run(flow_run_id).state
+            while state.type.value == "RUNNING" and time.monotonic() < deadline:
+                time.sleep(1)
+                state = prefect.read_flow_run(flow_run_id).state
+        assert state.type.value == "CRASHED" and "no heartbeat for 3 x 4 s" in state.message, state
+    finally:
+        Automation.read(id=automation.id).delete()  # the session's other flow runs must not meet a 12 s limit
+
+
 def test_pii_is_redacted_in_logged_ppo_samples(shared_store) -> None:
     from tasks.ppo import log_samples
 
