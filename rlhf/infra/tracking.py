@@ -116,6 +116,7 @@ def check_tracking_store(uri: str | None = None, timeout_s: float = PREFLIGHT_TI
                 "up but not healthy (or the URL is not an MLflow server). Fix: check the server's log, or point "
                 "MLFLOW_TRACKING_URI at the right address"
             )
+        check_credentials(uri, timeout_s)
     elif scheme == "sqlite":
         path = uri.removeprefix("sqlite:///")
         folder = Path(path).resolve().parent
@@ -135,6 +136,34 @@ def check_tracking_store(uri: str | None = None, timeout_s: float = PREFLIGHT_TI
                 f"MLFLOW_TRACKING_URI to another store (unset it for {DEFAULT_TRACKING_URI} in the working folder)"
             )
     return uri
+
+
+def check_credentials(uri: str, timeout_s: float = PREFLIGHT_TIMEOUT_S) -> None:
+    """Fail fast when a tracking server with authentication (MLflow's basic-auth app) refuses this process:
+    one authenticated request with the credentials MLflow's client sends (MLFLOW_TRACKING_USERNAME/PASSWORD,
+    or MLFLOW_TRACKING_TOKEN). A server without authentication answers it like any other."""
+    import requests
+
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    try:
+        response = requests.get(
+            f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search",
+            params={"max_results": 1},
+            auth=(user, password) if user and password else None,
+            headers={"Authorization": f"Bearer {token}"} if token and not (user and password) else None,
+            timeout=timeout_s,
+        )
+    except requests.RequestException:
+        return  # /health answered a moment ago; a failure here is left to MLflow's retries
+    if response.status_code in (401, 403):
+        sent = f"user {user!r} and MLFLOW_TRACKING_PASSWORD" if user and password else "no credentials"
+        raise TrackingUnavailable(
+            f"MLflow tracking server {mask_value(uri)} requires a login and refused {sent} (HTTP "
+            f"{response.status_code}). Fix: export MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD with an "
+            "account of that server (for `make serve`: the ones it was started with; docs/deployments.md, "
+            '"A shared server")'
+        )
 
 
 def is_transient_tracking_error(exc: BaseException | None) -> bool:

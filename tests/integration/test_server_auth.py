@@ -62,10 +62,18 @@ def test_both_servers_refuse_requests_without_the_credentials(auth_servers: Live
 
 
 def test_mlflow_client_authenticates_from_the_environment(auth_servers: LiveServers, monkeypatch) -> None:
-    from rlhf.infra.tracking import check_tracking_store
+    from rlhf.infra.tracking import TrackingUnavailable, check_tracking_store
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", auth_servers.mlflow_url)
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+    # `rlhf run` fails before any training, naming the variables, without them or with a wrong password
+    with pytest.raises(TrackingUnavailable, match="refused no credentials .*Fix: export MLFLOW_TRACKING_USERNAME"):
+        check_tracking_store()
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", MLFLOW_USER)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "wrong")
+    with pytest.raises(TrackingUnavailable, match=f"refused user '{MLFLOW_USER}'"):
+        check_tracking_store()
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", MLFLOW_PASSWORD)
     check_tracking_store()
     client = MlflowClient(auth_servers.mlflow_url)
