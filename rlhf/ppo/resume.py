@@ -1,9 +1,9 @@
 """PPO run ownership and resume: which interrupted run to continue, from which checkpoint.
 
 Every PPO stage run is tagged with a resume key (a hash of its inputs), its owner's
-host and pid, and a heartbeat a background thread rewrites (rlhf.infra.tracking.heartbeat). A new run with the same key continues the latest
-interrupted one (failed, killed, or RUNNING under a process that no longer exists)
-from its latest good checkpoint. Checkpoints are written to a local folder, logged
+host and pid, and a heartbeat a background thread rewrites (rlhf.infra.tracking.heartbeat).
+A new run with the same key continues the latest interrupted one (failed, killed, or
+RUNNING under a process that no longer exists) from its latest good checkpoint. Checkpoints are written to a local folder, logged
 (manifest first) and only then deleted locally, so one the tracking store never
 received is resumed from disk. A corrupted checkpoint is refused and the previous
 good one used. The stage (tasks/ppo.py) drives this; docs/reliability.md has the faults.
