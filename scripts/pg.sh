@@ -6,7 +6,8 @@
 #
 # The role is `mlflow` with the password in RLHF_PG_PASSWORD (required for start): TCP
 # connections need it (scram-sha-256); the Unix socket lives in DIR, not /var/run.
-# Then: mlflow server --backend-store-uri postgresql://mlflow:$RLHF_PG_PASSWORD@127.0.0.1:PORT/mlflow ...
+# Then: PGPASSWORD="$RLHF_PG_PASSWORD" mlflow server --backend-store-uri postgresql://mlflow@127.0.0.1:PORT/mlflow ...
+# (the password in the environment or ~/.pgpass, never in the URI: `ps` shows every command line).
 # As root, the server runs as the `postgres` user (Debian's package creates it), which owns DIR.
 # Debian's binaries: scripts/install-postgres.sh (make install-postgres).
 set -euo pipefail

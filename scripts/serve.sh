@@ -13,6 +13,17 @@
 #   RLHF_WORKER_QUEUES   space-separated queues the worker polls         (all of the pool's)
 #   RLHF_MLFLOW_WORKERS  MLflow server worker processes                  (2)
 #   RLHF_SERVE_TIMEOUT   seconds to wait for each server and the worker  (180)
+#   PREFECT_FLOWS_HEARTBEAT_FREQUENCY  seconds between flow-run heartbeats; a flow run silent for
+#                        3 of them ends Crashed (the zombie automation, flows/automations.py)   (30)
+#
+# Authentication (docs/deployments.md, "A shared server"): secrets come only from the environment, never
+# the command line, so `ps` shows none of them.
+#   MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD  both set: the MLflow server runs MLflow's basic-auth
+#                        app (`--app-name basic-auth`) with this user as its admin; flow runs and `rlhf`
+#                        send them (MLflow's client reads these variables)
+#   PREFECT_API_AUTH_STRING  "user:password": the Prefect server requires it (PREFECT_SERVER_API_AUTH_STRING);
+#                        the worker, the CLI and flow runs send it
+#   MLFLOW_FLASK_SERVER_SECRET_KEY  the basic-auth app's CSRF key (generated for this start if unset)
 set -Eeuo pipefail  # -E: the ERR trap below also fires inside functions
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -35,7 +46,21 @@ export PREFECT_CLI_PROMPT=false
 export PREFECT_SERVER_ANALYTICS_ENABLED=false MLFLOW_DISABLE_TELEMETRY=true GX_ANALYTICS_ENABLED=false
 export TOKENIZERS_PARALLELISM=false MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false
 
+export PREFECT_FLOWS_HEARTBEAT_FREQUENCY="${PREFECT_FLOWS_HEARTBEAT_FREQUENCY:-30}"
+
 die() { echo "serve: $*" >&2; exit 1; }
+
+MLFLOW_AUTH=0
+if [[ -n "${MLFLOW_TRACKING_USERNAME:-}${MLFLOW_TRACKING_PASSWORD:-}" ]]; then
+    [[ -n "${MLFLOW_TRACKING_USERNAME:-}" && -n "${MLFLOW_TRACKING_PASSWORD:-}" ]] \
+        || die "set both MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD for MLflow's basic-auth app, or neither"
+    "$PY" -c "import flask_wtf" 2>/dev/null \
+        || die "MLflow's basic-auth app needs Flask-WTF: run 'make install' (or pip install 'mlflow[auth]')"
+    MLFLOW_AUTH=1
+fi
+if [[ -n "${PREFECT_API_AUTH_STRING:-}" && "$PREFECT_API_AUTH_STRING" != ?*:?* ]]; then
+    die "PREFECT_API_AUTH_STRING must be user:password"
+fi
 
 [[ -x "$RLHF_BIN/prefect" && -x "$RLHF_BIN/mlflow" ]] \
     || die "no prefect/mlflow in $RLHF_BIN: run 'make install' or set RLHF_BIN to a bin folder that has them"
@@ -67,7 +92,7 @@ start() {  # start NAME CMD...: run CMD in its own session, log and PID file und
 
 wait_for() {  # wait_for NAME URL [JSON_KEY=VALUE]: until URL answers 200 (with that field), or the process dies
     "$PY" - "$1" "$2" "${3:-}" "$TIMEOUT" "$RUN_DIR/$1.pid" <<'EOF'
-import json, os, sys, time, urllib.request
+import base64, json, os, sys, time, urllib.request
 name, url, expect, timeout, pidfile = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4]), sys.argv[5]
 pid = int(open(pidfile).read())
 deadline, last = time.monotonic() + timeout, ""
@@ -77,7 +102,11 @@ while time.monotonic() < deadline:
     except ProcessLookupError:
         sys.exit(f"serve: {name} exited during start-up; see its log")
     try:
-        with urllib.request.urlopen(url, timeout=5) as r:
+        request = urllib.request.Request(url)
+        if os.environ.get("PREFECT_API_AUTH_STRING"):  # from the environment, never this command line
+            token = base64.b64encode(os.environ["PREFECT_API_AUTH_STRING"].encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
+        with urllib.request.urlopen(request, timeout=5) as r:
             body = r.read()
         if not expect:
             sys.exit(0)
@@ -92,12 +121,33 @@ sys.exit(f"serve: {name} not ready at {url} after {timeout:.0f} s (last: {last})
 EOF
 }
 
-# 2. The two servers, both bound to 127.0.0.1.
-start prefect-server "$RLHF_BIN/prefect" server start --host 127.0.0.1 --port "$PREFECT_PORT"
-start mlflow-server "$RLHF_BIN/mlflow" server \
-    --backend-store-uri "sqlite:///$MLFLOW_DIR/mlflow.db" \
-    --artifacts-destination "$MLFLOW_DIR/artifacts" \
-    --host 127.0.0.1 --port "$MLFLOW_PORT" --workers "${RLHF_MLFLOW_WORKERS:-2}"
+# 2. The two servers, both bound to 127.0.0.1. Each gets its secrets in its own environment (a subshell),
+#    none on its command line.
+(
+    if [[ -n "${PREFECT_API_AUTH_STRING:-}" ]]; then export PREFECT_SERVER_API_AUTH_STRING="$PREFECT_API_AUTH_STRING"; fi
+    start prefect-server "$RLHF_BIN/prefect" server start --host 127.0.0.1 --port "$PREFECT_PORT"
+)
+mlflow_args=()
+if ((MLFLOW_AUTH)); then
+    # MLflow's auth config: its user database beside the tracking store; the admin is created on the first
+    # start from MLFLOW_AUTH_ADMIN_USERNAME/PASSWORD (later password changes: MLflow's update-password API).
+    (umask 077 && printf '%s\n' "[mlflow]" "default_permission = READ" \
+        "database_uri = sqlite:///$MLFLOW_DIR/basic_auth.db" \
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth" >"$RUN_DIR/mlflow-auth.ini")
+    mlflow_args=(--app-name basic-auth)
+fi
+(
+    if ((MLFLOW_AUTH)); then
+        export MLFLOW_AUTH_CONFIG_PATH="$RUN_DIR/mlflow-auth.ini"
+        export MLFLOW_AUTH_ADMIN_USERNAME="$MLFLOW_TRACKING_USERNAME" MLFLOW_AUTH_ADMIN_PASSWORD="$MLFLOW_TRACKING_PASSWORD"
+        MLFLOW_FLASK_SERVER_SECRET_KEY="${MLFLOW_FLASK_SERVER_SECRET_KEY:-$("$PY" -c 'import secrets; print(secrets.token_hex(32))')}"
+        export MLFLOW_FLASK_SERVER_SECRET_KEY
+    fi
+    start mlflow-server "$RLHF_BIN/mlflow" server "${mlflow_args[@]}" \
+        --backend-store-uri "sqlite:///$MLFLOW_DIR/mlflow.db" \
+        --artifacts-destination "$MLFLOW_DIR/artifacts" \
+        --host 127.0.0.1 --port "$MLFLOW_PORT" --workers "${RLHF_MLFLOW_WORKERS:-2}"
+)
 wait_for prefect-server "$PREFECT_API_URL/health"
 wait_for mlflow-server "$MLFLOW_TRACKING_URI/health"
 
@@ -113,6 +163,9 @@ for item in "${QUEUE_LIMITS[@]}"; do
     fi
 done
 echo "serve: work pool $WORK_POOL, queues ${QUEUE_LIMITS[*]} (queue:limit)"
+
+# 3b. Flow runs whose heartbeats stop (kill -9, a lost machine) end Crashed: Prefect's zombie automation.
+"$PY" -m flows.automations
 
 # 4. Deploy. `--all` stops at the first entry whose flow file is missing, so entries whose
 #    file does not exist yet are named and skipped.
@@ -154,3 +207,7 @@ MLflow UI    http://127.0.0.1:$MLFLOW_PORT   (experiments, runs, models)
 Run one:     PREFECT_API_URL=$PREFECT_API_URL $RLHF_BIN/prefect deployment run 'rlhf-pipeline/smoke'
 Stop:        make stop      (PIDs and logs in $RUN_DIR)
 EOF
+if ((!MLFLOW_AUTH)) || [[ -z "${PREFECT_API_AUTH_STRING:-}" ]]; then
+    echo "Note: a server without MLFLOW_TRACKING_USERNAME/PASSWORD or PREFECT_API_AUTH_STRING has no authentication:" \
+        "fine on 127.0.0.1 for one user; set them for a shared machine (docs/deployments.md, \"A shared server\")"
+fi

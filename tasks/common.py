@@ -30,6 +30,7 @@ from rlhf.infra.tracking import (
     check_tracking_store,
     end_dead_runs,
     flatten,
+    heartbeat,
     is_transient_tracking_error,
     log_params,
     owner_tags,
@@ -145,6 +146,40 @@ class Evaluation:
 
 
 # -- the pipeline's parent run ------------------------------------------------------------------
+FLOW_RUN_TAG = "prefect.flow_run_id"
+"""Tag of a pipeline's MLflow parent run: the id of the Prefect flow run that executes it."""
+
+
+def crash_flow_runs(flow_run_ids: list[str]) -> list[str]:
+    """Set the Prefect flow runs still Running among ``flow_run_ids`` to Crashed; returns those changed.
+
+    The flow runs of pipelines whose process was killed (their MLflow parent run's owner is gone, see
+    rlhf.infra.tracking.end_dead_runs): on a server with the zombie automation (flows/automations.py,
+    `make serve`) Prefect ends them itself once their heartbeats stop; on a temporary local server,
+    which dies with the killed process, this is what ends them. Flow runs the API does not know are skipped.
+    """
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.states import Crashed
+
+    changed = []
+    with get_client(sync_client=True) as client:
+        for flow_run_id in flow_run_ids:
+            try:
+                flow_run = client.read_flow_run(UUID(flow_run_id))
+            except (ObjectNotFound, ValueError):
+                continue
+            if flow_run.state is not None and flow_run.state.is_running():
+                message = (
+                    "its process is gone (kill -9, out of memory, a lost machine): found at the next pipeline start"
+                )
+                client.set_flow_run_state(flow_run.id, Crashed(message=message), force=True)
+                changed.append(flow_run_id)
+    return changed
+
+
 def config_hash(cfg: PipelineConfig) -> str:
     """Short stable hash of the resolved config, time limits left out (they change no result)."""
     return hashlib.sha256(json.dumps(cfg.model_dump(exclude={"timeouts"}), sort_keys=True).encode()).hexdigest()[:16]
@@ -157,13 +192,18 @@ def pipeline_run(cfg: PipelineConfig, flow_run_name: str, flow_run_id: str) -> I
     that tie it to its Prefect flow run; the flow run gets a link artifact to it (``MLFLOW_RUN_ARTIFACT``)."""
     check_tracking_store()  # fail before any training when the store is unreachable
     experiment_id = setup_experiment(cfg.experiment)
-    end_dead_runs(experiment_id)  # runs a kill -9 left RUNNING (their process on this host is gone) end KILLED
-    with mlflow.start_run(
-        experiment_id=experiment_id, run_name=f"pipeline-{flow_run_name}", tags=owner_tags()
-    ) as parent:
+    dead = end_dead_runs(experiment_id)  # runs a kill -9 left RUNNING (their process is gone) end KILLED
+    if in_prefect_run():  # and the Prefect flow runs of those pipelines end Crashed
+        crash_flow_runs([run.data.tags[FLOW_RUN_TAG] for run in dead if run.data.tags.get(FLOW_RUN_TAG)])
+    with (
+        mlflow.start_run(
+            experiment_id=experiment_id, run_name=f"pipeline-{flow_run_name}", tags=owner_tags()
+        ) as parent,
+        heartbeat(parent.info.run_id),
+    ):
         log_params(flatten(cfg.model_dump()))
         mlflow.log_text(yaml.safe_dump(mask_secrets(cfg.model_dump()), sort_keys=False), "config.yaml")
-        mlflow.set_tags({"prefect.flow_run_id": flow_run_id, "config_hash": config_hash(cfg)})
+        mlflow.set_tags({FLOW_RUN_TAG: flow_run_id, "config_hash": config_hash(cfg)})
         if in_prefect_run():  # the way back: the flow run's Artifacts tab links its MLflow run
             create_link_artifact(
                 run_url(experiment_id, parent.info.run_id),

@@ -48,7 +48,7 @@ from rlhf.drift.signals import Signal, WindowFeatures, compute_signals
 from rlhf.infra.distributed import device as distributed_device
 from rlhf.infra.progress import in_prefect_run
 from rlhf.infra.security import redact_text
-from rlhf.infra.tracking import download, setup_experiment
+from rlhf.infra.tracking import download, end_dead_runs, heartbeat, owner_tags, setup_experiment
 from rlhf.validation.checks import BLANK_REGEX, bad_timestamps
 
 REPORT_ARTIFACT = "report"
@@ -329,10 +329,12 @@ def series_run(client: MlflowClient, experiment_id: str, lineage: Lineage) -> st
 
 
 def already_monitored(client: MlflowClient, experiment_id: str, series_id: str, window: TrafficWindow) -> bool:
-    """Whether a window run of this series exists for this file and index."""
+    """Whether a finished window run of this series exists for this file and index (one a kill -9 cut short,
+    left RUNNING or ended KILLED, does not count: the window is measured again)."""
     runs = client.search_runs(
         [experiment_id],
-        f"tags.`mlflow.parentRunId` = '{series_id}' and tags.`drift.window_index` = '{window.index}'",
+        f"tags.`mlflow.parentRunId` = '{series_id}' and tags.`drift.window_index` = '{window.index}' "
+        "and attributes.status = 'FINISHED'",
     )
     return any(r.data.tags.get("drift.window_file") == window.path for r in runs)
 
@@ -342,6 +344,7 @@ def run_monitor(cfg: MonitorConfig, models: MonitorModels | None = None) -> Moni
     window = find_window(cfg)
     rows = load_window(window.path)  # a malformed window fails before three models are downloaded
     experiment_id = setup_experiment(cfg.experiment)
+    end_dead_runs(experiment_id)  # window runs a kill -9 left RUNNING end KILLED
     client = MlflowClient()
     models = models or load_models(cfg, client)
     lineage = models.lineage
@@ -369,13 +372,16 @@ def run_monitor(cfg: MonitorConfig, models: MonitorModels | None = None) -> Moni
         "drift.cause": diagnosis.cause or "none",
         "drift.breached": ",".join(diagnosis.breached) or "none",
     }
-    with mlflow.start_run(
-        experiment_id=experiment_id,
-        run_name=f"window-{window.index:04d}",
-        parent_run_id=series_id,
-        nested=True,
-        tags=tags,
-    ) as run:
+    with (
+        mlflow.start_run(
+            experiment_id=experiment_id,
+            run_name=f"window-{window.index:04d}",
+            parent_run_id=series_id,
+            nested=True,
+            tags={**tags, **owner_tags()},
+        ) as run,
+        heartbeat(run.info.run_id),
+    ):
         mlflow.log_metrics(metrics, step=window.index)
         markdown = write_report(analysis, models, window, run.info.run_id, metrics)
     # 4. flag the model version

@@ -30,7 +30,6 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -124,7 +123,6 @@ def run_ppo(
                 "ppo.resume_key": key,
                 "ppo.owner_host": socket.gethostname(),
                 "ppo.owner_pid": str(os.getpid()),
-                "ppo.heartbeat": str(int(time.time())),
             }
         )
         trainer = build_trainer(cfg, sft, reward, prompts_path)
@@ -170,7 +168,6 @@ def run_ppo(
                 result = trainer.step()
                 step = trainer.step_count
                 mlflow.log_metrics({**result.metrics, **alert_metrics(result.alerts)}, step=step)
-                mlflow.set_tag("ppo.heartbeat", str(int(time.time())))
                 publish_alerts(result.alerts)
                 alerts += result.alerts
                 progress.update(

@@ -13,16 +13,23 @@ checkpoints carry a sha256 manifest (rlhf/infra/integrity.py) that ``download`` 
 and params pass through ``rlhf.infra.security.mask_secrets``.
 
 Every pipeline and stage run is tagged with its owner process (``rlhf.owner_host``,
-``rlhf.owner_pid``); ``end_dead_runs`` marks ``KILLED`` the runs still ``RUNNING`` whose
-owner on this host is gone (``kill -9``, an OOM kill), as MLflow cannot know itself.
+``rlhf.owner_pid``) and carries a heartbeat (``rlhf.heartbeat``, epoch seconds) that a
+background thread rewrites every ``heartbeat_interval_s()`` seconds, however long a
+training step takes. ``end_dead_runs`` marks ``KILLED`` the runs still ``RUNNING`` whose
+owner is gone (``kill -9``, an OOM kill, a lost machine), as MLflow cannot know itself:
+on this host, the pid no longer exists (or was reused); on another host, the heartbeat
+is older than ``STALE_AFTER_BEATS`` of that run's intervals.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import sqlite3
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -109,6 +116,7 @@ def check_tracking_store(uri: str | None = None, timeout_s: float = PREFLIGHT_TI
                 "up but not healthy (or the URL is not an MLflow server). Fix: check the server's log, or point "
                 "MLFLOW_TRACKING_URI at the right address"
             )
+        check_credentials(uri, timeout_s)
     elif scheme == "sqlite":
         path = uri.removeprefix("sqlite:///")
         folder = Path(path).resolve().parent
@@ -128,6 +136,34 @@ def check_tracking_store(uri: str | None = None, timeout_s: float = PREFLIGHT_TI
                 f"MLFLOW_TRACKING_URI to another store (unset it for {DEFAULT_TRACKING_URI} in the working folder)"
             )
     return uri
+
+
+def check_credentials(uri: str, timeout_s: float = PREFLIGHT_TIMEOUT_S) -> None:
+    """Fail fast when a tracking server with authentication (MLflow's basic-auth app) refuses this process:
+    one authenticated request with the credentials MLflow's client sends (MLFLOW_TRACKING_USERNAME/PASSWORD,
+    or MLFLOW_TRACKING_TOKEN). A server without authentication answers it like any other."""
+    import requests
+
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    try:
+        response = requests.get(
+            f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search",
+            params={"max_results": 1},
+            auth=(user, password) if user and password else None,
+            headers={"Authorization": f"Bearer {token}"} if token and not (user and password) else None,
+            timeout=timeout_s,
+        )
+    except requests.RequestException:
+        return  # /health answered a moment ago; a failure here is left to MLflow's retries
+    if response.status_code in (401, 403):
+        sent = f"user {user!r} and MLFLOW_TRACKING_PASSWORD" if user and password else "no credentials"
+        raise TrackingUnavailable(
+            f"MLflow tracking server {mask_value(uri)} requires a login and refused {sent} (HTTP "
+            f"{response.status_code}). Fix: export MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD with an "
+            "account of that server (for `make serve`: the ones it was started with; docs/deployments.md, "
+            '"A shared server")'
+        )
 
 
 def is_transient_tracking_error(exc: BaseException | None) -> bool:
@@ -186,20 +222,85 @@ def setup_experiment(name: str) -> str:
 
 
 OWNER_HOST, OWNER_PID = "rlhf.owner_host", "rlhf.owner_pid"
+HEARTBEAT_TAG, HEARTBEAT_INTERVAL_TAG = "rlhf.heartbeat", "rlhf.heartbeat_interval_s"
+HEARTBEAT_INTERVAL_S = 30.0
+"""Seconds between two heartbeats of a running pipeline or stage run (``RLHF_HEARTBEAT_S`` overrides it)."""
+STALE_AFTER_BEATS = 5
+"""A RUNNING run of another host whose heartbeat is older than this many of its own intervals (2.5 minutes by
+default) is taken as dead: ended KILLED at the next pipeline start, and a PPO run with the same inputs resumes it.
+Five beats ride out a tracking server that is briefly unreachable or slow, not a dead machine for long."""
+logger = logging.getLogger(__name__)
+
+
+def heartbeat_interval_s() -> float:
+    """The heartbeat interval this process writes with: ``RLHF_HEARTBEAT_S`` or ``HEARTBEAT_INTERVAL_S``."""
+    raw = os.environ.get("RLHF_HEARTBEAT_S") or str(HEARTBEAT_INTERVAL_S)
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 3600:
+        raise ValueError(
+            f"RLHF_HEARTBEAT_S={raw!r} is not a number of seconds in (0, 3600]. Fix: unset it (default "
+            f"{HEARTBEAT_INTERVAL_S:.0f}) or set it to e.g. 30"
+        )
+    return value
 
 
 def owner_tags() -> dict[str, str]:
-    """The tags that name the process executing a run (end_dead_runs reads them)."""
-    return {OWNER_HOST: socket.gethostname(), OWNER_PID: str(os.getpid())}
+    """The tags that name the process executing a run, with its first heartbeat (end_dead_runs reads them)."""
+    return {
+        OWNER_HOST: socket.gethostname(),
+        OWNER_PID: str(os.getpid()),
+        HEARTBEAT_TAG: f"{time.time():.0f}",
+        HEARTBEAT_INTERVAL_TAG: f"{heartbeat_interval_s():g}",
+    }
+
+
+@contextmanager
+def heartbeat(run_id: str) -> Iterator[None]:
+    """Rewrite the run's ``rlhf.heartbeat`` tag from a background thread every ``heartbeat_interval_s()`` seconds
+    while the block runs, so a slow step never looks like a dead process. A failed write is logged and retried at
+    the next beat (MLflow's client already retries each request)."""
+    interval, client, stop = heartbeat_interval_s(), MlflowClient(), threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(interval):
+            try:
+                client.set_tag(run_id, HEARTBEAT_TAG, f"{time.time():.0f}")
+            except Exception as e:  # a lost connection must not end the run; the next beat tries again
+                logger.warning("heartbeat of MLflow run %s not written: %s", run_id, e)
+
+    thread = threading.Thread(target=beat, name=f"rlhf-heartbeat-{run_id[:8]}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=interval + 1)
+
+
+def heartbeat_stale(run: mlflow.entities.Run, now: float | None = None) -> bool:
+    """Whether a run's last heartbeat (``rlhf.heartbeat``, else PPO's older ``ppo.heartbeat``, else its start) is
+    older than ``STALE_AFTER_BEATS`` of the interval it was written with."""
+    tags = run.data.tags
+    last = float(tags.get(HEARTBEAT_TAG) or tags.get("ppo.heartbeat") or run.info.start_time / 1000)
+    interval = float(tags.get(HEARTBEAT_INTERVAL_TAG) or HEARTBEAT_INTERVAL_S)
+    return (now or time.time()) - last > STALE_AFTER_BEATS * interval
 
 
 def owner_gone(run: mlflow.entities.Run) -> bool:
-    """Whether a run's owner process, on this host, no longer exists (or its pid now belongs to a younger
-    process). Runs of other hosts, of this process, or without owner tags are never judged gone."""
+    """Whether a run's owner process no longer exists: on this host, its pid is gone (or now belongs to a younger
+    process); on another host, its heartbeat is stale (``heartbeat_stale``). Runs of this process, or without
+    owner tags, are never judged gone."""
     tags = run.data.tags
     host = tags.get(OWNER_HOST) or tags.get("ppo.owner_host")
     pid = int(tags.get(OWNER_PID) or tags.get("ppo.owner_pid") or 0)
-    if host != socket.gethostname() or not pid or pid == os.getpid():
+    if not host or not pid:
+        return False
+    if host != socket.gethostname():
+        return heartbeat_stale(run)
+    if pid == os.getpid():
         return False
     try:
         return psutil.Process(pid).create_time() > run.info.start_time / 1000 + 1  # the pid was reused
@@ -207,16 +308,17 @@ def owner_gone(run: mlflow.entities.Run) -> bool:
         return True
 
 
-def end_dead_runs(experiment_id: str) -> list[str]:
-    """Mark KILLED (tag rlhf.ended_by=dead-owner) the RUNNING runs of an experiment whose owner process on this
-    host is gone; returns their ids. Called when a pipeline starts, so a kill -9 leaves no run RUNNING for good."""
+def end_dead_runs(experiment_id: str) -> list[mlflow.entities.Run]:
+    """Mark KILLED (tag rlhf.ended_by=dead-owner) the RUNNING runs of an experiment whose owner process is gone
+    (``owner_gone``); returns them as they were. Called when a pipeline starts, so a kill -9 leaves no run RUNNING
+    for good."""
     client = MlflowClient()
     ended = []
     for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=5000):
         if owner_gone(run):
             client.set_tag(run.info.run_id, "rlhf.ended_by", "dead-owner")
             client.set_terminated(run.info.run_id, "KILLED")
-            ended.append(run.info.run_id)
+            ended.append(run)
     return ended
 
 
@@ -228,7 +330,8 @@ def stage_run(
     inputs: dict[str, str] | None = None,
     system_metrics: bool = False,
 ) -> Iterator[mlflow.ActiveRun]:
-    """A child run named after the stage, nested under the pipeline's parent run, tagged with its owner process.
+    """A child run named after the stage, nested under the pipeline's parent run, tagged with its owner process
+    and kept fresh by a heartbeat thread (``heartbeat``) while it runs.
 
     ``inputs`` (split -> file) are logged as the run's dataset inputs, each with the fingerprint the validate
     stage put on the parent run (``data.fingerprint.<split>``; the file's own hash when the stage runs alone).
@@ -236,14 +339,17 @@ def stage_run(
     (``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL``), for the training stages.
     """
     parent = MlflowClient().get_run(parent_run_id)
-    with mlflow.start_run(
-        run_name=stage,
-        experiment_id=parent.info.experiment_id,
-        parent_run_id=parent_run_id,
-        nested=True,
-        tags={"rlhf.stage": stage, **owner_tags()},
-        log_system_metrics=system_metrics,
-    ) as run:
+    with (
+        mlflow.start_run(
+            run_name=stage,
+            experiment_id=parent.info.experiment_id,
+            parent_run_id=parent_run_id,
+            nested=True,
+            tags={"rlhf.stage": stage, **owner_tags()},
+            log_system_metrics=system_metrics,
+        ) as run,
+        heartbeat(run.info.run_id),
+    ):
         if params:
             log_params(params)
         for split, path in (inputs or {}).items():

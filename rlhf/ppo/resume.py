@@ -1,9 +1,9 @@
 """PPO run ownership and resume: which interrupted run to continue, from which checkpoint.
 
 Every PPO stage run is tagged with a resume key (a hash of its inputs), its owner's
-host and pid, and a heartbeat. A new run with the same key continues the latest
-interrupted one (failed, killed, or RUNNING under a process that no longer exists)
-from its latest good checkpoint. Checkpoints are written to a local folder, logged
+host and pid, and a heartbeat a background thread rewrites (rlhf.infra.tracking.heartbeat).
+A new run with the same key continues the latest interrupted one (failed, killed, or
+RUNNING under a process that no longer exists) from its latest good checkpoint. Checkpoints are written to a local folder, logged
 (manifest first) and only then deleted locally, so one the tracking store never
 received is resumed from disk. A corrupted checkpoint is refused and the previous
 good one used. The stage (tasks/ppo.py) drives this; docs/reliability.md has the faults.
@@ -18,20 +18,18 @@ import re
 import shutil
 import socket
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
-import psutil
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from rlhf.infra.integrity import MANIFEST, CheckpointCorrupted, read_manifest, verify_manifest
-from rlhf.infra.tracking import download, log_checkpoint
+from rlhf.infra.tracking import OWNER_HOST, OWNER_PID, download, log_checkpoint, owner_gone
 from rlhf.ppo.trainer import CHECKPOINT_FILES, PPOTrainer
 
 RUN_FILE = "mlflow_run.json"
@@ -40,8 +38,6 @@ CHECKPOINT_DIR = "checkpoints"
 LOCAL_CHECKPOINT_DIR = "ppo-checkpoints"
 """Under output_dir: checkpoints written but not yet logged, in ``<resume key>/<run id>/step_XXXXX``: each run
 writes only into its own folder, so two live runs with the same inputs never delete or resume from each other's."""
-STALE_AFTER_S = 900
-"""A RUNNING PPO run on another host whose heartbeat is this old is taken as interrupted."""
 _LIVE_RUNS: set[str] = set()
 """PPO runs this process is executing right now (never resumed from by this process)."""
 logger = logging.getLogger(__name__)
@@ -109,22 +105,21 @@ def step_of(path: Path) -> int | None:
 
 
 def owner_alive(run: mlflow.entities.Run) -> bool:
-    """Whether a PPO run is still being executed by some process (then it must not be resumed from)."""
+    """Whether a PPO run is still being executed by some process (then it must not be resumed from).
+
+    Same host: its pid exists and is not younger than the run; another host: its heartbeat is fresh
+    (rlhf.infra.tracking.owner_gone, STALE_AFTER_BEATS heartbeat intervals).
+    """
     if run.info.status != "RUNNING":
         return False
     if run.info.run_id in _LIVE_RUNS:
         return True
     tags = run.data.tags
-    host, pid = tags.get("ppo.owner_host"), int(tags.get("ppo.owner_pid", "0") or 0)
-    if host == socket.gethostname() and pid:
-        if pid == os.getpid():
-            return False  # this process, and not in _LIVE_RUNS: an earlier attempt that died (a Prefect retry)
-        try:  # alive, and started before the run did (else the pid was reused)
-            return psutil.Process(pid).create_time() <= run.info.start_time / 1000 + 1
-        except psutil.Error:
-            return False
-    heartbeat = float(tags.get("ppo.heartbeat") or run.info.start_time / 1000)
-    return time.time() - heartbeat < STALE_AFTER_S
+    host = tags.get(OWNER_HOST) or tags.get("ppo.owner_host")
+    pid = tags.get(OWNER_PID) or tags.get("ppo.owner_pid")
+    if host == socket.gethostname() and pid == str(os.getpid()):
+        return False  # this process, and not in _LIVE_RUNS: an earlier attempt that died (a Prefect retry)
+    return not owner_gone(run)
 
 
 def run_folder(local_root: Path, run_id: str) -> Path:

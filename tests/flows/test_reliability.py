@@ -165,6 +165,7 @@ with pipeline_run(PipelineConfig(experiment="kill9"), "killed", "flow-run-id") a
 
 def test_runs_left_running_by_kill_9_end_killed_at_the_next_start(shared_store, tmp_path) -> None:
     from rlhf.config import PipelineConfig
+    from rlhf.ppo.resume import owner_alive
     from tasks.common import pipeline_run
 
     client = MlflowClient()
@@ -175,23 +176,160 @@ def test_runs_left_running_by_kill_9_end_killed_at_the_next_start(shared_store, 
     experiment_id = client.get_run(parent_id).info.experiment_id
     left = client.search_runs([experiment_id], "attributes.status = 'RUNNING'")
     assert {r.info.run_id for r in left} >= {parent_id} and len(left) == 2  # the parent and its sft run
-    # A live run of another process on this host, and a run of another host, are left alone.
+    # A live run of another process on this host, and a run of another host with a fresh heartbeat, are left
+    # alone; a run of another host whose heartbeat is older than STALE_AFTER_BEATS intervals (5 x 30 s) ends.
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    remote = {"rlhf.owner_host": "gpu-node-7", "rlhf.owner_pid": "4242", "rlhf.heartbeat_interval_s": "30"}
     try:
         live = client.create_run(
             experiment_id, tags={"rlhf.owner_host": socket.gethostname(), "rlhf.owner_pid": str(sleeper.pid)}
         )
-        remote = client.create_run(experiment_id, tags={"rlhf.owner_host": "gpu-node-7", "rlhf.owner_pid": "4242"})
+        fresh = client.create_run(experiment_id, tags={**remote, "rlhf.heartbeat": f"{time.time() - 60:.0f}"})
+        stale = client.create_run(
+            experiment_id, tags={**remote, "rlhf.heartbeat": f"{time.time() - 200:.0f}", "ppo.resume_key": "k"}
+        )
+        # PPO's takeover rule is the same: 200 s without a heartbeat is dead (it was 15 minutes), 60 s is alive
+        assert owner_alive(client.get_run(fresh.info.run_id))
+        assert not owner_alive(client.get_run(stale.info.run_id))
         with pipeline_run(PipelineConfig(experiment="kill9"), "next", "flow-run-2"):
             pass
-        for run in left:
+        for run in [*left, stale]:
             ended = client.get_run(run.info.run_id)
             assert ended.info.status == "KILLED" and ended.data.tags["rlhf.ended_by"] == "dead-owner"
         assert client.get_run(live.info.run_id).info.status == "RUNNING"
-        assert client.get_run(remote.info.run_id).info.status == "RUNNING"
+        assert client.get_run(fresh.info.run_id).info.status == "RUNNING"
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_stage_runs_heartbeat_from_a_thread_while_the_stage_is_busy(shared_store, monkeypatch) -> None:
+    from rlhf.config import PipelineConfig
+    from rlhf.infra.tracking import HEARTBEAT_TAG, stage_run
+    from tasks.common import pipeline_run
+
+    monkeypatch.setenv("RLHF_HEARTBEAT_S", "0.2")
+    client = MlflowClient()
+    with pipeline_run(PipelineConfig(experiment="heartbeat"), "beats", "flow-run-3") as parent_id:
+        with stage_run(parent_id, "sft") as run:
+            run_ids = [parent_id, run.info.run_id]
+            assert client.get_run(run.info.run_id).data.tags["rlhf.heartbeat_interval_s"] == "0.2"
+            # The stage's own thread never writes a heartbeat (it could be in one long training step): each run's
+            # tag must still change, several times (it holds whole seconds).
+            seen: dict[str, set[str]] = {run_id: set() for run_id in run_ids}
+            deadline = time.monotonic() + 60
+            while min(map(len, seen.values())) < 3 and time.monotonic() < deadline:
+                for run_id in run_ids:
+                    seen[run_id].add(client.get_run(run_id).data.tags[HEARTBEAT_TAG])
+                time.sleep(0.2)
+            assert all(len(values) >= 3 for values in seen.values()), seen
+    assert not [t for t in threading.enumerate() if t.name.startswith("rlhf-heartbeat-")]  # stopped with the runs
+
+
+KILLED_FLOW_RUN = """
+import os, signal
+from prefect import flow
+from prefect.context import FlowRunContext
+from rlhf.config import PipelineConfig
+from rlhf.infra.tracking import stage_run
+from tasks.common import pipeline_run
+
+@flow
+def doomed() -> None:
+    flow_run = FlowRunContext.get().flow_run
+    with pipeline_run(PipelineConfig(experiment="kill9-prefect"), flow_run.name, str(flow_run.id)) as parent_id:
+        with stage_run(parent_id, "evaluate"):
+            print(parent_id, flow_run.id, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)  # as kill -9 in the middle of the evaluate stage
+
+doomed()
+"""
+
+
+def test_flow_run_of_a_killed_pipeline_ends_crashed_at_the_next_start(prefect_harness, mlflow_store) -> None:
+    from uuid import UUID
+
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.context import FlowRunContext
+    from prefect.settings import PREFECT_API_URL
+
+    from rlhf.config import PipelineConfig
+    from tasks.common import pipeline_run
+
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": mlflow_store,
+        "PREFECT_API_URL": PREFECT_API_URL.value(),
+        "PYTHONPATH": str(ROOT),
+    }
+    out = subprocess.run([sys.executable, "-c", KILLED_FLOW_RUN], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == -signal.SIGKILL, out.stdout[-2000:] + out.stderr[-2000:]
+    parent_id, flow_run_id = out.stdout.split()[:2]
+    with get_client(sync_client=True) as prefect:
+        assert prefect.read_flow_run(UUID(flow_run_id)).state.type.value == "RUNNING"  # what kill -9 leaves
+
+        @flow
+        def next_pipeline() -> None:
+            flow_run = FlowRunContext.get().flow_run
+            with pipeline_run(PipelineConfig(experiment="kill9-prefect"), flow_run.name, str(flow_run.id)):
+                pass
+
+        next_pipeline()
+        state = prefect.read_flow_run(UUID(flow_run_id)).state
+    assert state.type.value == "CRASHED" and "process is gone" in state.message
+    client = MlflowClient()
+    experiment_id = client.get_run(parent_id).info.experiment_id
+    assert client.search_runs([experiment_id], "attributes.status = 'RUNNING'") == []
+    killed = client.search_runs([experiment_id], "attributes.status = 'KILLED'")
+    assert {r.data.tags.get("rlhf.stage", "pipeline") for r in killed} == {"pipeline", "evaluate"}
+
+
+ZOMBIE_FLOW_RUN = """
+import os, signal, time
+from prefect import flow
+from prefect.context import FlowRunContext
+
+@flow
+def zombie() -> None:
+    print(FlowRunContext.get().flow_run.id, flush=True)
+    time.sleep(3)  # Prefect sends the first heartbeat as the run starts
+    os.kill(os.getpid(), signal.SIGKILL)  # the process (and its machine) is gone: no final state is reported
+
+zombie()
+"""
+
+
+def test_flow_run_whose_heartbeats_stop_is_crashed_by_the_zombie_automation(prefect_harness) -> None:
+    from uuid import UUID
+
+    from prefect.automations import Automation
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.automations import NAME, ensure_zombie_automation
+
+    # 4-second beats (12 s to Crashed) instead of `make serve`'s 30 (90 s); created twice: still one automation
+    ensure_zombie_automation(4)
+    automation = ensure_zombie_automation(4)
+    try:
+        with get_client(sync_client=True) as prefect:
+            assert [a.id for a in prefect.read_automations_by_name(NAME)] == [automation.id]
+        env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(ROOT)}
+        out = subprocess.run(
+            [sys.executable, "-c", ZOMBIE_FLOW_RUN], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert out.returncode == -signal.SIGKILL, out.stdout[-2000:] + out.stderr[-2000:]
+        flow_run_id = UUID(out.stdout.split()[0])
+        deadline = time.monotonic() + 180
+        with get_client(sync_client=True) as prefect:
+            state = prefect.read_flow_run(flow_run_id).state
+            while state.type.value == "RUNNING" and time.monotonic() < deadline:
+                time.sleep(1)
+                state = prefect.read_flow_run(flow_run_id).state
+        assert state.type.value == "CRASHED" and "no heartbeat for 3 x 4 s" in state.message, state
+    finally:
+        Automation.read(id=automation.id).delete()  # the session's other flow runs must not meet a 12 s limit
 
 
 def test_pii_is_redacted_in_logged_ppo_samples(shared_store) -> None:

@@ -93,10 +93,15 @@ class SmokeOutcome:
     version: str
 
 
-def _serve_env(root: Path, prefect_port: int, mlflow_port: int) -> dict[str, str]:
+AUTH_VARIABLES = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "PREFECT_API_AUTH_STRING")
+"""The credentials scripts/serve.sh turns authentication on with; taken only from ``auth``, never inherited."""
+
+
+def _serve_env(root: Path, prefect_port: int, mlflow_port: int, auth: dict[str, str] | None) -> dict[str, str]:
     env = dict(os.environ)
-    for key in ("PREFECT_API_URL", "PREFECT_PROFILE", "MLFLOW_TRACKING_URI"):
+    for key in ("PREFECT_API_URL", "PREFECT_PROFILE", "MLFLOW_TRACKING_URI", *AUTH_VARIABLES):
         env.pop(key, None)
+    env.update(auth or {})
     env.update(
         RLHF_BIN=str(Path(sys.executable).parent),
         RLHF_PREFECT_PORT=str(prefect_port),
@@ -111,10 +116,11 @@ def _serve_env(root: Path, prefect_port: int, mlflow_port: int) -> dict[str, str
     return env
 
 
-def start_servers(root: Path) -> LiveServers:
-    """Run scripts/serve.sh on free ports with its state under ``root``."""
+def start_servers(root: Path, auth: dict[str, str] | None = None) -> LiveServers:
+    """Run scripts/serve.sh on free ports with its state under ``root``; ``auth``: the credential variables
+    (``AUTH_VARIABLES``) that turn on MLflow's basic-auth app and Prefect's auth string."""
     prefect_port, mlflow_port = free_port(), free_port()
-    env = _serve_env(root, prefect_port, mlflow_port)
+    env = _serve_env(root, prefect_port, mlflow_port, auth)
     servers = LiveServers(
         f"http://127.0.0.1:{prefect_port}",
         f"http://127.0.0.1:{mlflow_port}",

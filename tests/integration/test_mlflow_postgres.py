@@ -56,7 +56,9 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def postgres_mlflow():
-    """(tracking URI, PostgreSQL URI, artifacts folder) of a server started for this module."""
+    """(tracking URI, PostgreSQL URI, artifacts folder, password, server pid) of a server started for this module.
+
+    The password reaches the MLflow server as PGPASSWORD in its environment, not in the URI on its command line."""
     reason = _missing()
     if reason:
         if _required():
@@ -68,7 +70,8 @@ def postgres_mlflow():
     password = secrets.token_hex(16)
     pg_port, mlflow_port = _free_port(), _free_port()
     env = {**os.environ, "RLHF_PG_PASSWORD": password}
-    pg_uri = f"postgresql://mlflow:{password}@127.0.0.1:{pg_port}/mlflow"
+    # No password in the URI: it would be on the server's command line (ps). libpq reads PGPASSWORD.
+    pg_uri = f"postgresql://mlflow@127.0.0.1:{pg_port}/mlflow"
     subprocess.run(
         ["bash", str(ROOT / "scripts" / "pg.sh"), "start", str(pg_dir), str(pg_port)], env=env, check=True, timeout=120
     )
@@ -94,6 +97,7 @@ def postgres_mlflow():
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env={**os.environ, "PGPASSWORD": password},
         )
         url = f"http://127.0.0.1:{mlflow_port}"
         deadline = time.monotonic() + 180
@@ -106,7 +110,7 @@ def postgres_mlflow():
                 pass
             assert time.monotonic() < deadline, f"mlflow server not healthy: {Path(log.name).read_text()[-3000:]}"
             time.sleep(1)
-        yield url, pg_uri, artifacts
+        yield url, pg_uri, artifacts, password, server.pid
     finally:
         if server is not None:
             server.terminate()  # its own session: the gunicorn/uvicorn workers go with it
@@ -122,11 +126,15 @@ def postgres_mlflow():
 
 
 def test_smoke_pipeline_on_postgres_backed_tracking_server(postgres_mlflow, prefect_harness, tmp_path, monkeypatch):
+    import psutil
     import psycopg
 
     from flows.pipeline import rlhf_pipeline
 
-    url, pg_uri, artifacts = postgres_mlflow
+    url, pg_uri, artifacts, password, server_pid = postgres_mlflow
+    server = psutil.Process(server_pid)
+    for proc in [server, *server.children(recursive=True)]:  # the server and its workers: ps shows no password
+        assert password not in " ".join(proc.cmdline()), proc.cmdline()
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
     mlflow.set_tracking_uri(url)
@@ -148,7 +156,7 @@ def test_smoke_pipeline_on_postgres_backed_tracking_server(postgres_mlflow, pref
     assert result.model_uri in {f"models:/rlhf-policy/{v.version}" for v in versions}
 
     # The rows are in PostgreSQL, and the artifacts went through the server into --artifacts-destination.
-    with psycopg.connect(pg_uri) as conn, conn.cursor() as cur:
+    with psycopg.connect(pg_uri, password=password) as conn, conn.cursor() as cur:
         cur.execute("SELECT status FROM runs WHERE run_uuid = %s", (result.parent_run_id,))
         assert cur.fetchone() == ("FINISHED",)
         cur.execute("SELECT count(*) FROM metrics WHERE run_uuid = %s AND key = 'objective/kl'", (ppo.info.run_id,))

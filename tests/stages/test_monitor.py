@@ -360,3 +360,45 @@ def test_alert_event_is_what_the_retraining_trigger_expects():
     assert spec["parameters"] == {"retrain_of": "{{ event.payload.model_uri }}"}
     assert first.payload["model_uri"] == "models:/rlhf-policy/3"
     assert trigger.within.total_seconds() == 24 * 3600  # the cooldown docs/monitoring.md states
+
+
+def test_a_window_run_cut_short_by_kill_9_is_ended_and_the_window_measured_again(mlflow_store, tmp_path):
+    """A monitor killed while logging a window left its window run RUNNING, and every later monitor run skipped
+    that window as already monitored, so it was never measured. Now the next start ends the run KILLED (its owner
+    is gone) and only a finished window run counts."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from mlflow.tracking import MlflowClient
+
+    from rlhf.infra.tracking import end_dead_runs, setup_experiment
+    from tasks.monitor import TrafficWindow, already_monitored
+
+    client = MlflowClient()
+    experiment_id = setup_experiment("monitor-kill9")
+    series = client.create_run(experiment_id, tags={"drift.series": "m/1"})
+    window = TrafficWindow(str(tmp_path / "window_000.jsonl"), 0)
+    killed = f"""
+import os, signal, mlflow
+from rlhf.infra.tracking import heartbeat, owner_tags
+mlflow.set_tracking_uri({mlflow_store!r})
+with mlflow.start_run(experiment_id={experiment_id!r}, parent_run_id={series.info.run_id!r}, nested=True,
+                      tags={{"drift.window_index": "0", "drift.window_file": {window.path!r}, **owner_tags()}}) as run:
+    with heartbeat(run.info.run_id):
+        os.kill(os.getpid(), signal.SIGKILL)  # kill -9 while the window run is open
+"""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    out = subprocess.run([sys.executable, "-c", killed], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
+    assert not already_monitored(client, experiment_id, series.info.run_id, window)
+    (ended,) = end_dead_runs(experiment_id)
+    assert client.get_run(ended.info.run_id).info.status == "KILLED"
+    assert not already_monitored(client, experiment_id, series.info.run_id, window)
+    done = client.create_run(
+        experiment_id,
+        tags={"mlflow.parentRunId": series.info.run_id, "drift.window_index": "0", "drift.window_file": window.path},
+    )
+    client.set_terminated(done.info.run_id)
+    assert already_monitored(client, experiment_id, series.info.run_id, window)
