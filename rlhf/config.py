@@ -154,7 +154,7 @@ class SFTConfig(_Section):
     )
     group_by_length: bool = Field(
         True,
-        description="Batch rows of similar length (transformers' LengthGroupedSampler) so less of each batch is padding; the built-in data's random batches are about a third padding",
+        description="Batch rows of similar length (transformers' LengthGroupedSampler) so less of each batch is padding; the built-in data's random batches are about a third padding. Grouping is per process: with several processes the global batches hold other rows than with one",
     )
 
 

