@@ -43,6 +43,9 @@ VALIDATE = "validate"
 SFT = "sft"
 REWARD = "reward"
 PPO = "ppo"
+DPO = "dpo"
+RLOO = "rloo"
+GRPO = "grpo"
 EVALUATE = "evaluate"
 REGISTER = "register"
 BASELINE = "baseline"
@@ -91,7 +94,9 @@ class Checkpoint:
 
 @dataclass(frozen=True)
 class PPOResult:
-    """The final policy and every logged checkpoint (step -> artifact URI)."""
+    """The final policy and every logged checkpoint (step -> artifact URI): the handover of every policy-training
+    stage (PPO, DPO, RLOO, GRPO), so evaluation, registration and monitoring never ask which algorithm trained it.
+    Step 0 is the SFT policy the stage started from."""
 
     final: Checkpoint
     checkpoints: dict[int, str]
@@ -114,6 +119,15 @@ class PPOResult:
         )
 
 
+JudgeKind = Literal["gold", "heldout_reward_model", "reward_model"]
+JUDGE_METRIC: dict[str, str | None] = {
+    "gold": "gold_reward_mean",
+    "heldout_reward_model": "heldout_rm_score_mean",
+    "reward_model": None,
+}
+"""Test-split metric of each judge's mean score (the reward model's is eval/rm_score_mean already)."""
+
+
 @dataclass(frozen=True)
 class Evaluation:
     """The evaluate stage's result: its run, test-split metrics, the chosen checkpoint and its tags."""
@@ -126,6 +140,11 @@ class Evaluation:
     tags: dict[str, str]
     """eval.* and hacking.* tags, copied onto the registered version."""
 
+    @property
+    def judge_score(self) -> float:
+        """Mean test-split score of the judge (gold, held-out reward model, or the reward model itself)."""
+        return self.metrics[f"eval/{JUDGE_METRIC[self.tags['eval.judge']] or 'rm_score_mean'}"]
+
 
 # -- the pipeline's parent run ------------------------------------------------------------------
 def config_hash(cfg: PipelineConfig) -> str:
@@ -134,23 +153,22 @@ def config_hash(cfg: PipelineConfig) -> str:
 
 
 @contextmanager
-def pipeline_run(cfg: PipelineConfig, flow_run_name: str, flow_run_id: str) -> Iterator[str]:
-    """The MLflow parent run of one pipeline run (yields its id): checks the store, logs every
+def pipeline_run(cfg: PipelineConfig, flow_run_name: str, flow_run_id: str, kind: str = "pipeline") -> Iterator[str]:
+    """The MLflow parent run of one pipeline (or comparison, ``kind``) run, named ``<kind>-<flow run name>``
+    (yields its id): checks the store, logs every
     config value as a param, the resolved config (secrets masked) as config.yaml, and the tags
     that tie it to its Prefect flow run; the flow run gets a link artifact to it (``MLFLOW_RUN_ARTIFACT``)."""
     check_tracking_store()  # fail before any training when the store is unreachable
     experiment_id = setup_experiment(cfg.experiment)
     end_dead_runs(experiment_id)  # runs a kill -9 left RUNNING (their process on this host is gone) end KILLED
-    with mlflow.start_run(
-        experiment_id=experiment_id, run_name=f"pipeline-{flow_run_name}", tags=owner_tags()
-    ) as parent:
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"{kind}-{flow_run_name}", tags=owner_tags()) as parent:
         log_params(flatten(cfg.model_dump()))
         mlflow.log_text(yaml.safe_dump(mask_secrets(cfg.model_dump()), sort_keys=False), "config.yaml")
         mlflow.set_tags({"prefect.flow_run_id": flow_run_id, "config_hash": config_hash(cfg)})
         if in_prefect_run():  # the way back: the flow run's Artifacts tab links its MLflow run
             create_link_artifact(
                 run_url(experiment_id, parent.info.run_id),
-                link_text=f"MLflow run pipeline-{flow_run_name}",
+                link_text=f"MLflow run {kind}-{flow_run_name}",
                 key=MLFLOW_RUN_ARTIFACT,
                 description="The MLflow parent run of this flow run: params, config.yaml, the stage runs and their metrics",
             )
