@@ -114,7 +114,6 @@ def winner(rows: list[AlgorithmRow]) -> str | None:
 
 def format_comparison(rows: list[AlgorithmRow], judge_kind: str, kl_budget: float | None, best: str | None) -> str:
     """Markdown table of the comparison, one row per algorithm, and the verdict."""
-    budget = "no KL budget" if kl_budget is None else f"KL budget {kl_budget:g} nats"
     lines = [
         f"| algorithm | seeds | {judge_kind} (test, mean [min, max]) | within budget | KL | win rate vs SFT "
         "| intent accuracy | violation rate | distinct-2 | wall time (s) | throughput |",
@@ -128,9 +127,10 @@ def format_comparison(rows: list[AlgorithmRow], judge_kind: str, kl_budget: floa
             f"{c['win_rate_vs_sft']:.3f} | {c['intent_accuracy']:.3f} | {c['violation_rate']:.3f} | "
             f"{c['distinct_2']:.3f} | {r.wall_s:.0f} | {r.throughput:.1f} {r.unit}/s |"
         )
-    verdict = (
-        f"Winner within the {budget}: **{best}**"
-        if best
-        else f"No algorithm's chosen checkpoint stayed within the {budget} in every seed: no winner"
-    )
+    if kl_budget is None:
+        verdict = f"Winner (no KL budget): **{best}**"
+    elif best:
+        verdict = f"Winner within the KL budget of {kl_budget:g} nats: **{best}**"
+    else:
+        verdict = f"No algorithm's chosen checkpoint stayed within the KL budget of {kl_budget:g} nats in every seed: no winner"
     return "\n".join(lines) + "\n\n" + verdict
