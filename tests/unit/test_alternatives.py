@@ -154,3 +154,24 @@ def test_comparison_markdown_names_the_winner_and_the_budget() -> None:
     assert none.endswith("stayed within the KL budget of 12 nats in every seed: no winner")
     assert format_comparison(rows, "gold", None, "dpo").endswith("Winner (no KL budget): **dpo**")
     assert math.isnan(summarise([AlgorithmRun("ppo", 0, 0.1, True, {})])[0].throughput)
+
+
+# ------------------------------------------------------------------------------------ command line
+def test_compare_command_parses_and_refuses_with_the_fix(capsys) -> None:
+    from rlhf.cli import ALGORITHM_CHOICES, main, parse_compare
+
+    assert ALGORITHM_CHOICES == ALGORITHMS
+    assert parse_compare("ppo, dpo,grpo", "0,1") == (("ppo", "dpo", "grpo"), (0, 1))
+    for algorithms, seeds in (
+        ("ppo,trpo", "0"),
+        ("ppo,ppo", "0"),
+        ("", "0"),
+        ("dpo", "0,x"),
+        ("dpo", "1,1"),
+        ("dpo", "-1"),
+    ):
+        assert main(["compare", "--algorithms", algorithms, "--seeds", seeds]) == 2
+        assert "e.g. --" in capsys.readouterr().err
+    # every candidate's config is checked before anything trains: DPO trains in one process only
+    assert main(["compare", "--algorithms", "ppo,dpo", "--set", "distributed.num_processes=2"]) == 2
+    assert "algorithm=dpo trains in one process here" in capsys.readouterr().err
