@@ -175,3 +175,24 @@ def test_compare_command_parses_and_refuses_with_the_fix(capsys) -> None:
     # every candidate's config is checked before anything trains: DPO trains in one process only
     assert main(["compare", "--algorithms", "ppo,dpo", "--set", "distributed.num_processes=2"]) == 2
     assert "algorithm=dpo trains in one process here" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ wiring
+@pytest.mark.parametrize(
+    ("algorithm", "data_args"),
+    [("ppo", ["prompts"]), ("dpo", ["preferences", "prompts"]), ("rloo", ["prompts"]), ("grpo", ["prompts"])],
+)
+def test_the_pipeline_trains_the_policy_with_the_configured_algorithm(algorithm, data_args, monkeypatch) -> None:
+    import flows.pipeline as pipeline
+    from tasks.common import Checkpoint
+    from tasks.validate import ValidatedData
+
+    calls = []
+    monkeypatch.setattr(
+        pipeline, "call_stage", lambda task, cfg, *args: calls.append((task.name, args)) or (None, False)
+    )
+    data = ValidatedData({"prompts": "p.jsonl", "preferences": "prefs.jsonl", "sft": "s.jsonl"}, {})
+    sft, reward = Checkpoint("s", "uri-s"), Checkpoint("r", "uri-r")
+    pipeline.train_policy(load_config(None, [f"algorithm={algorithm}"]), sft, reward, data, "parent")
+    paths = {"prompts": "p.jsonl", "preferences": "prefs.jsonl"}
+    assert calls == [(algorithm, (sft, reward, *[paths[name] for name in data_args], "parent"))]
