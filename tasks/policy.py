@@ -86,6 +86,10 @@ METRIC_NAMES: dict[str, dict[str, str]] = {
 (``/`` kept). ``completions/clipped_ratio`` also gives ``response/eos_rate`` = 1 - it."""
 
 
+OUR_NAMESPACES = frozenset({"objective", "policy", "loss", "response", "dpo"})
+"""Namespaces of the names METRIC_NAMES maps to (logged as they are, not under the algorithm's prefix)."""
+
+
 class TRLMetrics(MlflowStepLogger):
     """TRL's per-step logs under our names (``METRIC_NAMES``), at the trainer's global step."""
 
@@ -103,9 +107,6 @@ class TRLMetrics(MlflowStepLogger):
             mlflow.log_metrics({k: float(v) for k, v in ours.items()}, step=state.global_step)
         # everything else under the algorithm's namespace (MlflowStepLogger adds the prefix)
         super().on_log(args, state, control, {k: v for k, v in renamed.items() if k not in ours}, **kwargs)
-
-
-OUR_NAMESPACES = frozenset({"objective", "policy", "loss", "response", "dpo"})
 
 
 @dataclass
