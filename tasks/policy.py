@@ -198,6 +198,7 @@ def trl_policy_args(section: Any, seed: int, output_dir: str, scheduler: str) ->
         "logging_steps": 1,
         "save_strategy": "no",
         "report_to": "none",
+        "disable_tqdm": False,  # keeps the Trainer's ProgressCallback (which the stage swaps for TrainerProgress), not the log printer
         "seed": seed,
         "data_seed": seed,
         "dataloader_num_workers": 0,
