@@ -125,7 +125,21 @@ def rlhf_compare(
         version, _ = call_stage(
             register_task, best.config, best.policy, best.evaluation, data.fingerprints, parent_id, reward
         )
-        mlflow.set_tags({"compare.winner": comparison.winner, "registry.version": version.version})
+        # The runs the registered version came from, by stage: SFT and the reward model may come from Prefect's cache
+        # (earlier parent runs) and the policy's runs sit under its candidate run; monitoring's lineage reads this tag.
+        stage_runs = {
+            "sft": sft.run_id,
+            "reward": reward.run_id,
+            best.algorithm: best.policy.final.run_id,
+            "evaluate": best.evaluation.run_id,
+        }
+        mlflow.set_tags(
+            {
+                "compare.winner": comparison.winner,
+                "registry.version": version.version,
+                "rlhf.stage_runs": ",".join(f"{stage}={run_id}" for stage, run_id in stage_runs.items()),
+            }
+        )
         if version.baseline_uri is None:
             call_stage(
                 baseline_task,
