@@ -169,7 +169,7 @@ def monitor_growth(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     baseline = compute_baseline(policy, reference, reward_model, tokenizer, heldout, BaselineConfig(), seed=0)
     baseline_s = time.perf_counter() - t0
-    lineage = Lineage("bench", "1", "", "", {}, paths["sft"], paths["sft"], paths["reward"], {}, None)
+    lineage = Lineage("bench", "1", "", "", {}, paths["sft"], paths["sft"], paths["reward"], "ppo", {}, None)
     models = monitor.MonitorModels(lineage, baseline, tokenizer, policy, reference, reward_model)
     t0 = time.perf_counter()
     pools = traffic.build_pools(policy, reward_model, tokenizer, clean_size=args.pool, seed=1, kinds=("clean",))

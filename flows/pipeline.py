@@ -1,4 +1,5 @@
-"""The training pipeline: validate -> SFT -> reward model -> PPO -> evaluate -> register -> baseline.
+"""The training pipeline: validate -> SFT -> reward model -> policy (PPO, DPO, RLOO or GRPO) -> evaluate ->
+register -> baseline.
 
 Wiring only: each stage is a task in tasks/, and stages hand each other MLflow
 references. One MLflow parent run spans the flow run; each stage opens a child run. The
@@ -26,14 +27,17 @@ from rlhf.infra.env import quiet_defaults
 from rlhf.registry.promotion import PromotionOutcome
 from tasks.baseline import baseline_task
 from tasks.caching import call_stage
-from tasks.common import PPO, REWARD, SFT, VALIDATE, pipeline_run
+from tasks.common import REWARD, SFT, VALIDATE, Checkpoint, PPOResult, pipeline_run
+from tasks.dpo import dpo_task
 from tasks.evaluate import evaluate_task, format_table
+from tasks.grpo import grpo_task
 from tasks.ppo import ppo_task
 from tasks.register import pipeline_lock_dir, register_task
 from tasks.retrain import drifted_version, retrain_check_task
 from tasks.reward import reward_task
+from tasks.rloo import rloo_task
 from tasks.sft import sft_task
-from tasks.validate import validate_task
+from tasks.validate import ValidatedData, validate_task
 
 
 @dataclass(frozen=True)
@@ -99,13 +103,15 @@ def rlhf_pipeline(
         reward, cached_reward = call_stage(
             reward_task, config, sft, data.paths["preferences"], data.paths["preferences_heldout"], parent_id
         )
-        ppo, cached_ppo = call_stage(ppo_task, config, sft, reward, data.paths["prompts"], parent_id)
-        hits = ((VALIDATE, cached_validate), (SFT, cached_sft), (REWARD, cached_reward), (PPO, cached_ppo))
+        ppo, cached_ppo = train_policy(config, sft, reward, data, parent_id)
+        algorithm = config.algorithm
+        hits = ((VALIDATE, cached_validate), (SFT, cached_sft), (REWARD, cached_reward), (algorithm, cached_ppo))
         cached = [name for name, hit in hits if hit]
         mlflow.set_tags(
             {
+                "rlhf.algorithm": algorithm,
                 "rlhf.cached_stages": ",".join(cached) or "none",
-                "rlhf.stage_runs": f"{SFT}={sft.run_id},{REWARD}={reward.run_id},{PPO}={ppo.final.run_id}",
+                "rlhf.stage_runs": f"{SFT}={sft.run_id},{REWARD}={reward.run_id},{algorithm}={ppo.final.run_id}",
             }
         )
         if cached:
@@ -139,6 +145,18 @@ def rlhf_pipeline(
         promotion = config.promotion.model_copy(update={"lock_dir": pipeline_lock_dir(config)})
         outcome = promote(version.name, version.version, promotion)
         return PipelineResult(parent_id, version.model_uri, evaluation.metrics, outcome)
+
+
+def train_policy(
+    config: PipelineConfig, sft: Checkpoint, reward: Checkpoint, data: ValidatedData, parent_id: str
+) -> tuple[PPOResult, bool]:
+    """The policy stage of ``config.algorithm`` on its data (DPO: the preference pairs; the others: the prompts);
+    (its checkpoints, whether they came from the cache)."""
+    prompts = data.paths["prompts"]
+    if config.algorithm == "dpo":
+        return call_stage(dpo_task, config, sft, reward, data.paths["preferences"], prompts, parent_id)
+    stage = {"ppo": ppo_task, "rloo": rloo_task, "grpo": grpo_task}[config.algorithm]
+    return call_stage(stage, config, sft, reward, prompts, parent_id)
 
 
 if __name__ == "__main__":

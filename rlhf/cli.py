@@ -1,4 +1,4 @@
-"""`rlhf`: the command-line entry point, the top layer (run the pipeline, validate data,
+"""`rlhf`: the command-line entry point, the top layer (run the pipeline, compare algorithms, validate data,
 monitor drift, simulate traffic, promote and roll back, one process of a launched training stage).
 
 Errors the user can fix are printed as one line naming the fix, with exit status 2;
@@ -25,6 +25,9 @@ DRIFT_KIND_CHOICES = (
     "reward_hacking",
 )
 """rlhf.builtin.traffic.DRIFT_KINDS, spelled out so `rlhf --help` answers without importing torch (a test keeps them equal)."""
+
+ALGORITHM_CHOICES = ("ppo", "dpo", "rloo", "grpo")
+"""rlhf.config.ALGORITHMS, spelled out so `rlhf --help` answers without importing pydantic models (a test keeps them equal)."""
 
 UI_HINT = """\
 Open the results:
@@ -126,6 +129,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rollback.add_argument("--model", default=None, help="registered model (default: registered_model, rlhf-policy)")
     add_config_options(rollback, "promotion.lock_timeout_s=30")
+    compare = sub.add_parser(
+        "compare",
+        help="train several algorithms from one SFT policy and reward model; compare them on one frontier",
+        description="Runs the compare flow (docs/alternatives.md): validation, SFT and the reward model once; each "
+        "algorithm and seed trained and evaluated in its own child run; then a comparison run with the frontier plot "
+        "(judge score against sqrt(KL) of every checkpoint), the table and the winner within the KL budget, which is "
+        "registered (not promoted: `rlhf promote VERSION` does that).",
+    )
+    compare.add_argument(
+        "--algorithms",
+        default=",".join(ALGORITHM_CHOICES),
+        help=f"comma-separated, from {', '.join(ALGORITHM_CHOICES)} (default: all)",
+    )
+    compare.add_argument("--seeds", default="0", help="comma-separated training seeds, e.g. 0,1 (default 0)")
+    add_config_options(compare, "grpo.steps=30")
     stage = sub.add_parser(
         "train-stage", help="one process of a training stage started by torchrun/accelerate launch (tasks/launch.py)"
     )
@@ -208,6 +226,51 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(format_table(result.metrics, cfg.ppo.kl_target))
     print(f"\nRegistered {result.model_uri} (MLflow parent run {result.parent_run_id})")
     print(promotion_summary(result.promotion))
+    print(UI_HINT)
+    return 0
+
+
+def parse_compare(algorithms: str, seeds: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """--algorithms and --seeds as tuples; unknown, repeated or malformed entries raise ConfigError naming the fix."""
+    names = tuple(a.strip() for a in algorithms.split(",") if a.strip())
+    unknown = [a for a in names if a not in ALGORITHM_CHOICES]
+    if not names or unknown or len(set(names)) != len(names):
+        raise ConfigError(
+            f"--algorithms {algorithms!r}: give distinct names from {', '.join(ALGORITHM_CHOICES)}, comma-separated "
+            "(e.g. --algorithms ppo,dpo,rloo,grpo)"
+        )
+    try:
+        numbers = tuple(int(s) for s in seeds.split(",") if s.strip())
+    except ValueError:
+        numbers = ()
+    if not numbers or len(set(numbers)) != len(numbers) or min(numbers) < 0:
+        raise ConfigError(f"--seeds {seeds!r}: give distinct non-negative integers, comma-separated (e.g. --seeds 0,1)")
+    return names, numbers
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from rlhf.config import load_config
+
+    algorithms, seeds = parse_compare(args.algorithms, args.seeds)
+    cfg = load_config(args.config, args.overrides)
+    for algorithm in algorithms:  # every candidate's config is valid before anything trains
+        for seed in seeds:
+            load_config(args.config, [*args.overrides, f"algorithm={algorithm}", f"seed={seed}"])
+    from rlhf.infra.tracking import check_tracking_store
+
+    check_tracking_store()
+
+    from flows.compare import rlhf_compare
+
+    result = rlhf_compare(algorithms, seeds, cfg)
+    print(
+        f"\nComparison of {', '.join(algorithms)} over seeds {', '.join(map(str, seeds))} (MLflow parent run "
+        f"{result.parent_run_id}, comparison run {result.comparison.run_id}: compare/frontier.png, compare/table.json):"
+    )
+    print(result.comparison.markdown)
+    if result.model_uri:
+        version = result.model_uri.rsplit("/", 1)[1]
+        print(f"\nRegistered the winner as {result.model_uri}; promote it with: rlhf promote {version}")
     print(UI_HINT)
     return 0
 
@@ -461,6 +524,7 @@ def main(argv: list[str] | None = None) -> int:
 
     commands = {
         "run": cmd_run,
+        "compare": cmd_compare,
         "validate": cmd_validate,
         "monitor": cmd_monitor,
         "traffic": cmd_traffic,

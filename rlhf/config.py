@@ -18,6 +18,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 MAX_SEED = 2**32 - 1  # numpy's seeds are 0..2**32-1
+Algorithm = Literal["ppo", "dpo", "rloo", "grpo"]
+ALGORITHMS: tuple[Algorithm, ...] = get_args(Algorithm)
 
 
 class _Section(BaseModel):
@@ -278,6 +280,112 @@ class PPOConfig(_Section):
         return self
 
 
+class DPOConfig(_Section):
+    """Direct Preference Optimization (Rafailov et al. 2023) with TRL's DPOTrainer: the SFT policy trained on the
+    preference pairs directly, against the frozen SFT reference; no reward model in the loop."""
+
+    steps: int = Field(100, ge=1, description="Optimizer steps")
+    batch_size: int = Field(32, ge=1, description="Preference pairs per optimizer step")
+    learning_rate: float = Field(1e-4, gt=0, le=1, description="Peak AdamW learning rate (linear decay, 5% warm-up)")
+    beta: float = Field(
+        0.1,
+        gt=0,
+        description="Strength of the implicit KL regulariser: higher keeps the policy closer to the SFT reference (IPO: the regulariser tau)",
+    )
+    loss: Literal["sigmoid", "ipo", "hinge", "robust"] = Field(
+        "sigmoid",
+        description="sigmoid: the DPO loss; ipo: IPO's squared loss (Azar et al. 2023); hinge: SLiC; robust: DPO corrected for label noise at rate label_smoothing",
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="Assumed share of flipped preference labels (loss=robust only; 0 otherwise)"
+    )
+    max_length: int = Field(128, ge=8, description="Longest prompt+response in tokens; longer pairs are truncated")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient norm clip")
+    checkpoint_every: int = Field(
+        20, ge=1, description="Log a checkpoint every N steps (and at the end); step 0 is the SFT checkpoint"
+    )
+
+    @model_validator(mode="after")
+    def _check_smoothing(self) -> DPOConfig:
+        if self.label_smoothing and self.loss != "robust":
+            raise ValueError(
+                f"dpo.label_smoothing ({self.label_smoothing}) only applies to dpo.loss=robust (got "
+                f"{self.loss!r}): set dpo.loss=robust or dpo.label_smoothing=0"
+            )
+        return self
+
+
+class _SampledPolicyConfig(_Section):
+    """What RLOO and GRPO share: several sampled responses per prompt, scored by the reward model."""
+
+    steps: int = Field(
+        60,
+        ge=1,
+        description="Optimizer steps; each samples and scores a new batch of episodes (with epochs > 1, every `epochs` steps)",
+    )
+    batch_size: int = Field(
+        32,
+        ge=1,
+        description="Episodes (prompt + sampled response) per optimizer step: batch_size / num_generations prompts",
+    )
+    num_generations: int = Field(
+        4, ge=2, description="Responses sampled per prompt; each response's baseline comes from its siblings"
+    )
+    beta: float = Field(
+        0.05,
+        ge=0,
+        description="KL coefficient to the SFT reference (fixed; 0 drops the reference model and the KL term)",
+    )
+    learning_rate: float = Field(
+        1e-4,
+        gt=0,
+        le=1,
+        description="AdamW learning rate (constant); 3e-4 ran past a 12-nat KL budget on the built-in task (docs/alternatives.md)",
+    )
+    max_new_tokens: int = Field(48, ge=1, description="Longest response in tokens")
+    temperature: float = Field(1.0, gt=0, le=10, description="Sampling temperature (same as eval.temperature's)")
+    epochs: int = Field(
+        1, ge=1, description="Optimizer steps on each sampled batch of episodes (TRL's num_iterations, mu)"
+    )
+    clip_range: float = Field(0.2, gt=0, description="Ratio clip epsilon (matters only with epochs > 1)")
+    missing_eos_penalty: float = Field(
+        1.0, ge=0, description="Subtracted from the score of a response that never ends (as in PPO)"
+    )
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient norm clip")
+    checkpoint_every: int = Field(
+        20, ge=1, description="Log a checkpoint every N iterations (and at the end); step 0 is the SFT checkpoint"
+    )
+
+    @model_validator(mode="after")
+    def _check_groups(self) -> _SampledPolicyConfig:
+        name = "grpo" if isinstance(self, GRPOConfig) else "rloo"
+        if self.batch_size % self.num_generations:
+            raise ValueError(
+                f"{name}.batch_size ({self.batch_size}) must be a multiple of {name}.num_generations "
+                f"({self.num_generations}): each prompt's responses form one group; change one of them"
+            )
+        return self
+
+
+class RLOOConfig(_SampledPolicyConfig):
+    """REINFORCE Leave-One-Out (Ahmadian et al. 2024) with TRL's RLOOTrainer: each response's baseline is the mean
+    reward of its siblings; the KL to the reference is a penalty in the reward (sequence-level k1), as in PPO."""
+
+
+class GRPOConfig(_SampledPolicyConfig):
+    """Group Relative Policy Optimization (Shao et al. 2024) with TRL's GRPOTrainer: advantages are rewards
+    normalised within each prompt's group; the KL to the reference (k3, per token) is a term of the loss."""
+
+    loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"] = Field(
+        "dapo",
+        description="How token losses are averaged: grpo (per sequence, then batch; length-biased), dapo (over all tokens of the batch, TRL's default), dr_grpo (by a constant), bnpo (tokens of the local batch)",
+    )
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group",
+        description="Divide advantages by the reward std of the group (GRPO), of the batch, or not at all (Dr. GRPO)",
+    )
+
+
 class EvalConfig(_Section):
     max_new_tokens: int = Field(48, ge=1, description="Longest response in tokens")
     samples_per_prompt: int = Field(2, ge=1, description="Responses sampled per held-out prompt")
@@ -309,6 +417,9 @@ class TimeoutConfig(_Section):
         43_200, ge=1, description="Reward-model training (also the judge reward model on your own data)"
     )
     ppo_s: int = Field(86_400, ge=1, description="PPO, all iterations and checkpoints")
+    dpo_s: int = Field(86_400, ge=1, description="DPO (algorithm=dpo), all steps and checkpoints")
+    rloo_s: int = Field(86_400, ge=1, description="RLOO (algorithm=rloo), all iterations and checkpoints")
+    grpo_s: int = Field(86_400, ge=1, description="GRPO (algorithm=grpo), all iterations and checkpoints")
     evaluate_s: int = Field(21_600, ge=1, description="Held-out evaluation and checkpoint selection")
     register_s: int = Field(3600, ge=1, description="Registering the policy and reward model versions")
     baseline_s: int = Field(7200, ge=1, description="The drift-monitoring baseline profile of the new version")
@@ -466,7 +577,7 @@ class DiagnosticsConfig(_Section):
     kl_budget: float | None = Field(
         None,
         gt=0,
-        description="Largest mean sequence KL(pi || pi_sft) in nats a chosen checkpoint may have (measured on the selection split); None: ppo.kl_budget, the budget PPO trained under",
+        description="Largest mean sequence KL(pi || pi_sft) in nats a chosen checkpoint may have (measured on the selection split); None: ppo.kl_budget, the budget PPO trains under, which then bounds every algorithm (dpo, rloo, grpo too)",
     )
     divergence_z: float = Field(
         2.0,
@@ -556,12 +667,19 @@ class PipelineConfig(_Section):
     )
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed for data, initialisation and sampling (0..2**32-1)")
     output_dir: str = Field("outputs", description="Local folder for checkpoints and data of each run")
+    algorithm: Algorithm = Field(
+        "ppo",
+        description="How the policy is trained from SFT: ppo (ours, value head, adaptive KL), dpo (on the preference pairs), rloo or grpo (several samples per prompt, scored by the reward model); its section below holds its options (docs/alternatives.md)",
+    )
     data: DataConfig = DataConfig()
     validation: ValidationConfig = ValidationConfig()
     model: ModelConfig = ModelConfig()
     sft: SFTConfig = SFTConfig()
     reward: RewardConfig = RewardConfig()
     ppo: PPOConfig = PPOConfig()
+    dpo: DPOConfig = DPOConfig()
+    rloo: RLOOConfig = RLOOConfig()
+    grpo: GRPOConfig = GRPOConfig()
     eval: EvalConfig = EvalConfig()
     diagnostics: DiagnosticsConfig = DiagnosticsConfig()
     baseline: BaselineConfig = BaselineConfig()
@@ -573,6 +691,11 @@ class PipelineConfig(_Section):
     @model_validator(mode="after")
     def _check_global_batches(self) -> PipelineConfig:
         n = self.distributed.num_processes
+        if n > 1 and self.algorithm != "ppo":
+            raise ValueError(
+                f"algorithm={self.algorithm} trains in one process here (distributed.num_processes={n}): set "
+                "distributed.num_processes=1, or algorithm=ppo for several processes"
+            )
         for name, value in (
             ("sft.batch_size", self.sft.batch_size),
             ("reward.batch_size", self.reward.batch_size),

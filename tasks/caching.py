@@ -37,7 +37,19 @@ from prefect.context import TaskRunContext
 from rlhf.config import PipelineConfig
 from rlhf.infra.integrity import fingerprint, fingerprint_path
 from rlhf.infra.tracking import tracking_uri
-from tasks.common import PPO, RETRY_ON_TRACKING_ERROR, REWARD, SFT, VALIDATE, Checkpoint, StageTimedOut, config_hash
+from tasks.common import (
+    DPO,
+    GRPO,
+    PPO,
+    RETRY_ON_TRACKING_ERROR,
+    REWARD,
+    RLOO,
+    SFT,
+    VALIDATE,
+    Checkpoint,
+    StageTimedOut,
+    config_hash,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 EXCLUDED_INPUTS = frozenset({"parent_run_id", "out_dir"})
@@ -47,8 +59,12 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     SFT: ("seed", "model", "sft"),
     REWARD: ("seed", "model", "reward"),
     PPO: ("seed", "data", "ppo"),
+    DPO: ("seed", "data", "dpo", "eval"),
+    RLOO: ("seed", "data", "rloo"),
+    GRPO: ("seed", "data", "grpo"),
 }
-"""The config sections each cached stage reads (PPO: data, for the task's gold judge)."""
+"""The config sections each cached stage reads (data: for the task's gold judge; DPO probes its checkpoints at
+the evaluation's sampling settings)."""
 PROJECT_PACKAGES = ("rlhf", "tasks", "models", "flows")
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 

@@ -44,6 +44,9 @@ VALIDATE = "validate"
 SFT = "sft"
 REWARD = "reward"
 PPO = "ppo"
+DPO = "dpo"
+RLOO = "rloo"
+GRPO = "grpo"
 EVALUATE = "evaluate"
 REGISTER = "register"
 BASELINE = "baseline"
@@ -109,7 +112,9 @@ class Checkpoint:
 
 @dataclass(frozen=True)
 class PPOResult:
-    """The final policy and every logged checkpoint (step -> artifact URI)."""
+    """The final policy and every logged checkpoint (step -> artifact URI): the handover of every policy-training
+    stage (PPO, DPO, RLOO, GRPO), so evaluation, registration and monitoring never ask which algorithm trained it.
+    Step 0 is the SFT policy the stage started from."""
 
     final: Checkpoint
     checkpoints: dict[int, str]
@@ -132,6 +137,15 @@ class PPOResult:
         )
 
 
+JudgeKind = Literal["gold", "heldout_reward_model", "reward_model"]
+JUDGE_METRIC: dict[str, str | None] = {
+    "gold": "gold_reward_mean",
+    "heldout_reward_model": "heldout_rm_score_mean",
+    "reward_model": None,
+}
+"""Test-split metric of each judge's mean score (the reward model's is eval/rm_score_mean already)."""
+
+
 @dataclass(frozen=True)
 class Evaluation:
     """The evaluate stage's result: its run, test-split metrics, the chosen checkpoint and its tags."""
@@ -143,6 +157,11 @@ class Evaluation:
     step: int
     tags: dict[str, str]
     """eval.* and hacking.* tags, copied onto the registered version."""
+
+    @property
+    def judge_score(self) -> float:
+        """Mean test-split score of the judge (gold, held-out reward model, or the reward model itself)."""
+        return self.metrics[f"eval/{JUDGE_METRIC[self.tags['eval.judge']] or 'rm_score_mean'}"]
 
 
 # -- the pipeline's parent run ------------------------------------------------------------------
@@ -186,8 +205,9 @@ def config_hash(cfg: PipelineConfig) -> str:
 
 
 @contextmanager
-def pipeline_run(cfg: PipelineConfig, flow_run_name: str, flow_run_id: str) -> Iterator[str]:
-    """The MLflow parent run of one pipeline run (yields its id): checks the store, logs every
+def pipeline_run(cfg: PipelineConfig, flow_run_name: str, flow_run_id: str, kind: str = "pipeline") -> Iterator[str]:
+    """The MLflow parent run of one pipeline (or comparison, ``kind``) run, named ``<kind>-<flow run name>``
+    (yields its id): checks the store, logs every
     config value as a param, the resolved config (secrets masked) as config.yaml, and the tags
     that tie it to its Prefect flow run; the flow run gets a link artifact to it (``MLFLOW_RUN_ARTIFACT``)."""
     check_tracking_store()  # fail before any training when the store is unreachable
@@ -196,9 +216,7 @@ def pipeline_run(cfg: PipelineConfig, flow_run_name: str, flow_run_id: str) -> I
     if in_prefect_run():  # and the Prefect flow runs of those pipelines end Crashed
         crash_flow_runs([run.data.tags[FLOW_RUN_TAG] for run in dead if run.data.tags.get(FLOW_RUN_TAG)])
     with (
-        mlflow.start_run(
-            experiment_id=experiment_id, run_name=f"pipeline-{flow_run_name}", tags=owner_tags()
-        ) as parent,
+        mlflow.start_run(experiment_id=experiment_id, run_name=f"{kind}-{flow_run_name}", tags=owner_tags()) as parent,
         heartbeat(parent.info.run_id),
     ):
         log_params(flatten(cfg.model_dump()))
@@ -207,7 +225,7 @@ def pipeline_run(cfg: PipelineConfig, flow_run_name: str, flow_run_id: str) -> I
         if in_prefect_run():  # the way back: the flow run's Artifacts tab links its MLflow run
             create_link_artifact(
                 run_url(experiment_id, parent.info.run_id),
-                link_text=f"MLflow run pipeline-{flow_run_name}",
+                link_text=f"MLflow run {kind}-{flow_run_name}",
                 key=MLFLOW_RUN_ARTIFACT,
                 description="The MLflow parent run of this flow run: params, config.yaml, the stage runs and their metrics",
             )

@@ -31,7 +31,6 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import mlflow
 import torch
@@ -39,9 +38,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from models.generation import decode_responses, sample
 from models.loading import load_causal_lm, load_reward_model, load_tokenizer
-from models.policy import position_ids_from_mask
 from models.reward import score_texts
 from rlhf.builtin.task import task_knowledge
 from rlhf.config import PipelineConfig
@@ -54,6 +51,7 @@ from rlhf.evaluation.hacking import (
     select_checkpoint,
     split_for_selection,
 )
+from rlhf.evaluation.sampling import Samples, sample_with_kl
 from rlhf.evaluation.stats import (
     distinct_count,
     distinct_n,
@@ -70,25 +68,7 @@ from rlhf.infra.progress import in_prefect_run
 from rlhf.infra.security import redact_columns
 from rlhf.infra.tracking import checkpoint_model_id, download, stage_run
 from rlhf.registry.promotion import CHAMPION, registry_aliases
-from rlhf.rl.losses import logprobs_from_logits
-from tasks.common import EVALUATE, Checkpoint, Evaluation, PPOResult
-
-BATCH = 64
-JudgeKind = Literal["gold", "heldout_reward_model", "reward_model"]
-JUDGE_METRIC: dict[str, str | None] = {
-    "gold": "gold_reward_mean",
-    "heldout_reward_model": "heldout_rm_score_mean",
-    "reward_model": None,
-}
-"""Test-split metric of each judge's mean score (the reward model's is eval/rm_score_mean already)."""
-
-
-@dataclass
-class Samples:
-    responses: list[str]
-    lengths: list[int]
-    ended: list[bool]
-    kl: list[float]
+from tasks.common import EVALUATE, JUDGE_METRIC, Checkpoint, Evaluation, JudgeKind, PPOResult
 
 
 @dataclass(frozen=True)
@@ -106,30 +86,6 @@ class Scored:
     samples: Samples
     proxy: list[float]
     judge: list[float]
-
-
-@torch.no_grad()
-def sample_with_kl(policy, ref, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float) -> Samples:
-    """Sample responses in batches; per-response sequence KL(policy || ref) by k1 (0 when ref is None)."""
-    out = Samples([], [], [], [])
-    for i in range(0, len(prompts), BATCH):
-        rollout = sample(policy, tokenizer, prompts[i : i + BATCH], max_new_tokens, temperature)
-        if ref is None:
-            kl = torch.zeros(len(rollout.lengths))
-        else:
-            query_len = rollout.query_ids.shape[1]
-            mask = rollout.attention_mask
-            kwargs = dict(input_ids=rollout.input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask))
-            logprobs = [
-                logprobs_from_logits(m(**kwargs).logits[:, query_len - 1 : -1] / temperature, rollout.response_ids)
-                for m in (policy, ref)
-            ]
-            kl = ((logprobs[0] - logprobs[1]) * rollout.response_mask).sum(1)
-        out.responses += decode_responses(tokenizer, rollout)
-        out.lengths += rollout.lengths.tolist()
-        out.ended += rollout.ended.tolist()
-        out.kl += kl.tolist()
-    return out
 
 
 def load_policy(path: str, device: str, trust_remote_code: bool = False):

@@ -149,6 +149,7 @@ def version_tags(
         "lineage.checkpoint_uri": evaluation.checkpoint.uri,
         "lineage.checkpoint_step": str(evaluation.step),
         "lineage.final_checkpoint_uri": ppo.final.uri,
+        "lineage.algorithm": cfg.algorithm,  # ppo, dpo, rloo or grpo: the stage that trained the checkpoint
         **training_lineage(cfg, fingerprints),  # data, code and config: what a retraining compares with
         TRUST_REMOTE_CODE_TAG: str(cfg.model.trust_remote_code).lower(),  # monitoring loads the models the same way
         **{

@@ -106,10 +106,11 @@ def inspect_targets(cause: Cause, lineage) -> list[Inspect]:
         if "evaluate" in runs:
             out.append(Inspect("evaluation run (proxy vs gold at registration)", runs["evaluate"]))
     else:
-        if "ppo" in runs:
-            out.append(Inspect("PPO run (objective/kl, objective/scores per step)", runs["ppo"]))
-        for step, uri in sorted(lineage.ppo_checkpoints.items()):
-            out.append(Inspect(f"PPO checkpoint step {step}", uri))
+        name = lineage.algorithm.upper()
+        if lineage.algorithm in runs:
+            out.append(Inspect(f"{name} run (its KL and score metrics per step)", runs[lineage.algorithm]))
+        for step, uri in sorted(lineage.policy_checkpoints.items()):
+            out.append(Inspect(f"{name} checkpoint step {step}", uri))
         if "evaluate" in runs:
             out.append(Inspect("evaluation run (checkpoint choice)", runs["evaluate"]))
     return out

@@ -3,8 +3,9 @@
 tasks/register.py tags each version with ``lineage.pipeline_run_id`` and
 ``lineage.checkpoint_uri``; the pipeline's parent run has one child run per stage
 tagged ``rlhf.stage`` (sft, reward, ppo, evaluate, register, ...), each with a
-``checkpoint`` artifact folder (PPO: ``checkpoints/step_XXXXX``). The reference
-policy is the SFT checkpoint; the reward model is the reward stage's.
+``checkpoint`` artifact folder (the policy stage, ppo/dpo/rloo/grpo as the version's
+``lineage.algorithm`` tag says: ``checkpoints/step_XXXXX``). The reference policy is
+the SFT checkpoint; the reward model is the reward stage's.
 """
 
 from __future__ import annotations
@@ -40,7 +41,10 @@ class Lineage:
     policy_uri: str
     reference_uri: str
     reward_model_uri: str
-    ppo_checkpoints: dict[int, str]
+    algorithm: str
+    """The policy stage that trained the version (tag lineage.algorithm; versions from before it: ppo)."""
+    policy_checkpoints: dict[int, str]
+    """Step -> URI of each checkpoint the policy stage logged."""
     baseline_uri: str | None
     trust_remote_code: bool = False
     """Whether the version's checkpoints need their shipped model code (tag lineage.trust_remote_code)."""
@@ -89,7 +93,7 @@ def resolve_lineage(client: MlflowClient, name: str, version: str | None = None,
             stage_runs[stage] = run.info.run_id
             artifact_uris[stage] = run.info.artifact_uri
     # Stages the pipeline reused from Prefect's cache ran under an earlier pipeline run; flows/pipeline.py
-    # names the runs it used in the tag rlhf.stage_runs ("sft=<id>,reward=<id>,ppo=<id>").
+    # names the runs it used in the tag rlhf.stage_runs ("sft=<id>,reward=<id>,<algorithm>=<id>").
     for item in pipeline.data.tags.get("rlhf.stage_runs", "").split(","):
         stage, _, run_id = item.partition("=")
         if run_id and stage not in stage_runs:
@@ -101,12 +105,13 @@ def resolve_lineage(client: MlflowClient, name: str, version: str | None = None,
                 f"pipeline run {pipeline_id} of {name} version {mv.version} has no child run tagged rlhf.stage={stage}: "
                 "the reference and reward model are found there; re-run the pipeline or log the stage"
             )
+    algorithm = tags.get("lineage.algorithm", "ppo")
     checkpoints: dict[int, str] = {}
-    if "ppo" in stage_runs:
-        for item in client.list_artifacts(stage_runs["ppo"], "checkpoints"):
+    if algorithm in stage_runs:
+        for item in client.list_artifacts(stage_runs[algorithm], "checkpoints"):
             match = re.search(r"step_(\d+)$", item.path)
             if item.is_dir and match:
-                checkpoints[int(match.group(1))] = f"{artifact_uris['ppo']}/{item.path}"
+                checkpoints[int(match.group(1))] = f"{artifact_uris[algorithm]}/{item.path}"
     return Lineage(
         model_name=name,
         version=str(mv.version),
@@ -116,7 +121,8 @@ def resolve_lineage(client: MlflowClient, name: str, version: str | None = None,
         policy_uri=tags["lineage.checkpoint_uri"],
         reference_uri=f"{artifact_uris['sft']}/checkpoint",
         reward_model_uri=f"{artifact_uris['reward']}/checkpoint",
-        ppo_checkpoints=checkpoints,
+        algorithm=algorithm,
+        policy_checkpoints=checkpoints,
         baseline_uri=tags.get(BASELINE_TAG),
         trust_remote_code=tags.get(TRUST_REMOTE_CODE_TAG) == "true",
     )

@@ -101,7 +101,7 @@ def test_monitor_loads_the_version_as_it_was_registered(remote_dir, monkeypatch)
     from rlhf.drift.lineage import Lineage
 
     def lineage(trust: bool) -> Lineage:
-        return Lineage("m", "1", "r", "p", {}, remote_dir, remote_dir, remote_dir, {}, "runs:/r/baseline", trust)
+        return Lineage("m", "1", "r", "p", {}, remote_dir, remote_dir, remote_dir, "ppo", {}, "runs:/r/baseline", trust)
 
     monkeypatch.setattr(tasks.monitor, "download", lambda uri, into: Path(uri))
     monkeypatch.setattr(tasks.monitor, "load_baseline", lambda uri: None)

@@ -70,6 +70,17 @@ def test_smoke_deployment_runs_configs_smoke_yaml(monkeypatch: pytest.MonkeyPatc
     assert smoke != PipelineConfig() and smoke.ppo.steps == 4  # the preset is not the defaults
 
 
+def test_compare_deployment_parameters_are_the_flows(monkeypatch: pytest.MonkeyPatch):
+    """The on-demand comparison deployment: its parameters validate against the flow's signature."""
+    from prefect.flows import load_flow_from_entrypoint
+
+    monkeypatch.chdir(ROOT)
+    deployment = prefect_yaml_deployment("compare")
+    flow = load_flow_from_entrypoint(deployment["entrypoint"])
+    params = flow.validate_parameters(deployment["parameters"])
+    assert params["algorithms"] == ("ppo", "dpo", "rloo", "grpo") and params["seeds"] == (0, 1)
+
+
 def test_pipeline_config_resolution():
     """config alone, config_file instead of it, overrides on either; both at once is an error."""
     smoke = load_config(ROOT / "configs" / "smoke.yaml")
