@@ -38,15 +38,24 @@ class PolicyWithValueHead(nn.Module):
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, values) of the last ``logits_to_keep`` positions (0: every position), each (B, K, V) / (B, K).
+
+        PPO needs only the positions that predict response tokens: the language-model head (vocabulary-wide) and
+        the value head then run on those alone.
+        """
         out = self.lm(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids_from_mask(attention_mask),
             output_hidden_states=True,
             use_cache=False,
+            logits_to_keep=logits_to_keep,
         )
-        values = self.value_head(out.hidden_states[-1]).squeeze(-1)  # (B, L)
+        hidden = out.hidden_states[-1]  # (B, L, H)
+        values = self.value_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden).squeeze(-1)  # (B, K)
         return out.logits, values
 
     def save(self, out_dir: str | Path) -> None:

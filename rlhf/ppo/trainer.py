@@ -7,8 +7,8 @@ whole response once, at its last token; every token also pays the KL penalty
 value head's per-token estimates (a head on the policy's trunk: see models/policy.py).
 
 One call of ``PPOTrainer.step`` is one iteration, written as numbered steps:
-1. sample prompts and generate responses (KV cache), 2. log-probs of policy and
-reference and the values, 3. score with the reward model, 4. monitor (non-finite
+1. sample prompts and generate responses (KV cache; the policy's log-probs and values come
+from the same pass), 2. log-probs of the reference, 3. score with the reward model, 4. monitor (non-finite
 guard, KL budget, negative KL), 5. per-token rewards, 6. GAE and whitening,
 7. clipped PPO updates over minibatches, 8. KL controller.
 
@@ -89,11 +89,14 @@ class StepResult:
 
 
 def response_logprobs(
-    logits: torch.Tensor, rollout_ids: torch.Tensor, query_len: int, temperature: float
+    logits: torch.Tensor, response_ids: torch.Tensor, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-probs, logits) of the response tokens: position t's logits predict token t+1."""
-    response_logits = logits[:, query_len - 1 : -1] / temperature  # (B, R, V)
-    return logprobs_from_logits(response_logits, rollout_ids), response_logits
+    """(log-probs, logits at temperature) of the response tokens, from the logits of a sequence that ends with them
+    (all positions, or only the last R + 1: ``logits_to_keep``): position t's logits predict token t+1."""
+    response_logits = logits[:, -response_ids.shape[1] - 1 : -1]  # (B, R, V)
+    if temperature != 1.0:
+        response_logits = response_logits / temperature
+    return logprobs_from_logits(response_logits, response_ids), response_logits
 
 
 def best_checkpoint_step(checkpoint_steps: list[int], history: dict[int, tuple[float, float]], kl_budget: float) -> int:
@@ -250,23 +253,28 @@ class PPOTrainer:
         texts = decode_responses(self.tokenizer, rollout)
         t1 = time.perf_counter()
 
-        # 2. Log-probs under policy and reference (same temperature as sampling), and the values.
-        query_len = rollout.query_ids.shape[1]
+        # 2. Log-probs under policy and reference (same temperature as sampling), and the values: the policy's
+        #    from the sampling pass when our decode loop sampled (models/generation.py), else a forward pass.
         input_ids, attention_mask = rollout.input_ids, rollout.attention_mask  # (B, P+R)
         mask = rollout.response_mask.float()  # (B, R)
         real = mask.bool()
         mine = self.shard.rows  # this process's rows (every row on a single process)
+        keep = rollout.response_ids.shape[1] + 1  # the positions that predict response tokens, and the last
         with torch.no_grad():
-            logits, values = self.policy(input_ids[mine], attention_mask[mine])
-            logprobs, _ = response_logprobs(logits, rollout.response_ids[mine], query_len, cfg.temperature)
-            values = values[:, query_len - 1 : -1] * mask[mine]  # (B, R): V(s_t) before action t
+            if rollout.logprobs is not None and rollout.values is not None:
+                logprobs, values = rollout.logprobs[mine], rollout.values[mine] * mask[mine]
+            else:
+                logits, values = self.policy(input_ids[mine], attention_mask[mine], logits_to_keep=keep)
+                logprobs, _ = response_logprobs(logits, rollout.response_ids[mine], cfg.temperature)
+                values = values[:, :-1] * mask[mine]  # (B, R): V(s_t) before action t
             ref_logits = self.ref_model(
                 input_ids=input_ids[mine],
                 attention_mask=attention_mask[mine],
                 position_ids=position_ids_from_mask(attention_mask[mine]),
                 use_cache=False,
+                logits_to_keep=keep,
             ).logits
-            ref_logprobs, _ = response_logprobs(ref_logits, rollout.response_ids[mine], query_len, cfg.temperature)
+            ref_logprobs, _ = response_logprobs(ref_logits, rollout.response_ids[mine], cfg.temperature)
 
             # 3. Score the whole response once; penalise responses that never end.
             scores = score_token_ids(
@@ -377,13 +385,19 @@ class PPOTrainer:
         and the shards are gathered (prompts left-padded, responses right-padded).
         """
         cfg = self.cfg
+        value_head = self.policy.value_head
         if self.shard.world == 1:
-            return sample(self.policy.lm, self.tokenizer, prompts, cfg.max_new_tokens, cfg.temperature)
+            return sample(self.policy.lm, self.tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, value_head)
         device = next(self.policy.parameters()).device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(hash((self.seed, self.step_count, self.shard.rank)) & 0xFFFF_FFFF)
             local = sample(
-                self.policy.lm, self.tokenizer, prompts[self.shard.rows], cfg.max_new_tokens, cfg.temperature
+                self.policy.lm,
+                self.tokenizer,
+                prompts[self.shard.rows],
+                cfg.max_new_tokens,
+                cfg.temperature,
+                value_head,
             )
         pad = self.tokenizer.pad_token_id
         return Rollout(
@@ -392,6 +406,8 @@ class PPOTrainer:
             all_gather_rows(local.response_ids, pad),
             all_gather_rows(local.response_mask, 0),
             all_gather_rows(local.ended),
+            None if local.logprobs is None else all_gather_rows(local.logprobs, 0.0),
+            None if local.values is None else all_gather_rows(local.values, 0.0),
         )
 
     def _monitor(self, step: int, finite: bool, seq_kl: torch.Tensor) -> tuple[list[Alert], bool]:
@@ -451,6 +467,7 @@ class PPOTrainer:
         cfg = self.cfg
         query_len = rollout.query_ids.shape[1]
         input_ids, attention_mask = rollout.input_ids, rollout.attention_mask
+        leading_pad = (rollout.query_mask == 0).long().cumprod(1).sum(1)  # (B,) left padding of each prompt
         totals: dict[str, float] = {}
         applied = skipped = 0
         peak_ratio = 0.0
@@ -459,15 +476,21 @@ class PPOTrainer:
             for start in range(0, cfg.batch_size, cfg.mini_batch_size):
                 # a. Forward the minibatch; losses against the rollout's log-probs and values.
                 idx = order[start : start + cfg.mini_batch_size][self.minibatch_rows]  # this process's share
-                m = mask[idx]
-                logits, values = self.train_policy(input_ids[idx], attention_mask[idx])
-                logprobs, response_logits = response_logprobs(
-                    logits, rollout.response_ids[idx], query_len, cfg.temperature
+                # Padding trimmed: the minibatch's longest response, and the left padding all its prompts share.
+                r = int(rollout.lengths[idx].max())
+                first = int(leading_pad[idx].min())
+                m = mask[idx, :r]
+                logits, values = self.train_policy(
+                    input_ids[idx, first : query_len + r],
+                    attention_mask[idx, first : query_len + r],
+                    logits_to_keep=r + 1,
                 )
-                values = values[:, query_len - 1 : -1]
-                pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[idx], advantages[idx], m, cfg.clip_range)
-                vf_loss, vf_stats = value_loss(values, old_values[idx], returns[idx], m, cfg.clip_range_value)
-                entropy = masked_mean(entropy_from_logits(response_logits), m)
+                logprobs, response_logits = response_logprobs(logits, rollout.response_ids[idx, :r], cfg.temperature)
+                values = values[:, :-1]
+                pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[idx, :r], advantages[idx, :r], m, cfg.clip_range)
+                vf_loss, vf_stats = value_loss(values, old_values[idx, :r], returns[idx, :r], m, cfg.clip_range_value)
+                with torch.set_grad_enabled(cfg.ent_coef != 0):  # logged either way; a gradient only when it counts
+                    entropy = masked_mean(entropy_from_logits(response_logits), m)
                 loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * entropy
 
                 # b. Guards: a non-finite loss ends the update (the caller restores); an exploding ratio skips.

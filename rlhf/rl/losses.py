@@ -62,8 +62,11 @@ def logprobs_from_logits(logits: Tensor, tokens: Tensor, temperature: float = 1.
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if logits.shape[:-1] != tokens.shape:
         raise ValueError(f"logits {tuple(logits.shape)} must be tokens.shape + (V,); tokens {tuple(tokens.shape)}")
-    logp = torch.log_softmax(logits / temperature, dim=-1)  # (B, T, V)
-    return torch.gather(logp, dim=-1, index=tokens.long().unsqueeze(-1)).squeeze(-1)  # (B, T)
+    if temperature != 1.0:
+        logits = logits / temperature
+    # log softmax at the chosen token only: l_tok - logsumexp(l), without writing a (B, T, V) log-softmax
+    chosen = torch.gather(logits, dim=-1, index=tokens.long().unsqueeze(-1)).squeeze(-1)  # (B, T)
+    return chosen - torch.logsumexp(logits, dim=-1)  # (B, T)
 
 
 def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:

@@ -7,6 +7,7 @@ config errors); the slow ones run the trainer or the whole stage on the tiny sta
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import mlflow
@@ -283,7 +284,13 @@ def test_negative_kl_estimate_raises_a_warning(stack_dirs, tiny_stack, monkeypat
     with torch.no_grad():
         for param in trainer.policy.lm.parameters():
             param.add_(0.05 * torch.randn_like(param))
-    monkeypatch.setattr(ppo_trainer, "sample", lambda model, *a, **k: sample(trainer.ref_model, *a, **k))
+    # Without the sampling pass's own log-probs (as from generate(), for architectures our decode loop does not
+    # serve) the trainer recomputes them with the policy: the path where this bug can happen.
+    monkeypatch.setattr(
+        ppo_trainer,
+        "sample",
+        lambda model, *a, **k: dataclasses.replace(sample(trainer.ref_model, *a, **k), logprobs=None, values=None),
+    )
     result = trainer.step()
     assert result.metrics["objective/kl"] < 0
     assert ("kl_negative", "warn") in [(a.kind, a.action) for a in result.alerts]
@@ -321,12 +328,12 @@ def run_stage(tiny_stack, parent_run_id: str, overrides: list[str], **kwargs) ->
 
 
 def metric_histories(run_id: str) -> dict[str, dict[int, float]]:
-    """Every metric of a run except timings: name -> {step: value}."""
+    """Every metric of a run except timings and system metrics: name -> {step: value}."""
     client = MlflowClient()
     return {
         key: {m.step: m.value for m in client.get_metric_history(run_id, key)}
         for key in client.get_run(run_id).data.metrics
-        if not key.startswith("timing/")
+        if not key.startswith(("timing/", "system/"))  # machine measurements, not results
     }
 
 
