@@ -70,6 +70,7 @@ def main() -> None:
         kl_horizon=max(1000, args.batch_size),
         normalize_reward=args.normalize_reward,
         missing_eos_penalty=1.0,
+        ent_coef=0.0,  # TRL 1.12's PPOTrainer has no entropy bonus (ours defaults to 0.05 since issue 15)
     )
     trainer = PPOTrainer(cfg, policy, ref_model, reward_model, tokenizer, prompts, args.seed)
     load_s = time.perf_counter() - t_load
