@@ -21,29 +21,42 @@ alive() {  # alive PID...: whether any of them still runs
     return 1
 }
 
-stopped_any=0
+# 1. TERM every tree at once (each one's session's process group plus descendants in other groups), so the
+#    three grace periods overlap instead of adding up.
+declare -A trees=()
 for name in worker prefect-server mlflow-server; do
     pidfile="$RUN_DIR/$name.pid"
     [[ -f "$pidfile" ]] || continue
     pid="$(<"$pidfile")"
     # serve.sh started each one as a session leader; anything else under this PID is not ours.
     if kill -0 "$pid" 2>/dev/null && [[ "$(ps -o sid= -p "$pid" | tr -d ' ')" == "$pid" ]]; then
-        # 1. The whole tree: the session's process group plus descendants in other groups.
         mapfile -t tree < <(echo "$pid"; descendants "$pid")
+        trees[$name]="${tree[*]}"
         kill -TERM -- "-$pid" 2>/dev/null || true
         kill -TERM "${tree[@]}" 2>/dev/null || true
-        # 2. Give them time to shut down cleanly, then force.
-        for _ in $(seq 1 $((GRACE_S * 5))); do
-            alive "${tree[@]}" || break
-            sleep 0.2
-        done
+    fi
+done
+# 2. Give them time to shut down cleanly, then force what is left.
+all=()
+for name in "${!trees[@]}"; do read -ra tree <<<"${trees[$name]}"; all+=("${tree[@]}"); done
+if ((${#all[@]})); then
+    for _ in $(seq 1 $((GRACE_S * 5))); do
+        alive "${all[@]}" || break
+        sleep 0.2
+    done
+fi
+for name in worker prefect-server mlflow-server; do
+    pidfile="$RUN_DIR/$name.pid"
+    if [[ -n "${trees[$name]:-}" ]]; then
+        read -ra tree <<<"${trees[$name]}"
         if alive "${tree[@]}"; then
-            kill -KILL -- "-$pid" 2>/dev/null || true
+            kill -KILL -- "-${tree[0]}" 2>/dev/null || true
             kill -KILL "${tree[@]}" 2>/dev/null || true
+            echo "stop: killed $name (PID ${tree[0]}) after ${GRACE_S} s"
+        else
+            echo "stop: stopped $name (PID ${tree[0]})"
         fi
-        echo "stop: stopped $name (PID $pid)"
-        stopped_any=1
     fi
     rm -f "$pidfile"
 done
-((stopped_any)) || echo "stop: nothing was running (no live PIDs in $RUN_DIR)"
+((${#trees[@]})) || echo "stop: nothing was running (no live PIDs in $RUN_DIR)"

@@ -112,6 +112,8 @@ def _serve_env(root: Path, prefect_port: int, mlflow_port: int, auth: dict[str, 
         # Only the training queue: an hourly drift-monitor run that falls due mid-test stays queued.
         RLHF_WORKER_QUEUES="training",
         RLHF_SERVE_TIMEOUT="240",
+        # Test servers hold nothing worth a clean shutdown: stop.sh forces what is still up after 5 s (not 20).
+        RLHF_STOP_GRACE="5",
     )
     return env
 
