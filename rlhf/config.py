@@ -11,6 +11,7 @@ unknown keys raise with the list of valid ones.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -438,12 +439,22 @@ class BaselineConfig(_Section):
     batch_size: int = Field(64, ge=1, description="Sequences per forward pass or generation batch")
 
 
+MONITOR_TESTS = 13
+"""Most drift tests in one window's Holm family (rlhf/drift/signals.py: every signal with a p-value)."""
+
+
 class DriftThresholds(_Section):
     alpha: float = Field(
-        0.001,
+        0.01,
         gt=0,
         lt=1,
-        description="Significance level of every two-sample test; a signal breaches only when its p-value is below it and its effect crosses the threshold",
+        description="Window-level false-alarm rate: family-wise significance level of the window's tests, Holm-adjusted; a signal breaches only when its adjusted p-value is below it and its effect crosses the threshold",
+    )
+    tail_share: float = Field(
+        0.01,
+        gt=0,
+        lt=1,
+        description="Share of the baseline beyond the cut of the tail-exceedance signals (response_nll_tail)",
     )
     prompt_token_js: float = Field(
         0.02,
@@ -476,6 +487,12 @@ class DriftThresholds(_Section):
         gt=0,
         le=1,
         description="Kolmogorov-Smirnov statistic of served responses' mean per-token NLL under the champion (are they what the champion would say?)",
+    )
+    response_nll_tail: float = Field(
+        0.03,
+        gt=0,
+        le=1,
+        description="Share of served responses whose NLL under the champion passes the baseline's upper tail_share cut",
     )
     refusal_rate_delta: float = Field(0.05, gt=0, le=1, description="Absolute change of the refusal rate")
     violation_rate_delta: float = Field(0.05, gt=0, le=1, description="Absolute change of the policy-violation rate")
@@ -523,10 +540,10 @@ class MonitorConfig(_Section):
         ge=10,
         description="Window rows whose responses are scored (reward model, NLL under the champion, rates, gold): a random subset of larger windows; prompt tokens, intents and lengths use every row",
     )
-    mmd_permutations: int = Field(
-        1000,
+    permutations: int = Field(
+        2000,
         ge=20,
-        description="Permutations of the MMD test (the smallest p-value is 1 / (permutations + 1), so it must be below thresholds.alpha)",
+        description="Permutations of the MMD and prompt-token JS tests (the smallest p-value is 1 / (permutations + 1), so it must be below thresholds.alpha / the number of tests, Holm's first step)",
     )
     batch_size: int = Field(64, ge=1, description="Sequences per forward pass when scoring")
     seed: int = Field(
@@ -540,6 +557,10 @@ class MonitorConfig(_Section):
     @classmethod
     def _retraining_is_a_trigger(cls, data: Any) -> Any:
         """The options of the retraining the monitor used to start itself say where it is configured now."""
+        if isinstance(data, dict) and "mmd_permutations" in data:
+            raise ValueError(
+                "mmd_permutations is now `permutations` (the MMD and the prompt-token JS tests share it): rename the option"
+            )
         removed = sorted({"trigger_deployment", "retrain_cooldown_h"} & set(data)) if isinstance(data, dict) else []
         if removed:
             raise ValueError(
@@ -557,10 +578,12 @@ class MonitorConfig(_Section):
 
     @model_validator(mode="after")
     def _check_alpha(self) -> MonitorConfig:
-        if 1.0 / (self.mmd_permutations + 1) >= self.thresholds.alpha:
+        # Holm's first step compares the smallest p-value with alpha / (number of tests).
+        floor = self.thresholds.alpha / MONITOR_TESTS
+        if 1.0 / (self.permutations + 1) >= floor:
             raise ValueError(
-                f"mmd_permutations ({self.mmd_permutations}) cannot reach p < thresholds.alpha "
-                f"({self.thresholds.alpha}): use at least {int(1 / self.thresholds.alpha)} permutations or raise alpha"
+                f"permutations ({self.permutations}) cannot reach p < thresholds.alpha / {MONITOR_TESTS} tests "
+                f"({floor:.2g}): use at least {math.ceil(1 / floor)} permutations or raise alpha"
             )
         return self
 
