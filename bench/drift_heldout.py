@@ -60,7 +60,11 @@ QUANTILE = 0.99
 """Calibration rule: an effect floor is this quantile of the effect over clean calibration windows."""
 FLOOR_ROWS = 1000
 """Window size of the clean calibration windows the effect floors come from."""
-CUSUM_DRIFT = 1.0
+MIN_FLOOR = 1e-6
+"""A floor the rule puts at or below 0 (a drop that clean windows never show) becomes this: no effect floor."""
+CUSUM_DRIFT = 2.0
+"""CUSUM reference value k, set before any evaluation: between the score's null mean (<= 1) and the score at
+which the window test alarms (-ln 0.01 = 4.6)."""
 CUSUM_ARL0 = 100.0
 """CUSUM false-alarm target: mean windows between false alarms under no drift (the window test's 1%)."""
 
@@ -402,9 +406,10 @@ def cmd_calibrate(args, work: Path) -> None:
         if name == "rm_gold_gap":  # a diagnosis qualifier, not a test: kept at its default
             continue
         floor = upper_quantile(np.array(values), QUANTILE)
-        chosen[name] = round(float(floor), 6)
+        chosen[name] = max(round(float(floor), 6), MIN_FLOOR)
         reasons[name] = (
             f"{QUANTILE:.0%} quantile of the effect over {len(values)} clean calibration windows of {FLOOR_ROWS} rows"
+            + (f" ({floor:.3g}, raised to {MIN_FLOOR:g}: the p-value alone decides)" if floor < MIN_FLOOR else "")
         )
     chosen["alpha"] = defaults.alpha
     reasons["alpha"] = "policy: family-wise (Holm) level of each window's tests = the window-level false-alarm rate"
@@ -475,6 +480,7 @@ def cmd_evaluate(args, work: Path) -> None:
     stages = set(args.only.split(",")) if args.only else {"false_alarms", "sensitivity", "ramp", "unnamed"}
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, torch 1 thread, nice 19, shared"
     named = [k for k in traffic.DRIFT_KINDS if k != "clean"]
+    subset = args.kinds.split(",") if args.kinds else named
     seed = 2_000_000
 
     def run(kind: str, share: float, n: int, s: int, gold: bool = True) -> dict:
@@ -500,7 +506,7 @@ def cmd_evaluate(args, work: Path) -> None:
     if "sensitivity" in stages:
         t0 = time.perf_counter()
         cells = []
-        for kind in named:
+        for kind in subset:
             for n in SIZES:
                 count = args.windows if n == 500 else args.windows_other
                 for share in SHARES:
@@ -522,8 +528,8 @@ def cmd_evaluate(args, work: Path) -> None:
                     )
                     c = cells[-1]
                     print(f"{kind} {n} {share}: {c['alerts']}/{count}, diag {right}", flush=True)
-        save("drift_sensitivity.json", {"cells": cells, "seconds": time.perf_counter() - t0, "machine": machine})
-        plot_sensitivity(cells)
+        name = "drift_sensitivity.json" if subset == named else f"drift_sensitivity-{'-'.join(subset)}.json"
+        save(name, {"cells": cells, "seconds": time.perf_counter() - t0, "machine": machine})
 
     if "ramp" in stages:
         from rlhf.drift.stats import cusum
@@ -531,7 +537,7 @@ def cmd_evaluate(args, work: Path) -> None:
         t0 = time.perf_counter()
         ramps = []
         steps = args.ramp_windows
-        for kind in named:
+        for kind in subset:
             for rep in range(args.ramp_repeats):
                 shares = [args.ramp_to * (t + 1) / steps for t in range(steps)]
                 records = [
@@ -638,6 +644,126 @@ def plot_sensitivity(cells: list[dict]) -> None:
     plt.close(fig)
 
 
+# ---------------------------------------------------------------------------- report
+
+
+def pct(rate_: float) -> str:
+    return f"{100 * rate_:.1f}%"
+
+
+def cell(c: dict) -> str:
+    lo, hi = c["wilson95"]
+    return f"{c['alerts']}/{c['windows']} ({pct(c['rate'])}; {pct(lo)}-{pct(hi)})"
+
+
+def cmd_report(args, work: Path) -> None:
+    """Markdown tables of the committed results (bench/results/drift_*.json), for docs/monitoring.md."""
+    from rlhf.builtin import traffic
+    from rlhf.config import DriftThresholds
+
+    out: list[str] = []
+    cal = json.loads(CALIBRATION_FILE.read_text())
+    defaults = DriftThresholds().model_dump()
+    out += ["| threshold | calibrated | why |", "|---|---|---|"]
+    for name, value in cal["thresholds"].items():
+        out.append(f"| `{name}` | {value:.4g} | {cal['reasons'][name]} |")
+    out += [
+        "",
+        f"CUSUM: drift {cal['cusum']['drift']}, threshold {cal['cusum']['threshold']}: {cal['cusum']['reason']}",
+        "",
+    ]
+    del defaults
+    fa_path = RESULTS / "drift_false_alarms.json"
+    if fa_path.exists():
+        fa = json.loads(fa_path.read_text())["windows"]
+        out += [
+            "| rows | clean windows | alarms | false-alarm rate (95% Wilson) | signals that breached |",
+            "|---|---|---|---|---|",
+        ]
+        for n, r in sorted(fa.items(), key=lambda x: int(x[0])):
+            sig = ", ".join(f"{k} ({v})" for k, v in r["signals"].items()) or "none"
+            out.append(
+                f"| {n} | {r['windows']} | {r['alerts']} | {pct(r['rate'])} ({pct(r['wilson95'][0])}-{pct(r['wilson95'][1])}) | {sig} |"
+            )
+        out.append("")
+    sens_paths = sorted(RESULTS.glob("drift_sensitivity*.json"))
+    if sens_paths:
+        cells = [c for path in sens_paths for c in json.loads(path.read_text())["cells"]]
+        order = [k for k in traffic.DRIFT_KINDS if k != "clean"]
+        cells.sort(key=lambda c: (order.index(c["kind"]), c["rows"], c["share"]))
+        plot_sensitivity(cells)
+        for n in SIZES:
+            out += [f"Windows of {n} rows: alerts / windows (rate; 95% Wilson interval)", ""]
+            out += ["| kind | " + " | ".join(f"share {s:g}" for s in SHARES) + " |", "|---" * (len(SHARES) + 1) + "|"]
+            for kind in dict.fromkeys(c["kind"] for c in cells):
+                row = [
+                    cell(c) for s in SHARES for c in cells if c["kind"] == kind and c["rows"] == n and c["share"] == s
+                ]
+                out.append(f"| {kind} | " + " | ".join(row) + " |")
+            out.append("")
+        # diagnosis confusion on detected windows, 500 rows, share >= 0.1
+        causes = ["input_shift", "policy_drift", "reward_model_blind_spot"]
+        out += [
+            "Diagnosis of detected 500-row windows at drifted share >= 0.1 (rows: injected kind; columns: diagnosed cause)",
+            "",
+        ]
+        out += ["| injected kind (cause) | " + " | ".join(causes) + " | correct |", "|---" * (len(causes) + 2) + "|"]
+        total_right = total = 0
+        for kind in dict.fromkeys(c["kind"] for c in cells):
+            cs = [c for c in cells if c["kind"] == kind and c["rows"] == 500 and c["share"] >= 0.1]
+            counts = Counter()
+            for c in cs:
+                counts.update({k: v for k, v in c["causes"].items() if k != "none"})
+            det = sum(counts.values())
+            right = counts[traffic.CAUSES[kind]]
+            total_right, total = total_right + right, total + det
+            lo, hi = wilson(right, det) if det else (0.0, 1.0)
+            out.append(
+                f"| {kind} ({traffic.CAUSES[kind]}) | "
+                + " | ".join(str(counts[c]) for c in causes)
+                + f" | {right}/{det} ({pct(right / max(det, 1))}; {pct(lo)}-{pct(hi)}) |"
+            )
+        lo, hi = wilson(total_right, total)
+        out += ["", f"All kinds: {total_right}/{total} correct ({pct(total_right / total)}; {pct(lo)}-{pct(hi)}).", ""]
+    ramp_path = RESULTS / "drift_ramp.json"
+    if ramp_path.exists():
+        ramp = json.loads(ramp_path.read_text())
+        out += [
+            f"Ramp: drifted share rising linearly to {ramp['to_share']:g} over {ramp['windows']} windows of {ramp['rows']} rows",
+            "",
+            "| kind | repeats | window test: median windows to first alert (range; missed) | CUSUM: median (range; missed) |",
+            "|---|---|---|---|",
+        ]
+        for kind in dict.fromkeys(r["kind"] for r in ramp["ramps"]):
+            rs = [r for r in ramp["ramps"] if r["kind"] == kind]
+
+            def summary(key: str, rs=rs) -> str:
+                hits = [r[key] + 1 for r in rs if r[key] is not None]
+                missed = len(rs) - len(hits)
+                if not hits:
+                    return f"none ({missed} missed)"
+                return f"{np.median(hits):g} ({min(hits)}-{max(hits)}; {missed} missed)"
+
+            out.append(f"| {kind} | {len(rs)} | {summary('first_alert')} | {summary('first_cusum')} |")
+        out.append("")
+    un_path = RESULTS / "drift_unnamed.json"
+    if un_path.exists():
+        un = json.loads(un_path.read_text())
+        out += [
+            "| kind | gold judge and feedback | share | alerts (rate; 95% Wilson) | diagnosed causes | signals that breached |",
+            "|---|---|---|---|---|---|",
+        ]
+        for c in un["cells"]:
+            causes_ = ", ".join(f"{k} {v}" for k, v in c["causes"].items())
+            top = ", ".join(f"{k} ({v})" for k, v in sorted(c["signals"].items(), key=lambda x: -x[1])[:4]) or "none"
+            out.append(
+                f"| {c['kind']} | {'yes' if c['gold'] else 'no'} | {c['share']:g} | {cell(c)} | {causes_} | {top} |"
+            )
+        cg = un["clean_without_gold"]
+        out += ["", f"Clean 500-row windows without gold or feedback: {cell(cg)}.", ""]
+    print("\n".join(out))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="outputs/bench/drift-heldout", help="folder of the champion and row pools")
@@ -658,10 +784,13 @@ def main() -> None:
     ev.add_argument("--ramp-to", type=float, default=0.2)
     ev.add_argument("--ramp-repeats", type=int, default=10)
     ev.add_argument("--unnamed-windows", type=int, default=20)
+    ev.add_argument("--kinds", default=None, help="comma-separated named kinds for sensitivity and ramp (default all)")
+    sub.add_parser("report", help="markdown tables of bench/results/drift_*.json")
     args = parser.parse_args()
     work = Path(args.work).resolve()
     setup(work)
-    {"rows": cmd_rows, "calibrate": cmd_calibrate, "evaluate": cmd_evaluate}[args.command](args, work)
+    commands = {"rows": cmd_rows, "calibrate": cmd_calibrate, "evaluate": cmd_evaluate, "report": cmd_report}
+    commands[args.command](args, work)
 
 
 if __name__ == "__main__":

@@ -444,6 +444,13 @@ MONITOR_TESTS = 13
 
 
 class DriftThresholds(_Section):
+    """Effect floors and the family-wise alpha of the drift tests.
+
+    The floors are the 99% quantile of each effect over 100 clean 1000-row windows of fresh traffic from
+    the calibration split (`bench/drift_heldout.py calibrate`, bench/results/drift_calibration.json, the
+    built-in task's champion); calibrate again for another model or traffic.
+    """
+
     alpha: float = Field(
         0.01,
         gt=0,
@@ -457,50 +464,52 @@ class DriftThresholds(_Section):
         description="Share of the baseline beyond the cut of the tail-exceedance signals (response_nll_tail)",
     )
     prompt_token_js: float = Field(
-        0.02,
+        0.002402,
         gt=0,
         le=1,
         description="Jensen-Shannon divergence (bits) of the prompt token distribution from the baseline's",
     )
     prompt_intent_psi: float = Field(
-        0.1, gt=0, description="Population stability index of the prompt intent distribution (0.1 = moderate shift)"
+        0.008483,
+        gt=0,
+        description="Population stability index of the prompt intent distribution (0.1 = moderate shift)",
     )
     prompt_mmd2: float = Field(
-        0.01, gt=0, description="Unbiased MMD^2 (RBF kernel, baseline bandwidth) of prompt embeddings"
+        0.001017, gt=0, description="Unbiased MMD^2 (RBF kernel, baseline bandwidth) of prompt embeddings"
     )
     prompt_length_ks: float = Field(
-        0.1, gt=0, le=1, description="Kolmogorov-Smirnov statistic of prompt lengths (tokens)"
+        0.058, gt=0, le=1, description="Kolmogorov-Smirnov statistic of prompt lengths (tokens)"
     )
     kl_live_delta: float = Field(
-        1.0,
+        1.105,
         gt=0,
         description="Absolute change in nats of the mean sequence KL(champion || reference) on live prompts against the baseline's",
     )
     rm_score_ks: float = Field(
-        0.1, gt=0, le=1, description="Kolmogorov-Smirnov statistic of reward-model scores of served responses"
+        0.08288, gt=0, le=1, description="Kolmogorov-Smirnov statistic of reward-model scores of served responses"
     )
     response_length_ks: float = Field(
-        0.1, gt=0, le=1, description="Kolmogorov-Smirnov statistic of response lengths (tokens)"
+        0.05792, gt=0, le=1, description="Kolmogorov-Smirnov statistic of response lengths (tokens)"
     )
     response_nll_ks: float = Field(
-        0.1,
+        0.05507,
         gt=0,
         le=1,
         description="Kolmogorov-Smirnov statistic of served responses' mean per-token NLL under the champion (are they what the champion would say?)",
     )
     response_nll_tail: float = Field(
-        0.03,
+        0.011,
         gt=0,
         le=1,
         description="Share of served responses whose NLL under the champion passes the baseline's upper tail_share cut",
     )
-    refusal_rate_delta: float = Field(0.05, gt=0, le=1, description="Absolute change of the refusal rate")
-    violation_rate_delta: float = Field(0.05, gt=0, le=1, description="Absolute change of the policy-violation rate")
+    refusal_rate_delta: float = Field(0.03184, gt=0, le=1, description="Absolute change of the refusal rate")
+    violation_rate_delta: float = Field(0.02541, gt=0, le=1, description="Absolute change of the policy-violation rate")
     gold_reward_drop: float = Field(
-        0.2, gt=0, description="Fall of the mean gold-judge reward below the baseline's (built-in task)"
+        1e-6, gt=0, description="Fall of the mean gold-judge reward below the baseline's (built-in task)"
     )
     feedback_rate_drop: float = Field(
-        0.1, gt=0, le=1, description="Fall of the positive user-feedback rate below the baseline's"
+        0.02849, gt=0, le=1, description="Fall of the positive user-feedback rate below the baseline's"
     )
     rm_gold_gap: float = Field(
         0.5,
