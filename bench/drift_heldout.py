@@ -626,10 +626,12 @@ def plot_sensitivity(cells: list[dict]) -> None:
         for n in SIZES:
             cs = [c for c in cells if c["kind"] == kind and c["rows"] == n]
             x = [c["share"] for c in cs]
-            ax.plot(x, [c["rate"] for c in cs], marker="o", label=f"{n} rows")
+            style = {100: ("o", "-"), 500: ("s", "--"), 2000: ("^", ":")}[n]  # lines that coincide stay visible
+            ax.plot(x, [c["rate"] for c in cs], marker=style[0], ls=style[1], label=f"{n} rows")
             ax.fill_between(x, [c["wilson95"][0] for c in cs], [c["wilson95"][1] for c in cs], alpha=0.15)
         ax.axhline(0.95, color="grey", lw=0.8, ls="--")
         ax.set_xscale("log")
+        ax.minorticks_off()
         ax.set_xticks(SHARES, [f"{s:g}" for s in SHARES])
         ax.set_title(kind)
         ax.set_ylim(-0.02, 1.02)

@@ -233,7 +233,7 @@ def _js_columns(p: np.ndarray, q: np.ndarray) -> np.ndarray:
 
 
 def js_permutation_test(
-    baseline: sparse.csr_matrix, window: sparse.csr_matrix, n_permutations: int = 2000, seed: int = 0
+    baseline: sparse.csr_matrix, window: sparse.csr_matrix, n_permutations: int = 2000, seed: int = 0, block: int = 200
 ) -> tuple[float, float]:
     """(JS, p): JS divergence of the pooled token counts of two prompt sets, and its permutation p-value.
 
@@ -248,13 +248,18 @@ def js_permutation_test(
     keep = np.flatnonzero(np.asarray(pooled.sum(0)).ravel() > 0)
     pooled = pooled[:, keep]  # (M+N, V') only tokens seen somewhere
     rng = np.random.default_rng(seed)
-    z = np.zeros((m + n, n_permutations + 1))
-    z[:m, 0] = 1.0  # column 0: the observed split
-    for j in range(1, n_permutations + 1):
-        z[rng.permutation(m + n)[:m], j] = 1.0
-    side_a = np.asarray(pooled.T @ z)  # (V', P+1) baseline-side counts per split
-    side_b = np.asarray(pooled.sum(0)).T - side_a
-    js = _js_columns(side_a, side_b)
+    totals = np.asarray(pooled.sum(0)).T  # (V', 1)
+    js = np.empty(n_permutations + 1)
+    # Blocks of permutations keep the (M+N, block) split matrix small for windows of many rows.
+    for start in range(0, n_permutations + 1, block):
+        cols = range(start, min(start + block, n_permutations + 1))
+        z = np.zeros((m + n, len(cols)))
+        for c, j in enumerate(cols):
+            z[:m, c] = 1.0 if j == 0 else 0.0  # column 0: the observed split
+            if j > 0:
+                z[rng.permutation(m + n)[:m], c] = 1.0
+        side_a = np.asarray(pooled.T @ z)  # (V', block) baseline-side counts per split
+        js[start : start + len(cols)] = _js_columns(side_a, totals - side_a)
     observed = float(js[0])
     return observed, (1.0 + float(np.sum(js[1:] >= observed - 1e-12))) / (1.0 + n_permutations)
 

@@ -189,6 +189,9 @@ def test_token_count_matrix_and_js_permutation_test():
         stats.token_count_matrix([[0, 1]] * 5, 2), stats.token_count_matrix([[0]] * 4, 2), 99, 0
     )
     assert js == pytest.approx(0.3112781, abs=1e-6)
+    # permutations run in blocks (memory for big windows): the block size does not change the answer
+    a, b = stats.token_count_matrix([[0, 1]] * 5, 2), stats.token_count_matrix([[0]] * 4, 2)
+    assert stats.js_permutation_test(a, b, 99, 0, block=7) == stats.js_permutation_test(a, b, 99, 0, block=500)
     # the same composition on both sides: JS = 0, every relabelling reaches it, p = 1
     same = stats.token_count_matrix([[0], [1]] * 5, 2)
     assert stats.js_permutation_test(same, same, 99, 0) == pytest.approx((0.0, 1.0), abs=1e-12)
