@@ -157,7 +157,8 @@ def compute_signals(
         b_tok, w_tok, _ = stats.align_counts(prof["prompts"]["token_counts"], window.prompts.token_counts)
         js, p_js = stats.js_divergence(b_tok, w_tok), None
     metrics["drift/prompt_token_js"] = js
-    p_text = "" if p_js is None else f" (p={p_js:.2g})"
+    # Without a p-value the calibrated floor alone would alarm on the sampling noise of small windows: reported only.
+    p_text = " (untested: recompute the baseline with run_baseline)" if p_js is None else f" (p={p_js:.2g})"
     out.append(
         Signal(
             "prompt_token_js",
@@ -165,7 +166,7 @@ def compute_signals(
             js,
             t.prompt_token_js,
             p_js,
-            js >= t.prompt_token_js,
+            p_js is not None and js >= t.prompt_token_js,
             f"prompt tokens: Jensen-Shannon {js:.4f} bits{p_text}",
         )
     )

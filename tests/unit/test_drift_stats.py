@@ -211,10 +211,43 @@ def test_holm_breaches_need_the_effect_and_the_adjusted_p():
         Signal("a", "input", 0.5, 0.1, 0.004, True, ""),  # second smallest of 3: adjusted 2 * 0.004 = 0.008
         Signal("b", "input", 0.05, 0.1, 0.001, False, ""),  # adjusted 3 * 0.001, but the effect is below its floor
         Signal("c", "response", 0.5, 0.1, 0.2, True, ""),
-        Signal("d", "input", 0.5, 0.1, None, True, ""),  # no p-value: its effect decides, outside the family
+        Signal("d", "input", 0.5, 0.1, None, True, ""),  # no p-value: outside the family, its verdict kept
     ]
     out = holm_breaches(signals, alpha=0.01)
     assert [s.adjusted_pvalue for s in out[:3]] == pytest.approx([0.008, 0.003, 0.2], abs=1e-12)
     assert out[3].adjusted_pvalue is None
     assert [s.breached for s in out] == [True, False, False, True]
     assert [s.breached for s in holm_breaches(signals, alpha=0.005)] == [False, False, False, True]
+
+
+def test_token_js_is_tested_only_when_the_baseline_keeps_each_prompts_tokens():
+    from rlhf.config import DriftThresholds
+    from rlhf.drift.features import PromptFeatures, ResponseFeatures
+    from rlhf.drift.profile import build_profile
+    from rlhf.drift.signals import WindowFeatures, compute_signals
+
+    rng = np.random.default_rng(0)
+
+    def responses(n: int) -> ResponseFeatures:
+        flags = np.zeros(n, dtype=bool)
+        return ResponseFeatures(rng.normal(size=n), rng.normal(10, 1, n), rng.normal(1, 0.1, n), flags, flags, None)
+
+    ids = [[1, 2]] * 20
+    prompts = PromptFeatures({"1": 20, "2": 20}, ["a"] * 20, np.full(20, 2.0), ids)
+    baseline = build_profile(prompts, rng.normal(size=(20, 2)), responses(20), rng.normal(size=20), {}, {})
+    new = [[3, 4]] * 20  # every window token unseen at baseline: JS = 1 bit
+    window = WindowFeatures(
+        PromptFeatures({"3": 20, "4": 20}, ["a"] * 20, np.full(20, 2.0), new),
+        rng.normal(size=(20, 2)),
+        responses(20),
+        rng.normal(size=20),
+        np.zeros(0),
+        list(range(20)),
+    )
+    _, signals = compute_signals(baseline, window, DriftThresholds(), 1999, 0)
+    js = next(s for s in signals if s.name == "prompt_token_js")
+    assert js.value == pytest.approx(1.0) and js.pvalue == pytest.approx(1 / 2000) and js.breached
+    del baseline.profile["prompts"]["token_ids"]  # a baseline from before the profile kept them
+    _, signals = compute_signals(baseline, window, DriftThresholds(), 1999, 0)
+    js = next(s for s in signals if s.name == "prompt_token_js")
+    assert js.value == pytest.approx(1.0) and js.pvalue is None and not js.breached and "untested" in js.summary
