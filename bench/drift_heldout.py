@@ -749,7 +749,7 @@ def cmd_report(args, work: Path) -> None:
             f"{ramp['rows']} rows (window k has share {ramp['to_share']:g} (k - 1) / {ramp['windows'] - 1}); "
             "windows until the first alert, counting the clean first window as 1",
             "",
-            "| kind | ramps | window test: median windows to first alert (range; never) | CUSUM: median (range; never) |",
+            "| kind | ramps | window test: median windows to first alert (range; missed) | CUSUM: median (range; missed) |",
             "|---|---|---|---|",
         ]
         for kind in dict.fromkeys(r["kind"] for r in ramp["ramps"]):
