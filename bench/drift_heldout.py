@@ -782,6 +782,23 @@ def cmd_report(args, work: Path) -> None:
     print("\n".join(out))
 
 
+def cmd_timing(args, work: Path) -> None:
+    """Seconds of the monitor's tests alone (compute_signals) on clean evaluation windows of 500-10,000 rows."""
+    from rlhf.drift.profile import Baseline
+    from rlhf.drift.signals import compute_signals
+
+    cfg = monitor_config(calibrated()[0])
+    pools, base = load_pools(work, "evaluation"), Baseline.load(work / "baseline")
+    for n in (500, 2000, 10000):  # 10,000 rows draw the 3000-row pool with replacement
+        features, _ = window(pools, "clean", 0.0, n, 7, cfg)
+        seconds = []
+        for r in range(3):
+            t0 = time.perf_counter()
+            compute_signals(base, features, cfg.thresholds, cfg.permutations, r)
+            seconds.append(time.perf_counter() - t0)
+        print(f"{n} rows: compute_signals {', '.join(f'{t:.2f}' for t in seconds)} s", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="outputs/bench/drift-heldout", help="folder of the champion and row pools")
@@ -804,10 +821,17 @@ def main() -> None:
     ev.add_argument("--unnamed-windows", type=int, default=20)
     ev.add_argument("--kinds", default=None, help="comma-separated named kinds for sensitivity and ramp (default all)")
     sub.add_parser("report", help="markdown tables of bench/results/drift_*.json")
+    sub.add_parser("timing", help="seconds of the monitor's tests per window, 500-10,000 rows")
     args = parser.parse_args()
     work = Path(args.work).resolve()
     setup(work)
-    commands = {"rows": cmd_rows, "calibrate": cmd_calibrate, "evaluate": cmd_evaluate, "report": cmd_report}
+    commands = {
+        "rows": cmd_rows,
+        "calibrate": cmd_calibrate,
+        "evaluate": cmd_evaluate,
+        "report": cmd_report,
+        "timing": cmd_timing,
+    }
     commands[args.command](args, work)
 
 
