@@ -207,9 +207,7 @@ def monitor_growth(args: argparse.Namespace) -> dict:
         "pools_s": pools_s,
         "pool_size": args.pool,
         "rows": out,
-        "monitor_config": {
-            k: getattr(cfg, k) for k in ("kl_prompts", "embedding_rows", "scored_rows", "mmd_permutations")
-        },
+        "monitor_config": {k: getattr(cfg, k) for k in ("kl_prompts", "embedding_rows", "scored_rows", "permutations")},
     }
 
 

@@ -1,4 +1,7 @@
-"""Acceptance benchmark of drift monitoring: detection, false alarms and diagnosis over seeded windows.
+"""In-sample smoke benchmark of drift monitoring, and the small champion other drift benches reuse.
+
+Its windows resample the champion's own pools with fixed seeds and the thresholds were once tuned on them,
+so its rates are in-sample: the held-out figures of docs/monitoring.md come from bench/drift_heldout.py.
 
     MLFLOW_DISABLE_TELEMETRY=true PYTHONPATH=. python bench/drift_detection.py \
         [--work outputs/bench/drift] [--windows 20] [--rows 500] [--magnitude 0.3] [--ppo-steps 10]

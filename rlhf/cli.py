@@ -390,12 +390,14 @@ def monitor_summary(result: Any, experiment: str) -> str:
     verdict = f"ALERT, likely cause: {CAUSE_TITLES[result.cause]}" if result.alert else "no drift"
     lines = [
         f"{head}: {verdict}",
-        f"  {'signal':<22} {'category':<9} {'value':>9} {'threshold':>9} {'p-value':>8}  breached",
+        f"  {'signal':<22} {'category':<9} {'value':>9} {'threshold':>9} {'p-value':>8} {'Holm p':>8}  breached",
     ]
     for s in result.signals:
         p = "" if s.pvalue is None else f"{s.pvalue:.2g}"
+        adj = "" if s.adjusted_pvalue is None else f"{s.adjusted_pvalue:.2g}"
         lines.append(
-            f"  {s.name:<22} {s.category:<9} {s.value:>9.4f} {s.threshold:>9g} {p:>8}  {'YES' if s.breached else 'no'}"
+            f"  {s.name:<22} {s.category:<9} {s.value:>9.4f} {s.threshold:>9g} {p:>8} {adj:>8}  "
+            f"{'YES' if s.breached else 'no'}"
         )
     if result.alert:
         lines += ["Evidence:"] + [f"  - {s.summary}" for s in result.signals if s.breached]

@@ -11,6 +11,7 @@ unknown keys raise with the list of valid ones.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -438,52 +439,77 @@ class BaselineConfig(_Section):
     batch_size: int = Field(64, ge=1, description="Sequences per forward pass or generation batch")
 
 
+MONITOR_TESTS = 13
+"""Most drift tests in one window's Holm family (rlhf/drift/signals.py: every signal with a p-value)."""
+
+
 class DriftThresholds(_Section):
+    """Effect floors and the family-wise alpha of the drift tests.
+
+    The floors are the 99% quantile of each effect over 100 clean 1000-row windows of fresh traffic from
+    the calibration split (`bench/drift_heldout.py calibrate`, bench/results/drift_calibration.json, the
+    built-in task's champion); calibrate again for another model or traffic.
+    """
+
     alpha: float = Field(
-        0.001,
+        0.01,
         gt=0,
         lt=1,
-        description="Significance level of every two-sample test; a signal breaches only when its p-value is below it and its effect crosses the threshold",
+        description="Window-level false-alarm rate: family-wise significance level of the window's tests, Holm-adjusted; a signal breaches only when its adjusted p-value is below it and its effect crosses the threshold",
+    )
+    tail_share: float = Field(
+        0.01,
+        gt=0,
+        lt=1,
+        description="Share of the baseline beyond the cut of the tail-exceedance signals (response_nll_tail)",
     )
     prompt_token_js: float = Field(
-        0.02,
+        0.002402,
         gt=0,
         le=1,
         description="Jensen-Shannon divergence (bits) of the prompt token distribution from the baseline's",
     )
     prompt_intent_psi: float = Field(
-        0.1, gt=0, description="Population stability index of the prompt intent distribution (0.1 = moderate shift)"
+        0.008483,
+        gt=0,
+        description="Population stability index of the prompt intent distribution (0.1 = moderate shift)",
     )
     prompt_mmd2: float = Field(
-        0.01, gt=0, description="Unbiased MMD^2 (RBF kernel, baseline bandwidth) of prompt embeddings"
+        0.001017, gt=0, description="Unbiased MMD^2 (RBF kernel, baseline bandwidth) of prompt embeddings"
     )
     prompt_length_ks: float = Field(
-        0.1, gt=0, le=1, description="Kolmogorov-Smirnov statistic of prompt lengths (tokens)"
+        0.058, gt=0, le=1, description="Kolmogorov-Smirnov statistic of prompt lengths (tokens)"
     )
     kl_live_delta: float = Field(
-        1.0,
+        1.105,
         gt=0,
         description="Absolute change in nats of the mean sequence KL(champion || reference) on live prompts against the baseline's",
     )
     rm_score_ks: float = Field(
-        0.1, gt=0, le=1, description="Kolmogorov-Smirnov statistic of reward-model scores of served responses"
+        0.08288, gt=0, le=1, description="Kolmogorov-Smirnov statistic of reward-model scores of served responses"
     )
     response_length_ks: float = Field(
-        0.1, gt=0, le=1, description="Kolmogorov-Smirnov statistic of response lengths (tokens)"
+        0.05792, gt=0, le=1, description="Kolmogorov-Smirnov statistic of response lengths (tokens)"
     )
     response_nll_ks: float = Field(
-        0.1,
+        0.05507,
         gt=0,
         le=1,
         description="Kolmogorov-Smirnov statistic of served responses' mean per-token NLL under the champion (are they what the champion would say?)",
     )
-    refusal_rate_delta: float = Field(0.05, gt=0, le=1, description="Absolute change of the refusal rate")
-    violation_rate_delta: float = Field(0.05, gt=0, le=1, description="Absolute change of the policy-violation rate")
+    response_nll_tail: float = Field(
+        0.011,
+        gt=0,
+        le=1,
+        description="Share of served responses whose NLL under the champion passes the baseline's upper tail_share cut",
+    )
+    refusal_rate_delta: float = Field(0.03184, gt=0, le=1, description="Absolute change of the refusal rate")
+    violation_rate_delta: float = Field(0.02541, gt=0, le=1, description="Absolute change of the policy-violation rate")
     gold_reward_drop: float = Field(
-        0.2, gt=0, description="Fall of the mean gold-judge reward below the baseline's (built-in task)"
+        1e-6, gt=0, description="Fall of the mean gold-judge reward below the baseline's (built-in task)"
     )
     feedback_rate_drop: float = Field(
-        0.1, gt=0, le=1, description="Fall of the positive user-feedback rate below the baseline's"
+        0.02849, gt=0, le=1, description="Fall of the positive user-feedback rate below the baseline's"
     )
     rm_gold_gap: float = Field(
         0.5,
@@ -523,10 +549,10 @@ class MonitorConfig(_Section):
         ge=10,
         description="Window rows whose responses are scored (reward model, NLL under the champion, rates, gold): a random subset of larger windows; prompt tokens, intents and lengths use every row",
     )
-    mmd_permutations: int = Field(
-        1000,
+    permutations: int = Field(
+        2000,
         ge=20,
-        description="Permutations of the MMD test (the smallest p-value is 1 / (permutations + 1), so it must be below thresholds.alpha)",
+        description="Permutations of the MMD and prompt-token JS tests (the smallest p-value is 1 / (permutations + 1), so it must be below thresholds.alpha / the number of tests, Holm's first step)",
     )
     batch_size: int = Field(64, ge=1, description="Sequences per forward pass when scoring")
     seed: int = Field(
@@ -540,6 +566,10 @@ class MonitorConfig(_Section):
     @classmethod
     def _retraining_is_a_trigger(cls, data: Any) -> Any:
         """The options of the retraining the monitor used to start itself say where it is configured now."""
+        if isinstance(data, dict) and "mmd_permutations" in data:
+            raise ValueError(
+                "mmd_permutations is now `permutations` (the MMD and the prompt-token JS tests share it): rename the option"
+            )
         removed = sorted({"trigger_deployment", "retrain_cooldown_h"} & set(data)) if isinstance(data, dict) else []
         if removed:
             raise ValueError(
@@ -557,10 +587,12 @@ class MonitorConfig(_Section):
 
     @model_validator(mode="after")
     def _check_alpha(self) -> MonitorConfig:
-        if 1.0 / (self.mmd_permutations + 1) >= self.thresholds.alpha:
+        # Holm's first step compares the smallest p-value with alpha / (number of tests).
+        floor = self.thresholds.alpha / MONITOR_TESTS
+        if 1.0 / (self.permutations + 1) >= floor:
             raise ValueError(
-                f"mmd_permutations ({self.mmd_permutations}) cannot reach p < thresholds.alpha "
-                f"({self.thresholds.alpha}): use at least {int(1 / self.thresholds.alpha)} permutations or raise alpha"
+                f"permutations ({self.permutations}) cannot reach p < thresholds.alpha / {MONITOR_TESTS} tests "
+                f"({floor:.2g}): use at least {math.ceil(1 / floor)} permutations or raise alpha"
             )
         return self
 

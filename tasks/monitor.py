@@ -271,7 +271,7 @@ def analyze_window(
 ) -> WindowAnalysis:
     """Features, drift metrics, signals and diagnosis of one window (no MLflow, no Prefect)."""
     features = window_features(models, prompts, responses, feedback, cfg, seed)
-    metrics, signals = compute_signals(models.baseline, features, cfg.thresholds, cfg.mmd_permutations, seed)
+    metrics, signals = compute_signals(models.baseline, features, cfg.thresholds, cfg.permutations, seed)
     return WindowAnalysis(metrics, signals, diagnose(signals), features, prompts, responses)
 
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import zlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cache
@@ -109,14 +110,23 @@ CONTEXT: tuple[str, ...] = (
 )
 
 
+Part = Literal[0, 1]
+
+
+def prompt_part(text: str) -> int:
+    """The half (0 or 1) of the prompt space a text belongs to, by a stable hash: calibration and evaluation
+    windows draw their prompts from different halves (bench/drift_heldout.py)."""
+    return zlib.crc32(text.encode("utf-8")) % 2
+
+
 @cache
-def _prompts(intent: str) -> tuple:
-    return tuple(all_prompts(intent))
+def _prompts(intent: str, part: int | None = None) -> tuple:
+    return tuple(p for p in all_prompts(intent) if part is None or prompt_part(p.text) == part)
 
 
-def clean_prompt(rng: random.Random) -> str:
-    """A prompt of the training distribution: intent uniformly, then a prompt of that intent."""
-    return rng.choice(_prompts(rng.choice(support.TRAIN_INTENTS))).text
+def clean_prompt(rng: random.Random, part: Part | None = None) -> str:
+    """A prompt of the training distribution: intent uniformly, then a prompt of that intent (of one half)."""
+    return rng.choice(_prompts(rng.choice(support.TRAIN_INTENTS), part)).text
 
 
 def paraphrase(prompt: str, rng: random.Random) -> str:
@@ -129,21 +139,25 @@ def paraphrase(prompt: str, rng: random.Random) -> str:
     return support.format_prompt(text)
 
 
-def drifted_prompt(kind: str, rng: random.Random) -> str:
-    """One prompt of a prompt-side drift kind (clean prompts for the response-side kinds)."""
+def drifted_prompt(kind: str, rng: random.Random, part: Part | None = None) -> str:
+    """One prompt of a prompt-side drift kind (clean prompts for the response-side kinds); `part` keeps
+    the underlying prompts in one half of the prompt space (prompt_part)."""
     if kind in ("clean", "degraded_policy", "reward_hacking"):
-        return clean_prompt(rng)
+        return clean_prompt(rng, part)
     if kind == "new_intent":
-        return rng.choice(_prompts("warranty")).text
+        return rng.choice(_prompts("warranty", part)).text
     if kind == "paraphrase":
-        return paraphrase(clean_prompt(rng), rng)
+        return paraphrase(clean_prompt(rng, part), rng)
     if kind == "adversarial":
-        message = rng.choice(ADVERSARIAL).format(item=rng.choice(support.ITEMS))
-        opener = rng.choice(support.OPENERS)
-        return support.format_prompt(opener + (message[0].lower() + message[1:] if opener else message))
+        while True:
+            message = rng.choice(ADVERSARIAL).format(item=rng.choice(support.ITEMS))
+            opener = rng.choice(support.OPENERS)
+            text = support.format_prompt(opener + (message[0].lower() + message[1:] if opener else message))
+            if part is None or prompt_part(text) == part:
+                return text
     if kind == "long_prompts":
         context = rng.sample(CONTEXT, rng.randint(2, 4))
-        message = support.customer_message(clean_prompt(rng))
+        message = support.customer_message(clean_prompt(rng, part))
         return support.format_prompt(" ".join([*context[:2], message, *context[2:]]))
     raise ValueError(f"unknown drift kind {kind!r}: use one of {list(DRIFT_KINDS)}")
 

@@ -144,13 +144,15 @@ def render_report(diagnosis: Diagnosis, signals: list, metrics: dict[str, float]
         "",
         "## Signals",
         "",
-        "| signal | category | value | threshold | p-value | breached |",
-        "|---|---|---|---|---|---|",
+        "| signal | category | value | threshold | p-value | Holm-adjusted p | breached |",
+        "|---|---|---|---|---|---|---|",
     ]
     for s in signals:
         p = "" if s.pvalue is None else f"{s.pvalue:.2g}"
+        adj = "" if s.adjusted_pvalue is None else f"{s.adjusted_pvalue:.2g}"
         lines.append(
-            f"| {s.name} | {s.category} | {s.value:.4f} | {s.threshold:g} | {p} | {'**yes**' if s.breached else 'no'} |"
+            f"| {s.name} | {s.category} | {s.value:.4f} | {s.threshold:g} | {p} | {adj} | "
+            f"{'**yes**' if s.breached else 'no'} |"
         )
     if ctx.inspect:
         lines += ["", "## Inspect", ""] + [f"- {i.what}: `{i.ref}`" for i in ctx.inspect]

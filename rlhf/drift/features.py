@@ -39,6 +39,8 @@ class PromptFeatures:
     """Token id (as a string, for JSON) -> occurrences over all prompts."""
     intents: list[str]
     lengths: np.ndarray  # (N,) tokens per prompt
+    token_ids: list[list[int]] | None = None
+    """Each prompt's token ids (the token-JS permutation test relabels prompts, not tokens)."""
 
 
 @dataclass
@@ -63,6 +65,7 @@ def prompt_features(
         token_counts={str(k): int(v) for k, v in counts.items()},
         intents=[task.classify_intent(p) if task else "other" for p in prompts],
         lengths=np.array([len(row) for row in ids], dtype=np.float64),
+        token_ids=[list(row) for row in ids],
     )
 
 

@@ -117,6 +117,7 @@ def build_profile(
         "prompts": {
             "n": len(prompts.intents),
             "token_counts": prompts.token_counts,
+            "token_ids": prompts.token_ids,
             "intent_counts": {i: prompts.intents.count(i) for i in sorted(set(prompts.intents))},
             "lengths": _floats(prompts.lengths),
             "length": _summary(prompts.lengths),

@@ -17,15 +17,23 @@ shifts and small windows do not alarm on noise.
 - MMD with an RBF kernel (Gretton et al. 2012, unbiased estimator) with a
   permutation p-value, on prompt embeddings.
 - Two-proportion z-test for rates and Welch's t-test for means.
+- Tail exceedances (beta-binomial, exact under exchangeability): how many window
+  values pass the baseline's extreme order statistic; sensitive to a small share
+  of rows far out, which KS and means dilute.
+- Multiple testing (Holm 1979): the window alarms on the family of signals, so
+  the window-level false-alarm rate is the family-wise alpha.
+- Wilson score interval for a rate measured on n windows, a one-sided CUSUM
+  (Page 1954) for gradual drift, and empirical quantile thresholds (calibration).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Literal
 
 import numpy as np
-from scipy import special
+from scipy import sparse, special
 from scipy import stats as sps
 
 
@@ -202,3 +210,131 @@ def welch_t_test(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     t = diff / math.sqrt(se2)
     df = se2**2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
     return diff, float(2.0 * sps.t.sf(abs(t), df))
+
+
+def token_count_matrix(token_ids: list[list[int]], vocab_size: int) -> sparse.csr_matrix:
+    """(N, V) sparse counts: row i counts the token ids of prompt i."""
+    rows = np.repeat(np.arange(len(token_ids)), [len(t) for t in token_ids])
+    cols = np.fromiter((t for ids in token_ids for t in ids), dtype=np.int64, count=len(rows))
+    if len(cols) and (cols.min() < 0 or cols.max() >= vocab_size):
+        raise ValueError(f"token ids must lie in [0, {vocab_size}): pass the tokenizer's vocabulary size")
+    return sparse.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(token_ids), vocab_size))
+
+
+def _js_columns(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """JS divergence in bits between matching columns of two (V, P) count matrices."""
+    p = p / p.sum(0, keepdims=True)
+    q = q / q.sum(0, keepdims=True)
+    m = 0.5 * (p + q)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kp = np.where(p > 0, p * np.log2(p / m), 0.0)
+        kq = np.where(q > 0, q * np.log2(q / m), 0.0)
+    return 0.5 * kp.sum(0) + 0.5 * kq.sum(0)
+
+
+def js_permutation_test(
+    baseline: sparse.csr_matrix, window: sparse.csr_matrix, n_permutations: int = 2000, seed: int = 0, block: int = 200
+) -> tuple[float, float]:
+    """(JS, p): JS divergence of the pooled token counts of two prompt sets, and its permutation p-value.
+
+    baseline (M, V) and window (N, V) count each prompt's tokens (token_count_matrix). Prompts, not
+    tokens, are relabelled: the tokens of one prompt travel together, so the test holds although
+    tokens within a prompt are not independent. p = (1 + #perm >= obs) / (1 + P).
+    """
+    m, n = baseline.shape[0], window.shape[0]
+    if m < 1 or n < 1:
+        raise ValueError("js_permutation_test needs at least one prompt per sample")
+    pooled = sparse.vstack([baseline, window]).tocsr()
+    keep = np.flatnonzero(np.asarray(pooled.sum(0)).ravel() > 0)
+    pooled = pooled[:, keep]  # (M+N, V') only tokens seen somewhere
+    rng = np.random.default_rng(seed)
+    totals = np.asarray(pooled.sum(0)).T  # (V', 1)
+    js = np.empty(n_permutations + 1)
+    # Blocks of permutations keep the (M+N, block) split matrix small for windows of many rows.
+    for start in range(0, n_permutations + 1, block):
+        cols = range(start, min(start + block, n_permutations + 1))
+        z = np.zeros((m + n, len(cols)))
+        for c, j in enumerate(cols):
+            z[:m, c] = 1.0 if j == 0 else 0.0  # column 0: the observed split
+            if j > 0:
+                z[rng.permutation(m + n)[:m], c] = 1.0
+        side_a = np.asarray(pooled.T @ z)  # (V', block) baseline-side counts per split
+        js[start : start + len(cols)] = _js_columns(side_a, totals - side_a)
+    observed = float(js[0])
+    return observed, (1.0 + float(np.sum(js[1:] >= observed - 1e-12))) / (1.0 + n_permutations)
+
+
+def exceedance_test(
+    baseline: np.ndarray, window: np.ndarray, tail: float = 0.01, side: Literal["upper", "lower"] = "upper"
+) -> tuple[float, float]:
+    """(share of window values beyond the baseline's tail cut, one-sided p) of a tail-exceedance test.
+
+    The cut is the baseline's k-th most extreme value, k = max(1, floor(tail * M)). Under exchangeability
+    the probability that a new value passes it is Beta(k, M + 1 - k), so the count of the N window values
+    past it is beta-binomial(N, k, M + 1 - k) (Gumbel and von Schelling 1950); p = P(count >= observed).
+    Values tied with the cut do not count as past it.
+    """
+    b = np.sort(np.asarray(baseline, dtype=np.float64))
+    w = np.asarray(window, dtype=np.float64)
+    if len(b) < 1 or len(w) < 1:
+        raise ValueError("exceedance_test needs two non-empty samples")
+    if not 0.0 < tail < 1.0:
+        raise ValueError(f"tail {tail} is the baseline share beyond the cut: use a value in (0, 1)")
+    k = max(1, int(math.floor(tail * len(b))))
+    if side == "upper":
+        count = int(np.sum(w > b[-k]))
+    elif side == "lower":
+        count = int(np.sum(w < b[k - 1]))
+    else:
+        raise ValueError(f"side {side!r}: use 'upper' or 'lower'")
+    p = float(sps.betabinom.sf(count - 1, len(w), k, len(b) + 1 - k))
+    return count / len(w), min(1.0, p)
+
+
+def holm_adjust(pvalues: list[float]) -> list[float]:
+    """Holm (1979) step-down adjusted p-values: reject p_i at family-wise level alpha iff adjusted_i < alpha.
+
+    Sorted ascending, adjusted_(j) = max_{i <= j} min(1, (m - i + 1) p_(i)); valid under any dependence
+    between the tests, so the chance that a window with no drift breaches any signal is at most alpha.
+    """
+    p = np.asarray(pvalues, dtype=np.float64)
+    if np.any((p < 0) | (p > 1)) or np.any(~np.isfinite(p)):
+        raise ValueError("holm_adjust takes p-values in [0, 1]")
+    m = len(p)
+    order = np.argsort(p, kind="stable")
+    scaled = np.minimum(1.0, (m - np.arange(m)) * p[order])
+    adjusted = np.empty(m)
+    adjusted[order] = np.maximum.accumulate(scaled)
+    return adjusted.tolist()
+
+
+def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson (1927) score interval of a rate k / n: (low, high)."""
+    if n <= 0 or not 0 <= k <= n:
+        raise ValueError(f"wilson_interval needs 0 <= k <= n and n >= 1, got k={k}, n={n}")
+    z = float(sps.norm.ppf(0.5 + confidence / 2.0))
+    phat = k / n
+    centre = (phat + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(phat * (1 - phat) / n + z * z / (4 * n * n))
+    low = 0.0 if k == 0 else max(0.0, centre - half)  # exact ends: rounding leaves ~1e-19 otherwise
+    return low, 1.0 if k == n else min(1.0, centre + half)
+
+
+def cusum(scores: np.ndarray, drift: float, threshold: float) -> tuple[np.ndarray, int | None]:
+    """One-sided CUSUM (Page 1954): S_t = max(0, S_{t-1} + x_t - drift); (S, first t with S_t >= threshold or None)."""
+    s, out, first = 0.0, [], None
+    for t, x in enumerate(np.asarray(scores, dtype=np.float64)):
+        s = max(0.0, s + float(x) - drift)
+        out.append(s)
+        if first is None and s >= threshold:
+            first = t
+    return np.array(out), first
+
+
+def upper_quantile(values: np.ndarray, q: float) -> float:
+    """The empirical q-quantile (inverted CDF: an observed value) of calibration values; the calibration rule."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if len(v) == 0:
+        raise ValueError("upper_quantile needs at least one finite value: run more calibration windows")
+    return float(np.quantile(v, q, method="inverted_cdf"))

@@ -79,9 +79,12 @@ def test_fit_texts_cuts_the_prompt_start_then_the_response_end():
 
 
 def test_monitor_config_needs_enough_permutations_for_alpha():
-    with pytest.raises(ValueError, match="at least 1000 permutations"):
-        MonitorConfig(mmd_permutations=200)
-    assert MonitorConfig(mmd_permutations=200, thresholds={"alpha": 0.01}).mmd_permutations == 200
+    # Holm's first step: p < alpha / 13 tests = 0.01 / 13 -> at least 1300 permutations
+    with pytest.raises(ValueError, match="at least 1300 permutations"):
+        MonitorConfig(permutations=1000)
+    assert MonitorConfig(permutations=200, thresholds={"alpha": 0.1}).permutations == 200
+    with pytest.raises(ValueError, match="is now `permutations`"):
+        MonitorConfig(mmd_permutations=2000)
 
 
 def test_read_window_filters_the_version_and_checks_feedback(tmp_path):

@@ -62,3 +62,17 @@ def _answer_of(row: dict) -> str:
 
 def _non_answer_of(row: dict) -> str:
     return row["chosen"] if _is_bare_non_answer(row["chosen"]) else row["rejected"]
+
+
+def test_prompt_halves_are_disjoint_and_cover_the_prompt_space():
+    from rlhf.builtin import traffic
+    from rlhf.builtin.dataset import all_prompts
+
+    assert traffic.prompt_part("a") == 1  # zlib.crc32(b"a") = 0xe8b7be43, odd
+    texts = [p.text for p in all_prompts("refund")]
+    halves = [{t for t in texts if traffic.prompt_part(t) == part} for part in (0, 1)]
+    assert halves[0].isdisjoint(halves[1]) and halves[0] | halves[1] == set(texts)
+    rng = random.Random(0)
+    drawn = [traffic.clean_prompt(rng, 1) for _ in range(200)] + [traffic.drifted_prompt("adversarial", rng, 1)]
+    assert all(traffic.prompt_part(t) == 1 for t in drawn[:-1]) and traffic.prompt_part(drawn[-1]) == 1
+    assert all(traffic.prompt_part(p) == 0 for p in [traffic.drifted_prompt("new_intent", rng, 0) for _ in range(50)])

@@ -133,3 +133,121 @@ def test_diagnosis_rules_in_order():
     )
     drift = diagnose([_signal("response_nll_ks", "response", True), _signal("rm_gold_gap", "judge", False)])
     assert drift.cause == "policy_drift" and drift.also == ()
+
+
+def test_holm_adjust_hand_worked():
+    # sorted 0.01, 0.03, 0.04 -> 3*0.01, 2*0.03, 1*0.04 = 0.03, 0.06, 0.04 -> running max 0.03, 0.06, 0.06
+    assert stats.holm_adjust([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06], abs=1e-12)
+    assert stats.holm_adjust([0.5, 0.6]) == pytest.approx([1.0, 1.0], abs=1e-12)
+    assert stats.holm_adjust([]) == []
+    with pytest.raises(ValueError, match="p-values in"):
+        stats.holm_adjust([0.5, 1.5])
+
+
+def test_wilson_interval_hand_worked():
+    # 0 of 300: centre = half = z^2 / (2n (1 + z^2/n)) = 3.841459 / (600 * 1.0128049) = 0.0063215
+    low, high = stats.wilson_interval(0, 300)
+    assert low == 0.0 and high == pytest.approx(0.012643, abs=1e-6)
+    # 5 of 10: centre 0.5, half = z / 1.3841459 * sqrt(0.025 + 3.841459 / 400) = 1.4160 * 0.18602 = 0.263407
+    assert stats.wilson_interval(5, 10) == pytest.approx((0.236593, 0.763407), abs=1e-6)
+    assert stats.wilson_interval(10, 10)[1] == 1.0
+    with pytest.raises(ValueError, match="0 <= k <= n"):
+        stats.wilson_interval(3, 2)
+
+
+def test_cusum_hand_worked():
+    # S = max(0, S + x - 1): 0, 2, 1, 2, 3 -> first >= 3 at t = 4
+    s, first = stats.cusum(np.array([0.0, 3.0, 0.0, 2.0, 2.0]), drift=1.0, threshold=3.0)
+    assert s.tolist() == [0.0, 2.0, 1.0, 2.0, 3.0] and first == 4
+    assert stats.cusum(np.zeros(5), 1.0, 3.0)[1] is None
+
+
+def test_exceedance_test_hand_worked():
+    # M = 100 values 1..100, tail 0.05 -> k = 5, cut 96; window values above it: 97, 98 -> count 2 of 4
+    # beta-binomial(4, 5, 96): P(0) = (96/101)(97/102)(98/103)(99/104) = 0.818676,
+    # P(1) = 4 * 5 * 96*97*98 / (101*102*103*104) = 0.165389 -> P(X >= 2) = 0.015935
+    baseline = np.arange(1.0, 101.0)
+    share, p = stats.exceedance_test(baseline, np.array([97.0, 98.0, 50.0, 10.0]), tail=0.05)
+    assert share == 0.5 and p == pytest.approx(0.015935, abs=1e-5)
+    # lower side: the cut is the 5th smallest value, 5; values below it: 1 and 2 -> the same law
+    share, p_low = stats.exceedance_test(baseline, np.array([1.0, 2.0, 50.0, 96.0]), tail=0.05, side="lower")
+    assert share == 0.5 and p_low == pytest.approx(p, abs=1e-12)
+    assert stats.exceedance_test(baseline, np.array([50.0]), tail=0.05) == (0.0, 1.0)
+
+
+def test_token_count_matrix_and_js_permutation_test():
+    m = stats.token_count_matrix([[0, 2, 2], [1]], 3).toarray()
+    assert m.tolist() == [[1.0, 0.0, 2.0], [0.0, 1.0, 0.0]]
+    with pytest.raises(ValueError, match="vocabulary size"):
+        stats.token_count_matrix([[5]], 3)
+    # disjoint tokens: JS = 1 bit, and no relabelling of 12 + 8 prompts reaches it
+    base = stats.token_count_matrix([[0, 0]] * 12, 2)
+    js, p = stats.js_permutation_test(base, stats.token_count_matrix([[1]] * 8, 2), n_permutations=99, seed=0)
+    assert js == pytest.approx(1.0, abs=1e-12) and p == pytest.approx(1 / 100, abs=1e-12)
+    # the statistic is the JS divergence of the pooled counts: (5, 5) vs (4, 0) -> 0.3112781 (as above)
+    js, p = stats.js_permutation_test(
+        stats.token_count_matrix([[0, 1]] * 5, 2), stats.token_count_matrix([[0]] * 4, 2), 99, 0
+    )
+    assert js == pytest.approx(0.3112781, abs=1e-6)
+    # permutations run in blocks (memory for big windows): the block size does not change the answer
+    a, b = stats.token_count_matrix([[0, 1]] * 5, 2), stats.token_count_matrix([[0]] * 4, 2)
+    assert stats.js_permutation_test(a, b, 99, 0, block=7) == stats.js_permutation_test(a, b, 99, 0, block=500)
+    # the same composition on both sides: JS = 0, every relabelling reaches it, p = 1
+    same = stats.token_count_matrix([[0], [1]] * 5, 2)
+    assert stats.js_permutation_test(same, same, 99, 0) == pytest.approx((0.0, 1.0), abs=1e-12)
+
+
+def test_upper_quantile_is_an_observed_value():
+    assert stats.upper_quantile(np.array([4.0, 1.0, 3.0, 2.0]), 0.5) == 2.0
+    assert stats.upper_quantile(np.array([4.0, 1.0, 3.0, 2.0, np.nan]), 0.99) == 4.0
+    with pytest.raises(ValueError, match="calibration windows"):
+        stats.upper_quantile(np.array([np.nan]), 0.5)
+
+
+def test_holm_breaches_need_the_effect_and_the_adjusted_p():
+    from rlhf.drift.signals import holm_breaches
+
+    signals = [
+        Signal("a", "input", 0.5, 0.1, 0.004, True, ""),  # second smallest of 3: adjusted 2 * 0.004 = 0.008
+        Signal("b", "input", 0.05, 0.1, 0.001, False, ""),  # adjusted 3 * 0.001, but the effect is below its floor
+        Signal("c", "response", 0.5, 0.1, 0.2, True, ""),
+        Signal("d", "input", 0.5, 0.1, None, True, ""),  # no p-value: outside the family, its verdict kept
+    ]
+    out = holm_breaches(signals, alpha=0.01)
+    assert [s.adjusted_pvalue for s in out[:3]] == pytest.approx([0.008, 0.003, 0.2], abs=1e-12)
+    assert out[3].adjusted_pvalue is None
+    assert [s.breached for s in out] == [True, False, False, True]
+    assert [s.breached for s in holm_breaches(signals, alpha=0.005)] == [False, False, False, True]
+
+
+def test_token_js_is_tested_only_when_the_baseline_keeps_each_prompts_tokens():
+    from rlhf.config import DriftThresholds
+    from rlhf.drift.features import PromptFeatures, ResponseFeatures
+    from rlhf.drift.profile import build_profile
+    from rlhf.drift.signals import WindowFeatures, compute_signals
+
+    rng = np.random.default_rng(0)
+
+    def responses(n: int) -> ResponseFeatures:
+        flags = np.zeros(n, dtype=bool)
+        return ResponseFeatures(rng.normal(size=n), rng.normal(10, 1, n), rng.normal(1, 0.1, n), flags, flags, None)
+
+    ids = [[1, 2]] * 20
+    prompts = PromptFeatures({"1": 20, "2": 20}, ["a"] * 20, np.full(20, 2.0), ids)
+    baseline = build_profile(prompts, rng.normal(size=(20, 2)), responses(20), rng.normal(size=20), {}, {})
+    new = [[3, 4]] * 20  # every window token unseen at baseline: JS = 1 bit
+    window = WindowFeatures(
+        PromptFeatures({"3": 20, "4": 20}, ["a"] * 20, np.full(20, 2.0), new),
+        rng.normal(size=(20, 2)),
+        responses(20),
+        rng.normal(size=20),
+        np.zeros(0),
+        list(range(20)),
+    )
+    _, signals = compute_signals(baseline, window, DriftThresholds(), 1999, 0)
+    js = next(s for s in signals if s.name == "prompt_token_js")
+    assert js.value == pytest.approx(1.0) and js.pvalue == pytest.approx(1 / 2000) and js.breached
+    del baseline.profile["prompts"]["token_ids"]  # a baseline from before the profile kept them
+    _, signals = compute_signals(baseline, window, DriftThresholds(), 1999, 0)
+    js = next(s for s in signals if s.name == "prompt_token_js")
+    assert js.value == pytest.approx(1.0) and js.pvalue is None and not js.breached and "untested" in js.summary

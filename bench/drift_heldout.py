@@ -1,0 +1,839 @@
+"""Drift detection measured out of sample: thresholds calibrated on one half, rates measured on the other.
+
+    export MLFLOW_DISABLE_TELEMETRY=true PYTHONPATH=.
+    python bench/drift_heldout.py --work /tmp/bench/drift-heldout rows        # champion, baseline, row pools
+    python bench/drift_heldout.py --work /tmp/bench/drift-heldout calibrate   # bench/results/drift_calibration.json
+    python bench/drift_heldout.py --work /tmp/bench/drift-heldout evaluate    # bench/results/drift_*.json, PNGs
+
+1. The champion of bench/drift_detection.py (SFT 120 steps, reward model 160,
+   PPO 10; built once per --work folder) and its baseline, computed as the
+   register stage does (tasks.baseline.compute_baseline on the data set's
+   held-out and PPO prompts, seed 0).
+2. Row pools, sampled FRESH from the champion, once: a *calibration* split
+   (sampling seed 11, prompts from half 0 of the prompt space,
+   rlhf.builtin.traffic.prompt_part) and an *evaluation* split (seed 22, half 1):
+   no prompt and no sample is shared between them or with the baseline's
+   samples. Every row's features (tokens, intent, embedding, one sampled
+   KL(champion || reference) on its prompt, reward-model score, length, NLL,
+   refusal, violation, gold) are computed once with the monitor's own feature
+   functions (rlhf/drift/features.py), so a window costs only its tests.
+3. A window draws its rows without replacement from the pools (``round(share *
+   rows)`` drifted rows of one kind, the rest clean), subsamples them as
+   tasks.monitor.window_features does (embedding_rows, kl_prompts, scored_rows),
+   draws simulated feedback (30% of rows, thumbs up with probability
+   sigmoid(gold / 0.5)), and goes through the monitor's tests and diagnosis
+   (rlhf.drift.signals.compute_signals, rlhf.drift.diagnosis.diagnose).
+   Windows are not independent samples of the policy: they share rows of a
+   finite pool (a 500-row window of a 5000-row pool overlaps another in ~10% of
+   its rows).
+
+``calibrate`` reads only calibration-split clean windows; ``evaluate`` only
+evaluation-split windows with the thresholds ``calibrate`` wrote.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pickle
+import platform
+import random
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+IMAGES = ROOT / "docs" / "images"
+CALIBRATION_FILE = RESULTS / "drift_calibration.json"
+SPLITS = {"calibration": {"seed": 11, "part": 0}, "evaluation": {"seed": 22, "part": 1}}
+SHARES = (0.02, 0.05, 0.1, 0.2, 0.3)
+SIZES = (100, 500, 2000)
+FEEDBACK_RATE = 0.3
+QUANTILE = 0.99
+"""Calibration rule: an effect floor is this quantile of the effect over clean calibration windows."""
+FLOOR_ROWS = 1000
+"""Window size of the clean calibration windows the effect floors come from."""
+MIN_FLOOR = 1e-6
+"""A floor the rule puts at or below 0 (a drop that clean windows never show) becomes this: no effect floor."""
+CUSUM_DRIFT = 2.0
+"""CUSUM reference value k, set before any evaluation: between the score's null mean (<= 1) and the score at
+which the window test alarms (-ln 0.01 = 4.6)."""
+CUSUM_ARL0 = 100.0
+"""CUSUM false-alarm target: mean windows between false alarms under no drift (the window test's 1%)."""
+
+# Kinds the simulator does not name: the monitor has no signal made for them.
+UNNAMED = ("register_shift", "truncated_responses", "templated_responses")
+TEXTING = (
+    ("I want", "i want"),
+    ("I would like", "i'd like"),
+    ("please", "pls"),
+    ("Please", "pls"),
+    ("Thank you.", "thx"),
+    ("Thanks.", "thx"),
+    ("you", "u"),
+    ("my", "my"),
+    ("cannot", "cant"),
+    ("I ", "i "),
+)
+TEMPLATES = (
+    " Thank you for contacting us. An agent will get back to you shortly.",
+    " Thank you for your message. We will reply within 24 hours.",
+    " Your request has been received. Reference number 0000.",
+)
+
+
+def register_shift(prompt: str, rng: random.Random) -> str:
+    """The customer message rewritten as a hurried text: lower case, no greeting, abbreviations, no full stops."""
+    from rlhf.builtin import support
+
+    text = support.customer_message(prompt)
+    for opener in sorted(support.OPENERS, key=len, reverse=True):
+        if opener and text.startswith(opener):
+            text = text[len(opener) :]
+            break
+    for old, new in TEXTING:
+        text = text.replace(old, new)
+    text = text.replace(".", "").replace(",", "").lower()
+    return support.format_prompt(text + rng.choice(("", " asap", " !!", " ??", " now")))
+
+
+@dataclass
+class Rows:
+    """Per-row features of one pool (one kind of one split), in row order."""
+
+    prompts: list[str]
+    responses: list[str]
+    token_ids: list[list[int]]
+    intents: list[str]
+    lengths: np.ndarray
+    embeddings: np.ndarray  # (N, H)
+    kl: np.ndarray
+    rm: np.ndarray
+    response_lengths: np.ndarray
+    nll: np.ndarray
+    refusal: np.ndarray
+    violation: np.ndarray
+    gold: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+def setup(work: Path) -> None:
+    work.mkdir(parents=True, exist_ok=True)
+    os.chdir(work)
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work}/mlflow.db")
+    sys.path.insert(0, str(ROOT / "bench"))
+    from rlhf.infra.env import quiet_defaults
+
+    quiet_defaults()
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def champion_and_baseline(work: Path):
+    """The champion's models and a baseline with per-prompt token ids (computed once, kept in work/baseline).
+
+    With work/stack/{policy,reference,reward} (checkpoint folders in Hugging Face layout) those are the
+    champion, its reference and reward model; otherwise bench/drift_detection.py's small champion is
+    trained and registered in work/mlflow.db.
+    """
+    from rlhf.builtin.task import SUPPORT_TASK, resolve_data_paths
+    from rlhf.config import MonitorConfig, load_config
+    from rlhf.drift.profile import Baseline
+    from tasks.baseline import compute_baseline, read_prompts
+    from tasks.monitor import MonitorModels, load_models
+
+    cfg = load_config(None, ["seed=0"])
+    stack = work / "stack"
+    if (stack / "policy").is_dir():
+        from models.loading import load_causal_lm, load_reward_model, load_tokenizer
+
+        tokenizer = load_tokenizer(str(stack / "reference"), False)
+        models = MonitorModels(
+            None,  # type: ignore[arg-type]  # no registry: the bench reads lineage.version nowhere
+            None,  # type: ignore[arg-type]
+            tokenizer,
+            load_causal_lm(str(stack / "policy")).eval(),
+            load_causal_lm(str(stack / "reference")).eval(),
+            load_reward_model(str(stack / "reward"), tokenizer.pad_token_id).eval(),
+        )
+    else:
+        from drift_detection import MODEL_NAME, build_champion
+
+        build_champion(work, 10)
+        models = load_models(MonitorConfig(registered_model=MODEL_NAME))
+    folder = work / "baseline"
+    if (folder / "profile.json").exists():
+        models.baseline = Baseline.load(folder)
+        return models
+    paths = resolve_data_paths(cfg.data, work, cfg.seed)
+    t0 = time.perf_counter()
+    models.baseline = compute_baseline(
+        models.policy,
+        models.reference,
+        models.reward_model,
+        models.tokenizer,
+        read_prompts([paths["heldout_prompts"], paths["prompts"]]),
+        max_new_tokens=cfg.ppo.max_new_tokens,
+        temperature=cfg.ppo.temperature,
+        task=SUPPORT_TASK,
+        seed=0,
+    )
+    models.baseline.save(folder)
+    print(f"baseline in {time.perf_counter() - t0:.0f} s", flush=True)
+    return models
+
+
+def build_rows(models, kind: str, n: int, seed: int, part: int, clean: Rows | None) -> Rows:
+    """Sample n rows of a kind from the champion and compute their features (the monitor's functions)."""
+    import torch
+
+    from rlhf.builtin import traffic
+    from rlhf.builtin.task import SUPPORT_TASK
+    from rlhf.drift.features import (
+        embed_prompts,
+        max_sequence_length,
+        prompt_features,
+        response_features,
+        sample_kl,
+        sample_responses,
+    )
+
+    gen = models.baseline.profile["generation"]
+    mnt, temp = int(gen["max_new_tokens"]), float(gen["temperature"])
+    tok, policy = models.tokenizer, models.policy
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    room = max_sequence_length(policy, tok)
+    # 1. prompts of the kind, in one half of the prompt space, leaving room for a response
+    prompts: list[str] = []
+    while len(prompts) < n:
+        if kind == "register_shift":
+            prompt = register_shift(traffic.clean_prompt(rng, part), rng)  # type: ignore[arg-type]
+        else:
+            base = kind if kind in traffic.DRIFT_KINDS else "clean"
+            prompt = traffic.drifted_prompt(base, rng, part)  # type: ignore[arg-type]
+        if len(tok(prompt, add_special_tokens=False)["input_ids"]) + mnt <= room:
+            prompts.append(prompt)
+    # 2. the champion's own sample on each prompt: its KL to the reference, and the served response
+    own, kl = sample_kl(policy, models.reference, tok, prompts, mnt, temp, 64)
+    if kind == "degraded_policy":
+        served = sample_responses(policy, tok, prompts, mnt, 1.6, 64)
+    elif kind == "reward_hacking":
+        assert clean is not None
+        pairs = traffic._hacking_pairs(
+            models.reward_model, tok, prompts, list(zip(clean.prompts, clean.responses)), rng, 64
+        )
+        served = [r for _, r in pairs]
+    elif kind == "truncated_responses":  # a serving config that cuts generation at 6 tokens
+        served = [tok.decode(tok(r, add_special_tokens=False)["input_ids"][:6]) or r for r in own]
+    elif kind == "templated_responses":  # a fallback template served instead of the model
+        served = [rng.choice(TEMPLATES) for _ in prompts]
+    else:
+        served = own
+    # 3. features, as the monitor computes them
+    pf = prompt_features(tok, prompts, SUPPORT_TASK)
+    rf = response_features(policy, models.reward_model, tok, prompts, served, SUPPORT_TASK, 64)
+    return Rows(
+        prompts,
+        served,
+        pf.token_ids or [],
+        pf.intents,
+        pf.lengths,
+        embed_prompts(models.reference, tok, prompts, 64),
+        kl,
+        rf.rm_scores,
+        rf.lengths,
+        rf.nll,
+        rf.refusal,
+        rf.violation,
+        rf.gold if rf.gold is not None else np.full(len(prompts), np.nan),
+    )
+
+
+def cmd_rows(args, work: Path) -> None:
+    from rlhf.builtin import traffic
+
+    models = champion_and_baseline(work)
+    plan = {
+        "calibration": {"clean": args.calibration_clean},
+        "evaluation": {
+            "clean": args.evaluation_clean,
+            **{k: args.drift_rows for k in traffic.DRIFT_KINDS if k != "clean"},
+            **{k: args.drift_rows for k in UNNAMED},
+        },
+    }
+    for split, sizes in plan.items():
+        path = work / f"rows-{split}.pkl"
+        pools: dict[str, Rows] = pickle.loads(path.read_bytes()) if path.exists() else {}
+        for k, (kind, n) in enumerate(sizes.items()):
+            if kind in pools and len(pools[kind]) >= n:
+                continue
+            t0 = time.perf_counter()
+            seed = SPLITS[split]["seed"] * 1000 + k
+            pools[kind] = build_rows(models, kind, n, seed, SPLITS[split]["part"], pools.get("clean"))
+            path.write_bytes(pickle.dumps(pools))
+            print(f"{split} {kind}: {n} rows in {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+# ---------------------------------------------------------------------------- windows
+
+
+def load_pools(work: Path, split: str) -> dict[str, Rows]:
+    path = work / f"rows-{split}.pkl"
+    if not path.exists():
+        raise SystemExit(f"{path} is missing: run `python bench/drift_heldout.py --work {work} rows` first")
+    return pickle.loads(path.read_bytes())
+
+
+def draw(rng: np.random.Generator, size: int, n: int) -> np.ndarray:
+    """n row indices of a pool of `size`: without replacement when n <= size."""
+    return rng.choice(size, n, replace=n > size)
+
+
+def window(pools: dict[str, Rows], kind: str, share: float, n: int, seed: int, cfg, gold: bool = True):
+    """WindowFeatures of one window (rows drawn without replacement) and the injected kind's row count."""
+    from rlhf.builtin.judge import feedback_probability
+    from rlhf.drift.features import PromptFeatures, ResponseFeatures
+    from rlhf.drift.signals import WindowFeatures
+
+    rng = np.random.default_rng(seed)
+    n_drift = 0 if kind == "clean" else int(round(share * n))
+    # without replacement within the window while the pool is large enough (else with: said in the docs)
+    picks = [(kind, int(j)) for j in draw(rng, len(pools[kind]), n_drift)]
+    picks += [("clean", int(j)) for j in draw(rng, len(pools["clean"]), n - n_drift)]
+    order = rng.permutation(n)
+    picks = [picks[j] for j in order]
+
+    def col(name: str) -> np.ndarray:
+        return np.array([getattr(pools[k], name)[j] for k, j in picks])
+
+    token_ids = [pools[k].token_ids[j] for k, j in picks]
+    counts = Counter(t for ids in token_ids for t in ids)
+    prompts = PromptFeatures(
+        {str(t): c for t, c in counts.items()}, [pools[k].intents[j] for k, j in picks], col("lengths"), token_ids
+    )
+    # as tasks.monitor.window_features: embeddings and KL of random subsets, responses of up to scored_rows
+    embedded = rng.choice(n, min(n, cfg.embedding_rows), replace=False)
+    kl_rows = rng.choice(n, min(n, cfg.kl_prompts), replace=False)
+    scored = np.sort(rng.choice(n, min(n, cfg.scored_rows), replace=False))
+    golds = col("gold")
+    responses = ResponseFeatures(
+        col("rm")[scored],
+        col("response_lengths")[scored],
+        col("nll")[scored],
+        col("refusal")[scored].astype(bool),
+        col("violation")[scored].astype(bool),
+        golds[scored] if gold else None,
+    )
+    has = rng.random(n) < FEEDBACK_RATE
+    thumbs = rng.random(n) < np.array([feedback_probability(g) for g in golds])
+    feedback = thumbs[has].astype(float) if gold else np.zeros(0)
+    return WindowFeatures(
+        prompts, col("embeddings")[embedded], responses, col("kl")[kl_rows], feedback, scored.tolist()
+    ), n_drift
+
+
+def no_gold(baseline):
+    """The baseline as a deployment without a gold judge or feedback would have it."""
+    from rlhf.drift.profile import Baseline
+
+    profile = json.loads(json.dumps(baseline.profile))
+    profile["responses"].update({"gold": None, "gold_summary": None, "feedback_positive_rate": None})
+    return Baseline(profile, baseline.embeddings)
+
+
+def analyse(baseline, features, cfg, seed: int) -> dict:
+    """The monitor's tests and diagnosis of one window, reduced to what the tables need."""
+    from rlhf.drift.diagnosis import diagnose
+    from rlhf.drift.signals import compute_signals
+
+    _, signals = compute_signals(baseline, features, cfg.thresholds, cfg.permutations, seed)
+    d = diagnose(signals)
+    tested = [s.pvalue for s in signals if s.pvalue is not None and s.name != "rm_gold_gap"]
+    return {
+        "alert": d.cause is not None,
+        "cause": d.cause,
+        "breached": list(d.breached),
+        "min_p": float(min(tested)),
+        "tests": len(tested),
+        "effects": {s.name: float(s.value) for s in signals},
+    }
+
+
+def monitor_config(thresholds: dict | None = None):
+    from rlhf.config import MonitorConfig
+
+    return MonitorConfig(thresholds=thresholds or {})
+
+
+def wilson(k: int, n: int) -> list[float]:
+    from rlhf.drift.stats import wilson_interval
+
+    return list(wilson_interval(k, n))
+
+
+# ---------------------------------------------------------------------------- calibration
+
+
+def cmd_calibrate(args, work: Path) -> None:
+    """Effect floors from clean calibration windows; alpha by policy; CUSUM threshold from the null bound."""
+    from rlhf.config import DriftThresholds
+    from rlhf.drift.stats import cusum, upper_quantile
+
+    models = champion_and_baseline(work)
+    pools = load_pools(work, "calibration")
+    cfg = monitor_config()
+    effects: dict[str, list[float]] = {}
+    t0 = time.perf_counter()
+    for i in range(args.calibration_windows):
+        features, _ = window(pools, "clean", 0.0, FLOOR_ROWS, 1_000_000 + i, cfg)
+        for name, value in analyse(models.baseline, features, cfg, 1_000_000 + i)["effects"].items():
+            effects.setdefault(name, []).append(value)
+    seconds = time.perf_counter() - t0
+    defaults = DriftThresholds()
+    chosen, reasons = {}, {}
+    for name, values in effects.items():
+        if name == "rm_gold_gap":  # a diagnosis qualifier, not a test: kept at its default
+            continue
+        floor = upper_quantile(np.array(values), QUANTILE)
+        chosen[name] = max(round(float(floor), 6), MIN_FLOOR)
+        reasons[name] = (
+            f"{QUANTILE:.0%} quantile of the effect over {len(values)} clean calibration windows of {FLOOR_ROWS} rows"
+            + (f" ({floor:.3g}, raised to {MIN_FLOOR:g}: the p-value alone decides)" if floor < MIN_FLOOR else "")
+        )
+    chosen["alpha"] = defaults.alpha
+    reasons["alpha"] = "policy: family-wise (Holm) level of each window's tests = the window-level false-alarm rate"
+    chosen["rm_gold_gap"] = defaults.rm_gold_gap
+    reasons["rm_gold_gap"] = "default (0.5 baseline standard deviations): qualifies a breached quality signal"
+    # CUSUM on x_t = -ln(min(1, m * p_min)): under no drift P(x_t > u) <= exp(-u), so Exp(1) scores bound it.
+    rng = np.random.default_rng(7)
+    grid = np.arange(2.0, 12.01, 0.25)
+    arl = []
+    for h in grid:
+        runs = []
+        for _ in range(400):
+            _, first = cusum(rng.exponential(1.0, 2000), CUSUM_DRIFT, float(h))
+            runs.append(2000 if first is None else first + 1)
+        arl.append(float(np.mean(runs)))
+    h = float(grid[np.argmax(np.array(arl) >= CUSUM_ARL0)])
+    out = {
+        "thresholds": chosen,
+        "reasons": reasons,
+        "rule": f"effect floor = {QUANTILE} quantile (inverted CDF) of the signal's effect on clean calibration "
+        f"windows of {FLOOR_ROWS} rows; breach = effect >= floor and Holm-adjusted p < alpha",
+        "cusum": {
+            "score": "x_t = -ln(min(1, m * p_min)), m tests, p_min the window's smallest p-value",
+            "drift": CUSUM_DRIFT,
+            "threshold": h,
+            "reason": f"smallest h on a 0.25 grid whose mean run length to a false alarm is >= {CUSUM_ARL0:g} "
+            "windows under the Exp(1) bound of the score (400 simulated sequences, seed 7)",
+            "arl0_grid": dict(zip([float(x) for x in grid], arl)),
+        },
+        "calibration_windows": args.calibration_windows,
+        "split": SPLITS["calibration"],
+        "pool_rows": {k: len(v) for k, v in pools.items()},
+        "effects_summary": {
+            k: {"median": float(np.median(v)), "q99": float(upper_quantile(np.array(v), 0.99)), "max": float(max(v))}
+            for k, v in effects.items()
+        },
+        "seconds": seconds,
+        "command": "PYTHONPATH=. python bench/drift_heldout.py --work /tmp/bench/drift-heldout calibrate",
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    CALIBRATION_FILE.write_text(json.dumps(out, indent=1) + "\n")
+    print(json.dumps(out["thresholds"], indent=1), f"CUSUM h={h}", flush=True)
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+
+def calibrated() -> tuple[dict, dict]:
+    if not CALIBRATION_FILE.exists():
+        raise SystemExit(f"{CALIBRATION_FILE} is missing: run `calibrate` first")
+    cal = json.loads(CALIBRATION_FILE.read_text())
+    return cal["thresholds"], cal["cusum"]
+
+
+def rate(records: list[dict]) -> dict:
+    k, n = sum(r["alert"] for r in records), len(records)
+    return {"alerts": k, "windows": n, "rate": k / n, "wilson95": wilson(k, n)}
+
+
+def cmd_evaluate(args, work: Path) -> None:
+    from rlhf.builtin import traffic
+
+    thresholds, cusum_cfg = calibrated()
+    cfg = monitor_config(thresholds)
+    models = champion_and_baseline(work)
+    pools = load_pools(work, "evaluation")
+    base, base_ng = models.baseline, no_gold(models.baseline)
+    stages = set(args.only.split(",")) if args.only else {"false_alarms", "sensitivity", "ramp", "unnamed"}
+    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, torch 1 thread, nice 19, shared"
+    named = [k for k in traffic.DRIFT_KINDS if k != "clean"]
+    subset = args.kinds.split(",") if args.kinds else named
+    seed = 2_000_000
+
+    def run(kind: str, share: float, n: int, s: int, gold: bool = True) -> dict:
+        features, n_drift = window(pools, kind, share, n, s, cfg, gold)
+        out = analyse(base if gold else base_ng, features, cfg, s)
+        out.update(kind=kind, share=share, rows=n, seed=s, drifted_rows=n_drift, expected=traffic.CAUSES.get(kind))
+        return out
+
+    if "false_alarms" in stages:
+        t0 = time.perf_counter()
+        result = {}
+        for n, count in ((500, args.clean_windows), (100, args.clean_windows_other), (2000, args.clean_windows_other)):
+            records = [run("clean", 0.0, n, seed + 100_000 + 10_000 * SIZES.index(n) + i) for i in range(count)]
+            result[str(n)] = {
+                **rate(records),
+                "signals": Counter(s for r in records for s in r["breached"]),
+                "min_p": [r["min_p"] for r in records],
+                "tests": records[0]["tests"],
+            }
+            print(f"clean {n}: {result[str(n)]['alerts']}/{count} alarms", flush=True)
+        save("drift_false_alarms.json", {"windows": result, "seconds": time.perf_counter() - t0, "machine": machine})
+
+    if "sensitivity" in stages:
+        t0 = time.perf_counter()
+        cells = []
+        for kind in subset:
+            for n in SIZES:
+                count = args.windows if n == 500 else args.windows_other
+                for share in SHARES:
+                    records = [
+                        run(kind, share, n, seed + 1_000_000 * (named.index(kind) + 1) + 1000 * SIZES.index(n) + i)
+                        for i in range(count)
+                    ]
+                    right = sum(r["cause"] == r["expected"] for r in records if r["alert"])
+                    cells.append(
+                        {
+                            "kind": kind,
+                            "rows": n,
+                            "share": share,
+                            **rate(records),
+                            "diagnosis_correct": right,
+                            "causes": Counter(r["cause"] or "none" for r in records),
+                            "signals": Counter(s for r in records for s in r["breached"]),
+                        }
+                    )
+                    c = cells[-1]
+                    print(f"{kind} {n} {share}: {c['alerts']}/{count}, diag {right}", flush=True)
+        name = "drift_sensitivity.json" if subset == named else f"drift_sensitivity-{'-'.join(subset)}.json"
+        save(name, {"cells": cells, "seconds": time.perf_counter() - t0, "machine": machine})
+
+    if "ramp" in stages:
+        from rlhf.drift.stats import cusum
+
+        t0 = time.perf_counter()
+        ramps = []
+        steps = args.ramp_windows
+        for kind in subset:
+            for rep in range(args.ramp_repeats):
+                shares = [args.ramp_to * t / (steps - 1) for t in range(steps)]  # from 0 (clean)
+                records = [
+                    run(kind, sh, 500, seed + 50_000_000 + 100_000 * named.index(kind) + 100 * rep + t)
+                    for t, sh in enumerate(shares)
+                ]
+                first = next((t for t, r in enumerate(records) if r["alert"]), None)
+                scores = [-math.log(min(1.0, r["tests"] * r["min_p"])) for r in records]
+                _, first_cusum = cusum(np.array(scores), cusum_cfg["drift"], cusum_cfg["threshold"])
+                ramps.append(
+                    {
+                        "kind": kind,
+                        "repeat": rep,
+                        "shares": shares,
+                        "first_alert": first,
+                        "first_cusum": first_cusum,
+                        "alerts": [r["alert"] for r in records],
+                        "scores": scores,
+                    }
+                )
+                print(f"ramp {kind} {rep}: window test {first}, CUSUM {first_cusum}", flush=True)
+        # CUSUM false alarms: the clean 500-row windows of the false-alarm stage, as one long sequence
+        save(
+            "drift_ramp.json",
+            {
+                "ramps": ramps,
+                "windows": steps,
+                "to_share": args.ramp_to,
+                "rows": 500,
+                "seconds": time.perf_counter() - t0,
+            },
+        )
+
+    if "unnamed" in stages:
+        t0 = time.perf_counter()
+        cells = []
+        for gold in (True, False):
+            for kind in [*UNNAMED, *named]:
+                if gold and kind not in UNNAMED:
+                    continue
+                for share in (0.1, 0.3):
+                    records = [
+                        run(kind, share, 500, seed + 90_000_000 + 100_000 * [*UNNAMED, *named].index(kind) + i, gold)
+                        for i in range(args.unnamed_windows)
+                    ]
+                    cells.append(
+                        {
+                            "kind": kind,
+                            "gold": gold,
+                            "share": share,
+                            **rate(records),
+                            "causes": Counter(r["cause"] or "none" for r in records),
+                            "signals": Counter(s for r in records for s in r["breached"]),
+                        }
+                    )
+                    print(f"unnamed gold={gold} {kind} {share}: {cells[-1]['alerts']}", flush=True)
+        clean_ng = [run("clean", 0.0, 500, seed + 95_000_000 + i, False) for i in range(args.clean_windows_other)]
+        save(
+            "drift_unnamed.json",
+            {
+                "cells": cells,
+                "clean_without_gold": {
+                    **rate(clean_ng),
+                    "signals": Counter(s for r in clean_ng for s in r["breached"]),
+                },
+                "seconds": time.perf_counter() - t0,
+            },
+        )
+
+
+def save(name: str, data: dict) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / name).write_text(json.dumps(data, indent=1, default=float) + "\n")
+
+
+def plot_sensitivity(cells: list[dict]) -> None:
+    """Detection rate against drifted share, one panel per kind, one line per window size, Wilson bands."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = list(dict.fromkeys(c["kind"] for c in cells))
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7), sharex=True, sharey=True)
+    for ax, kind in zip(axes.flat, kinds):
+        for n in SIZES:
+            cs = [c for c in cells if c["kind"] == kind and c["rows"] == n]
+            x = [c["share"] for c in cs]
+            style = {100: ("o", "-"), 500: ("s", "--"), 2000: ("^", ":")}[n]  # lines that coincide stay visible
+            ax.plot(x, [c["rate"] for c in cs], marker=style[0], ls=style[1], label=f"{n} rows")
+            ax.fill_between(x, [c["wilson95"][0] for c in cs], [c["wilson95"][1] for c in cs], alpha=0.15)
+        ax.axhline(0.95, color="grey", lw=0.8, ls="--")
+        ax.set_xscale("log")
+        ax.minorticks_off()
+        ax.set_xticks(SHARES, [f"{s:g}" for s in SHARES])
+        ax.set_title(kind)
+        ax.set_ylim(-0.02, 1.02)
+    for ax in axes[1]:
+        ax.set_xlabel("drifted share of the window")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("detection rate (95% Wilson)")
+    axes[0, 0].legend(loc="lower right")
+    fig.tight_layout()
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    fig.savefig(IMAGES / "drift_sensitivity.png", dpi=80)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def pct(rate_: float) -> str:
+    return f"{100 * rate_:.1f}%"
+
+
+def cell(c: dict) -> str:
+    lo, hi = c["wilson95"]
+    return f"{c['alerts']}/{c['windows']} ({pct(c['rate'])}; {pct(lo)}-{pct(hi)})"
+
+
+def cmd_report(args, work: Path) -> None:
+    """Markdown tables of the committed results (bench/results/drift_*.json), for docs/monitoring.md."""
+    from rlhf.builtin import traffic
+    from rlhf.config import DriftThresholds
+
+    out: list[str] = []
+    cal = json.loads(CALIBRATION_FILE.read_text())
+    defaults = DriftThresholds().model_dump()
+    out += ["| threshold | calibrated | why |", "|---|---|---|"]
+    for name, value in cal["thresholds"].items():
+        out.append(f"| `{name}` | {value:.4g} | {cal['reasons'][name]} |")
+    out += [
+        "",
+        f"CUSUM: drift {cal['cusum']['drift']}, threshold {cal['cusum']['threshold']}: {cal['cusum']['reason']}",
+        "",
+    ]
+    del defaults
+    fa_path = RESULTS / "drift_false_alarms.json"
+    if fa_path.exists():
+        fa = json.loads(fa_path.read_text())["windows"]
+        out += [
+            "| rows | clean windows | alarms | false-alarm rate (95% Wilson) | signals that breached |",
+            "|---|---|---|---|---|",
+        ]
+        for n, r in sorted(fa.items(), key=lambda x: int(x[0])):
+            sig = ", ".join(f"{k} ({v})" for k, v in r["signals"].items()) or "none"
+            out.append(
+                f"| {n} | {r['windows']} | {r['alerts']} | {pct(r['rate'])} ({pct(r['wilson95'][0])}-{pct(r['wilson95'][1])}) | {sig} |"
+            )
+        out.append("")
+        # the CUSUM over the clean 500-row windows taken as one sequence, restarted after each alarm
+        scores = [-math.log(min(1.0, fa["500"]["tests"] * p)) for p in fa["500"]["min_p"]]
+        alarms, total = 0, 0.0
+        for x in scores:
+            total = max(0.0, total + x - cal["cusum"]["drift"])
+            if total >= cal["cusum"]["threshold"]:
+                alarms, total = alarms + 1, 0.0
+        lo, hi = wilson(alarms, len(scores))
+        out += [
+            f"CUSUM over the {len(scores)} clean 500-row windows in order (restarted after each alarm): {alarms} alarms "
+            f"({pct(alarms / len(scores))} of windows; {pct(lo)}-{pct(hi)}); score mean {np.mean(scores):.2f} "
+            f"(the Exp(1) bound: 1), share of scores > 2: {np.mean(np.array(scores) > 2):.1%} (bound: {math.exp(-2):.1%}).",
+            "",
+        ]
+    sens_paths = sorted(RESULTS.glob("drift_sensitivity*.json"))
+    if sens_paths:
+        cells = [c for path in sens_paths for c in json.loads(path.read_text())["cells"]]
+        order = [k for k in traffic.DRIFT_KINDS if k != "clean"]
+        cells.sort(key=lambda c: (order.index(c["kind"]), c["rows"], c["share"]))
+        plot_sensitivity(cells)
+        for n in SIZES:
+            out += [f"Windows of {n} rows: alerts / windows (rate; 95% Wilson interval)", ""]
+            out += ["| kind | " + " | ".join(f"share {s:g}" for s in SHARES) + " |", "|---" * (len(SHARES) + 1) + "|"]
+            for kind in dict.fromkeys(c["kind"] for c in cells):
+                row = [
+                    cell(c) for s in SHARES for c in cells if c["kind"] == kind and c["rows"] == n and c["share"] == s
+                ]
+                out.append(f"| {kind} | " + " | ".join(row) + " |")
+            out.append("")
+        # diagnosis confusion on detected windows, 500 rows, share >= 0.1
+        causes = ["input_shift", "policy_drift", "reward_model_blind_spot"]
+        out += [
+            "Diagnosis of detected 500-row windows at drifted share >= 0.1 (rows: injected kind; columns: diagnosed cause)",
+            "",
+        ]
+        out += ["| injected kind (cause) | " + " | ".join(causes) + " | correct |", "|---" * (len(causes) + 2) + "|"]
+        total_right = total = 0
+        for kind in dict.fromkeys(c["kind"] for c in cells):
+            cs = [c for c in cells if c["kind"] == kind and c["rows"] == 500 and c["share"] >= 0.1]
+            counts = Counter()
+            for c in cs:
+                counts.update({k: v for k, v in c["causes"].items() if k != "none"})
+            det = sum(counts.values())
+            right = counts[traffic.CAUSES[kind]]
+            total_right, total = total_right + right, total + det
+            lo, hi = wilson(right, det) if det else (0.0, 1.0)
+            out.append(
+                f"| {kind} ({traffic.CAUSES[kind]}) | "
+                + " | ".join(str(counts[c]) for c in causes)
+                + f" | {right}/{det} ({pct(right / max(det, 1))}; {pct(lo)}-{pct(hi)}) |"
+            )
+        lo, hi = wilson(total_right, total)
+        out += ["", f"All kinds: {total_right}/{total} correct ({pct(total_right / total)}; {pct(lo)}-{pct(hi)}).", ""]
+    ramp_path = RESULTS / "drift_ramp.json"
+    if ramp_path.exists():
+        ramp = json.loads(ramp_path.read_text())
+        out += [
+            f"Ramp: drifted share rising linearly from 0 to {ramp['to_share']:g} over {ramp['windows']} windows of "
+            f"{ramp['rows']} rows (window k has share {ramp['to_share']:g} (k - 1) / {ramp['windows'] - 1}); "
+            "windows until the first alert, counting the clean first window as 1",
+            "",
+            "| kind | ramps | window test: median windows to first alert (range; missed) | CUSUM: median (range; missed) |",
+            "|---|---|---|---|",
+        ]
+        for kind in dict.fromkeys(r["kind"] for r in ramp["ramps"]):
+            rs = [r for r in ramp["ramps"] if r["kind"] == kind]
+
+            def summary(key: str, rs=rs) -> str:
+                hits = [r[key] + 1 for r in rs if r[key] is not None]
+                missed = len(rs) - len(hits)
+                if not hits:
+                    return f"none ({missed} missed)"
+                return f"{np.median(hits):g} ({min(hits)}-{max(hits)}; {missed} missed)"
+
+            out.append(f"| {kind} | {len(rs)} | {summary('first_alert')} | {summary('first_cusum')} |")
+        out.append("")
+    un_path = RESULTS / "drift_unnamed.json"
+    if un_path.exists():
+        un = json.loads(un_path.read_text())
+        out += [
+            "| kind | gold judge and feedback | share | alerts (rate; 95% Wilson) | diagnosed causes | signals that breached |",
+            "|---|---|---|---|---|---|",
+        ]
+        for c in un["cells"]:
+            causes_ = ", ".join(f"{k} {v}" for k, v in c["causes"].items())
+            top = ", ".join(f"{k} ({v})" for k, v in sorted(c["signals"].items(), key=lambda x: -x[1])[:4]) or "none"
+            out.append(
+                f"| {c['kind']} | {'yes' if c['gold'] else 'no'} | {c['share']:g} | {cell(c)} | {causes_} | {top} |"
+            )
+        cg = un["clean_without_gold"]
+        out += ["", f"Clean 500-row windows without gold or feedback: {cell(cg)}.", ""]
+    print("\n".join(out))
+
+
+def cmd_timing(args, work: Path) -> None:
+    """Seconds of the monitor's tests alone (compute_signals) on clean evaluation windows of 500-10,000 rows."""
+    from rlhf.drift.profile import Baseline
+    from rlhf.drift.signals import compute_signals
+
+    cfg = monitor_config(calibrated()[0])
+    pools, base = load_pools(work, "evaluation"), Baseline.load(work / "baseline")
+    for n in (500, 2000, 10000):  # 10,000 rows draw the 3000-row pool with replacement
+        features, _ = window(pools, "clean", 0.0, n, 7, cfg)
+        seconds = []
+        for r in range(3):
+            t0 = time.perf_counter()
+            compute_signals(base, features, cfg.thresholds, cfg.permutations, r)
+            seconds.append(time.perf_counter() - t0)
+        print(f"{n} rows: compute_signals {', '.join(f'{t:.2f}' for t in seconds)} s", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", default="outputs/bench/drift-heldout", help="folder of the champion and row pools")
+    sub = parser.add_subparsers(dest="command", required=True)
+    rows = sub.add_parser("rows", help="build the champion, its baseline and both splits' row pools")
+    rows.add_argument("--calibration-clean", type=int, default=2000)
+    rows.add_argument("--evaluation-clean", type=int, default=3000)
+    rows.add_argument("--drift-rows", type=int, default=400, help="rows per drift kind (evaluation split)")
+    cal = sub.add_parser("calibrate", help="effect floors and the CUSUM threshold from calibration windows")
+    cal.add_argument("--calibration-windows", type=int, default=100)
+    ev = sub.add_parser("evaluate", help="false alarms, sensitivity, ramp, unnamed kinds on the evaluation split")
+    ev.add_argument("--only", default=None, help="comma-separated: false_alarms,sensitivity,ramp,unnamed")
+    ev.add_argument("--clean-windows", type=int, default=300, help="clean 500-row windows")
+    ev.add_argument("--clean-windows-other", type=int, default=100, help="clean windows of 100 and 2000 rows")
+    ev.add_argument("--windows", type=int, default=40, help="windows per cell at 500 rows")
+    ev.add_argument("--windows-other", type=int, default=20, help="windows per cell at 100 and 2000 rows")
+    ev.add_argument("--ramp-windows", type=int, default=12)
+    ev.add_argument("--ramp-to", type=float, default=0.1)
+    ev.add_argument("--ramp-repeats", type=int, default=10)
+    ev.add_argument("--unnamed-windows", type=int, default=20)
+    ev.add_argument("--kinds", default=None, help="comma-separated named kinds for sensitivity and ramp (default all)")
+    sub.add_parser("report", help="markdown tables of bench/results/drift_*.json")
+    sub.add_parser("timing", help="seconds of the monitor's tests per window, 500-10,000 rows")
+    args = parser.parse_args()
+    work = Path(args.work).resolve()
+    setup(work)
+    commands = {
+        "rows": cmd_rows,
+        "calibrate": cmd_calibrate,
+        "evaluate": cmd_evaluate,
+        "report": cmd_report,
+        "timing": cmd_timing,
+    }
+    commands[args.command](args, work)
+
+
+if __name__ == "__main__":
+    main()
