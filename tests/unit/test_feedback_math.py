@@ -145,3 +145,19 @@ def test_krippendorff_alpha_is_none_when_undefined_and_one_when_perfect():
     assert krippendorff_alpha([[2, 2], [2, 2]]) is None  # no expected disagreement
     assert krippendorff_alpha([[1, 1], [2, 2], [3, 3]], "ordinal") == pytest.approx(1.0, abs=1e-12)
     assert not math.isnan(krippendorff_alpha([[1, 2], [2, 1]], "nominal"))
+
+
+def test_the_simulated_raters_ranking_orders_each_pair_as_the_bradley_terry_rater_does():
+    import random
+
+    from rlhf.builtin.judge import NoisyRater
+
+    rater, rng, n = NoisyRater(), random.Random(0), 20_000
+    prompt = "Customer: I want a refund for my lamp.\nAgent:"
+    a = " Your refund is approved and will reach your card in five days."
+    b = " I am sorry for the trouble. Your refund is approved and will reach your card in five days."
+    wins = sum(rater.rank(prompt, [a, b, " Please contact our support team."], rng)[0] < 3 for _ in range(10)) == 10
+    assert wins  # the vague answer is never above both answers here (p ~ 1e-6 per draw)
+    share = sum(rater.rank(prompt, [a, b], rng) == (1, 2) for _ in range(n)) / n
+    # 4 standard errors of a 20,000-draw share around P = 0.0773
+    assert share == pytest.approx(rater.prob_prefers_a(prompt, a, b), abs=4 * (0.0773 * 0.9227 / n) ** 0.5)
