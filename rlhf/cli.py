@@ -539,10 +539,11 @@ def cmd_feedback(args: argparse.Namespace) -> int:
     from flows.feedback import rlhf_feedback
     from tasks.evaluate import format_table
 
-    result = rlhf_feedback(cfg)
-    if not hasattr(result, "model_uri"):  # the Skipped state: nothing new to learn from
-        print(f"Nothing to learn: {result.message}")
+    state = rlhf_feedback(cfg, return_state=True)
+    if state.name == "Skipped":  # nothing new to learn from
+        print(f"Nothing to learn: {state.message}")
         return 0
+    result = state.result()
     print("\nEvaluation on held-out prompts (new policy vs the champion it continued from):")
     print(format_table(result.metrics, cfg.ppo.kl_target))
     print(f"\nRegistered {result.model_uri} (MLflow parent run {result.parent_run_id})")

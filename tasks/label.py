@@ -12,8 +12,8 @@ ordinary form, and the unit tests use FastAPI's TestClient.
 
 Safety on a team network: binds 127.0.0.1 unless told otherwise; every request needs the rater token (the
 ``?token=`` link sets an HttpOnly, SameSite=Strict cookie, so a form on another site cannot post rankings);
-model output and prompts are PII-redacted when sampled (nothing unredacted is shown or stored) and HTML-escaped
-when shown; a Content-Security-Policy forbids scripts altogether.
+model output is stripped of control and bidi-override characters and, with the prompts, PII-redacted when
+sampled (nothing unredacted is shown or stored), and HTML-escaped when shown; a Content-Security-Policy forbids scripts altogether.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from rlhf.feedback.batches import BatchManifest, add_ranking, batch_name, read_r
 from rlhf.feedback.pairs import Ranking, prompt_id, ranking_pairs
 from rlhf.infra.distributed import device
 from rlhf.infra.security import redact_texts
+from rlhf.validation.checks import strip_control_characters
 
 LABEL = "label"
 TOKEN_COOKIE = "rlhf_label_token"
@@ -100,6 +101,9 @@ def sample_items(
         again = sample_responses(model, tokenizer, [flat[i] for i in empty], max_new_tokens, temperature)
         for i, r in zip(empty, again):
             responses[i] = r
+    # Untrusted text: PII redacted, and control or bidi-override characters (which hide or reorder text on the page,
+    # and which the validation gate refuses) removed, before anything is shown or stored.
+    responses = [strip_control_characters(r) for r in responses]
     shown = redact_texts(list(prompts)), redact_texts(responses)
     return [LabelItem(prompt_id(p), p, tuple(shown[1][j * k : (j + 1) * k])) for j, p in enumerate(shown[0])]
 
@@ -170,7 +174,9 @@ def _status_line(manifest: BatchManifest) -> str:
     verdict = (
         "<span class='ok' id='verdict'>passes the validation gate</span>"
         if manifest.validated
-        else "<span class='bad'>fails the validation gate: " + html.escape("; ".join(manifest.failures)) + "</span>"
+        else "<span class='bad' id='verdict'>fails the validation gate: "
+        + html.escape("; ".join(manifest.failures))
+        + "</span>"
     )
     return (
         f"<p id='status'>Batch {html.escape(manifest.batch)}: {manifest.rankings} rankings, {manifest.pairs} pairs, "

@@ -75,5 +75,5 @@ def test_feedback_flow_learns_from_a_new_batch_and_skips_when_nothing_is_new(pre
 
     # nothing new since version 2 learned the batch (once it is champion): Skipped, saying how to get feedback
     client.set_registered_model_alias("rlhf-policy", CHAMPION, "2")
-    state = rlhf_feedback(cfg)
+    state = rlhf_feedback(cfg, return_state=True)
     assert state.name == "Skipped" and "rlhf label" in state.message

@@ -85,6 +85,7 @@ def test_a_rater_ranks_on_the_page_and_the_pairs_land_in_a_validated_batch(tmp_p
             # 6. validate and save the data set
             page.click("#validate")
             page.locator("#verdict").wait_for(timeout=VALIDATION_TIMEOUT_MS)
+            assert page.locator("#verdict").inner_text() == "passes the validation gate"
             page.screenshot(path=str(shots / "label-validated-batch.png"), full_page=True)
             browser.close()
     finally:

@@ -115,8 +115,9 @@ def test_sampled_text_is_pii_redacted(monkeypatch, tmp_path):
             return self
 
     monkeypatch.setattr(label, "load_causal_lm", lambda *a, **k: Model())
-    draws = iter([["write to ann@example.com", ""], ["call 555-123-4567 now"]])
+    draws = iter([["write to ann@example.com\x1f", ""], ["call 555-123-4567 now\u202e"]])
     monkeypatch.setattr(label, "sample_responses", lambda *a, **k: next(draws))
     items = label.sample_items("unused", ["Customer: I am bob@example.org\nAgent:"], 2, 8, 1.0, 0)
     assert items[0].prompt == "Customer: I am [EMAIL]\nAgent:"
-    assert items[0].responses == ("write to [EMAIL]", "call [PHONE] now")  # the empty one drawn again
+    # the empty one drawn again; control and bidi-override characters removed
+    assert items[0].responses == ("write to [EMAIL]", "call [PHONE] now")
