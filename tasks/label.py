@@ -23,11 +23,12 @@ import html
 import random
 import secrets
 import threading
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import parse_qs
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
@@ -89,8 +90,6 @@ def sample_items(
     """k responses per prompt from the policy in ``policy_dir``, PII-redacted (prompt too)."""
     tokenizer = load_tokenizer(policy_dir, trust_remote_code)
     model = load_causal_lm(policy_dir, trust_remote_code=trust_remote_code).to(device()).eval()
-    import torch
-
     torch.manual_seed(seed)
     flat = [p for p in prompts for _ in range(k)]
     responses = sample_responses(model, tokenizer, flat, max_new_tokens, temperature)
@@ -274,8 +273,6 @@ def create_app(session: LabelSession, token: str) -> FastAPI:
     def batch(request: Request) -> Response:
         if not authorised(request):
             return refused()
-        from dataclasses import asdict
-
         return JSONResponse({**asdict(session.manifest), "folder": str(session.folder)})
 
     return app
