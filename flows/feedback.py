@@ -107,8 +107,28 @@ def rlhf_feedback(
                 "feedback.batches": ",".join(feedback.batches),
             }
         )
+        # Without a gold judge, an independently trained reward model (another seed) judges, as in the pipeline.
+        judge = None
+        if not config.data.is_builtin:
+            judge_config = config.model_copy(update={"seed": config.seed + 1})
+            judge, _ = call_stage(
+                reward_task,
+                judge_config,
+                start.reference,
+                data.paths["preferences"],
+                data.paths["preferences_heldout"],
+                parent_id,
+            )
+            mlflow.set_tag("rlhf.judge_reward_run", judge.run_id)
         evaluation, _ = call_stage(
-            evaluate_task, config, policy_start, reward, ppo, data.paths["heldout_prompts"], parent_id
+            evaluate_task,
+            config,
+            policy_start,
+            reward,
+            ppo,
+            data.paths["heldout_prompts"],
+            parent_id,
+            heldout_reward=judge,
         )
         mlflow.log_metrics(evaluation.metrics)
         version, _ = call_stage(register_task, config, ppo, evaluation, data.fingerprints, parent_id, reward)
