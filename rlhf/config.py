@@ -675,9 +675,6 @@ class FeedbackConfig(_Section):
     )
     temperature: float = Field(1.0, gt=0, description="Sampling temperature of the responses shown (the policy's own)")
     max_new_tokens: int = Field(48, ge=1, description="Longest response shown, in tokens")
-    max_production_pairs_per_prompt: int = Field(
-        16, ge=1, description="Most (thumbs up, thumbs down) pairs taken from one prompt class of one traffic window"
-    )
     batches: list[str] | None = Field(
         None,
         description="Feedback batches (folder names under `dir`) the feedback flow learns from besides those the champion already learned; None: every validated batch there",

@@ -4,7 +4,7 @@ preference pairs in a versioned feedback batch that passes the validation gate (
 Why a small FastAPI app serving a plain HTML form, not Gradio, Argilla or Label Studio: the page is one form
 (a prompt, k responses, a rank per response, "all bad"), which server-rendered HTML does with no JavaScript at
 all. FastAPI and uvicorn are already in the environment through Prefect and MLflow (now pinned directly), so the
-page adds no heavy dependency; Gradio would add ~100 MB, its own queue/websocket protocol and front-end assets,
+page adds no heavy dependency; Gradio would add a large package with its own queue/websocket protocol and front-end assets,
 and its authentication is a login page rather than the shared rater token asked for here; Argilla and Label
 Studio are servers with their own databases and accounts, a lot to run for one form. With plain HTML every
 piece of untrusted text goes through ``html.escape`` in one place (``_page``), the browser test drives an
