@@ -155,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--model", help="registered policy model (default: registered_model, rlhf-policy)")
     label.add_argument("--alias", default="champion", help="registry alias of the version to sample (default champion)")
     label.add_argument("--version", help="sample this version number instead of the alias's")
+    label.add_argument(
+        "--vs",
+        help="compare with the version of this alias (e.g. challenger): half of each prompt's responses, shuffled",
+    )
     label.add_argument("--prompts", help="prompt file (a `prompt` column); default: the pipeline's training prompts")
     label.add_argument("--k", type=int, help="responses per prompt (default feedback.k, 4)")
     label.add_argument("--n-prompts", type=int, help="prompts in the session (default feedback.prompts, 20)")
@@ -572,7 +576,7 @@ def cmd_label(args: argparse.Namespace) -> int:
 
     token = token or new_token()
     alias = None if args.version else args.alias
-    session = prepare_session(cfg, args.model, alias, args.version, args.prompts)
+    session = prepare_session(cfg, args.model, alias, args.version, args.prompts, args.vs)
     shown = "localhost" if args.host in ("127.0.0.1", "::1", "localhost") else args.host
     print(
         f"{len(session.items)} prompts x {cfg.feedback.k} responses of {session.model_version}; batch {session.folder}"

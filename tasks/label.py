@@ -58,6 +58,8 @@ class LabelItem:
     prompt_id: str
     prompt: str
     responses: tuple[str, ...]
+    versions: tuple[str, ...] | None = None
+    """The version that wrote each response, when two versions are compared (never shown: raters rank blind)."""
 
 
 @dataclass
@@ -105,6 +107,24 @@ def sample_items(
     responses = [strip_control_characters(r) for r in responses]
     shown = redact_texts(list(prompts)), redact_texts(responses)
     return [LabelItem(prompt_id(p), p, tuple(shown[1][j * k : (j + 1) * k])) for j, p in enumerate(shown[0])]
+
+
+def mix_items(
+    first: list[LabelItem], second: list[LabelItem], versions: tuple[str, str], k: int, seed: int
+) -> list[LabelItem]:
+    """Per prompt, the first ``ceil(k/2)`` responses of ``first`` and ``floor(k/2)`` of ``second`` in an order
+    shuffled with ``seed`` (so position says nothing about the version), each tagged with its version."""
+    rng = random.Random(seed)
+    mixed = []
+    for a, b in zip(first, second):
+        if a.prompt_id != b.prompt_id:
+            raise ValueError("mix_items needs both versions' items on the same prompts, in the same order")
+        drawn = [(r, versions[0]) for r in a.responses[: (k + 1) // 2]] + [
+            (r, versions[1]) for r in b.responses[: k // 2]
+        ]
+        rng.shuffle(drawn)
+        mixed.append(LabelItem(a.prompt_id, a.prompt, tuple(r for r, _ in drawn), tuple(v for _, v in drawn)))
+    return mixed
 
 
 def label_prompts(path: str, n: int, seed: int) -> list[str]:
@@ -254,6 +274,7 @@ def create_app(session: LabelSession, token: str) -> FastAPI:
             model_version=session.model_version,
             batch=session.manifest.batch,
             all_bad=form.get("all_bad") == "1",
+            response_versions=item.versions,
         )
         with session.lock:
             session.manifest = add_ranking(session.folder, session.manifest, ranking)
@@ -304,9 +325,11 @@ def prepare_session(
     alias: str | None = "champion",
     version: str | None = None,
     prompts_path: str | None = None,
+    versus: str | None = None,
 ) -> LabelSession:
     """Sample the version's responses to ``feedback.prompts`` prompts (the training prompts unless
-    ``prompts_path``) and open a new batch for their rankings."""
+    ``prompts_path``) and open a new batch for their rankings; with ``versus`` (an alias, e.g. challenger), half
+    of each prompt's k responses come from that version."""
     import tempfile
 
     from rlhf.builtin.task import resolve_data_paths
@@ -315,9 +338,17 @@ def prepare_session(
     if prompts_path is None:
         prompts_path = resolve_data_paths(cfg.data, Path(cfg.output_dir) / LABEL, cfg.seed)["prompts"]
     prompts = label_prompts(prompts_path, fb.prompts, cfg.seed)
+    name = model_name or cfg.registered_model
     with tempfile.TemporaryDirectory(prefix="rlhf-label-") as scratch:
-        model_version, policy_dir, trust = resolve_policy(model_name or cfg.registered_model, alias, version, scratch)
+        model_version, policy_dir, trust = resolve_policy(name, alias, version, scratch + "/a")
         items = sample_items(policy_dir, prompts, fb.k, fb.max_new_tokens, fb.temperature, cfg.seed, trust)
+        if versus is not None:  # champion vs challenger: half the responses from each, shuffled, ranked blind
+            other, other_dir, other_trust = resolve_policy(name, versus, None, scratch + "/b")
+            theirs = sample_items(
+                other_dir, prompts, fb.k, fb.max_new_tokens, fb.temperature, cfg.seed + 1, other_trust
+            )
+            items = mix_items(items, theirs, (model_version, other), fb.k, cfg.seed)
+            model_version = f"{model_version} vs {other}"
     return open_session(cfg, items, model_version, origin=prompts_path)
 
 

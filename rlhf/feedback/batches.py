@@ -35,7 +35,7 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 def batch_name(source: str, model_version: str, now: datetime) -> str:
     """``<source>-<UTC time>-v<version>``: sortable by time, safe as a folder name and an MLflow tag value."""
-    version = model_version.rsplit("/", 1)[-1]
+    version = "-vs-v".join(v.rsplit("/", 1)[-1] for v in model_version.split(" vs "))  # champion vs challenger
     return _UNSAFE.sub("_", f"{source}-{now:%Y%m%dT%H%M%S%fZ}-v{version}")
 
 
@@ -131,7 +131,17 @@ def add_ranking(folder: str | Path, manifest: BatchManifest, ranking: Ranking) -
 
 def read_rankings(folder: str | Path) -> list[Ranking]:
     rows = read_jsonl(Path(folder) / RANKINGS_FILE)
-    return [Ranking(**{**r, "responses": tuple(r["responses"]), "ranks": tuple(r["ranks"])}) for r in rows]
+    return [
+        Ranking(
+            **{
+                **r,
+                "responses": tuple(r["responses"]),
+                "ranks": tuple(r["ranks"]),
+                "response_versions": tuple(r["response_versions"]) if r.get("response_versions") else None,
+            }
+        )
+        for r in rows
+    ]
 
 
 def list_batches(root: str | Path) -> list[Path]:

@@ -44,9 +44,13 @@ class Ranking:
     batch: str
     all_bad: bool = False
     """The rater found no response acceptable: recorded, but gives no pairs."""
+    response_versions: tuple[str, ...] | None = None
+    """The version that wrote each response when they differ (champion vs challenger); None: ``model_version``."""
 
     def __post_init__(self) -> None:
         k = len(self.responses)
+        if self.response_versions is not None and len(self.response_versions) != k:
+            raise ValueError(f"prompt {self.prompt_id}: {len(self.response_versions)} versions for {k} responses")
         if k < 2:
             raise ValueError(f"prompt {self.prompt_id}: a ranking needs at least 2 responses, got {k}")
         if len(self.ranks) != k:
@@ -89,6 +93,10 @@ def ranking_pairs(ranking: Ranking) -> list[FeedbackPair]:
             if ranking.ranks[i] == ranking.ranks[j] or ranking.responses[i] == ranking.responses[j]:
                 continue  # a tie, or the same text sampled twice: no preference
             better, worse = (i, j) if ranking.ranks[i] < ranking.ranks[j] else (j, i)
+            version = ranking.model_version
+            if ranking.response_versions is not None:  # chosen's version, or chosen/rejected when they differ
+                vb, vw = ranking.response_versions[better], ranking.response_versions[worse]
+                version = vb if vb == vw else f"{vb}/{vw}"
             pairs.append(
                 FeedbackPair(
                     prompt=ranking.prompt,
@@ -96,7 +104,7 @@ def ranking_pairs(ranking: Ranking) -> list[FeedbackPair]:
                     rejected=ranking.responses[worse],
                     rater=ranking.rater,
                     time=ranking.time,
-                    model_version=ranking.model_version,
+                    model_version=version,
                     prompt_id=ranking.prompt_id,
                     source="ranking",
                     batch=ranking.batch,

@@ -161,3 +161,32 @@ def test_the_simulated_raters_ranking_orders_each_pair_as_the_bradley_terry_rate
     share = sum(rater.rank(prompt, [a, b], rng) == (1, 2) for _ in range(n)) / n
     # 4 standard errors of a 20,000-draw share around P = 0.0773
     assert share == pytest.approx(rater.prob_prefers_a(prompt, a, b), abs=4 * (0.0773 * 0.9227 / n) ** 0.5)
+
+
+def test_champion_vs_challenger_pairs_name_the_version_of_each_response():
+    from datetime import UTC, datetime
+
+    from rlhf.feedback.batches import batch_name
+    from tasks.label import LabelItem, mix_items
+
+    v1, v2 = "models:/rlhf-policy/1", "models:/rlhf-policy/2"
+    mixed = mix_items(
+        [LabelItem("p", "Customer: hi\nAgent:", ("a1", "a2", "a3", "a4"))],
+        [LabelItem("p", "Customer: hi\nAgent:", ("b1", "b2", "b3", "b4"))],
+        (v1, v2),
+        4,
+        0,
+    )
+    (item,) = mixed
+    assert sorted(item.responses) == ["a1", "a2", "b1", "b2"]  # half from each, in a shuffled order
+    assert all(v == (v1 if r.startswith("a") else v2) for r, v in zip(item.responses, item.versions))
+    ranks = tuple(1 if r.startswith("a") else 2 for r in item.responses)  # both a's tied first, both b's second
+    r = Ranking(
+        "p", item.prompt, item.responses, ranks, "ann", "t", f"{v1} vs {v2}", "b", response_versions=item.versions
+    )
+    pairs = ranking_pairs(r)
+    assert len(pairs) == 4 and {p.model_version for p in pairs} == {f"{v1}/{v2}"}
+    assert (
+        batch_name("label", f"{v1} vs {v2}", datetime(2026, 12, 4, tzinfo=UTC))
+        == "label-20261204T000000000000Z-v1-vs-v2"
+    )
