@@ -13,7 +13,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export GX_ANALYTICS_ENABLED := false
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo drift-demo test test-fast lint format mlflow-ui prefect-ui clean
+.PHONY: install demo drift-demo label feedback test test-fast lint format mlflow-ui prefect-ui clean
 
 # torch first, pinned to the CPU wheel on these machines' disk: pyproject.toml declares a range,
 # which the installed torch then satisfies (no CUDA build pulled). On a GPU machine:
@@ -39,6 +39,12 @@ drift-demo: install  ## After `make demo`: simulate a clean and a drifted (new_i
 	$(BIN)/rlhf traffic --kind clean --out $(DRIFT_DEMO)
 	$(BIN)/rlhf traffic --kind new_intent --out $(DRIFT_DEMO)
 	$(BIN)/rlhf monitor --traffic '$(DRIFT_DEMO)/window_*.jsonl' --all --force --report $(ARGS)
+
+label: install  ## The ranking page on 127.0.0.1:8000 for the champion's samples (prints the rater link); ARGS="--k 4 --port P ..."
+	$(BIN)/rlhf label $(ARGS)
+
+feedback: install  ## Learn from new feedback batches: retrain the reward model, continue from the champion, gate
+	$(BIN)/rlhf feedback $(ARGS)
 
 test: install  ## The full test suite
 	$(BIN)/pytest $(PYTEST_ARGS)

@@ -1,5 +1,5 @@
 """`rlhf`: the command-line entry point, the top layer (run the pipeline, compare algorithms, validate data,
-monitor drift, simulate traffic, promote and roll back, one process of a launched training stage).
+monitor drift, simulate traffic, promote and roll back, rank samples (label), one process of a launched training stage).
 
 Errors the user can fix are printed as one line naming the fix, with exit status 2;
 anything else is a bug and keeps its traceback. Commands import what they run inside
@@ -144,6 +144,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("--seeds", default="0", help="comma-separated training seeds, e.g. 0,1 (default 0)")
     add_config_options(compare, "grpo.steps=30")
+    label = sub.add_parser(
+        "label",
+        help="the ranking page: raters order k responses of a registered version; rankings become preference pairs",
+        description="Samples --k responses per prompt from the version (the champion by default), serves a page "
+        "where raters put them in order (ties and 'all bad' allowed), and saves every ranking as preference pairs "
+        "with provenance in a new feedback batch under feedback.dir that passes the validation gate "
+        "(docs/feedback.md). Binds 127.0.0.1 unless --host says otherwise; every request needs the rater token.",
+    )
+    label.add_argument("--model", help="registered policy model (default: registered_model, rlhf-policy)")
+    label.add_argument("--alias", default="champion", help="registry alias of the version to sample (default champion)")
+    label.add_argument("--version", help="sample this version number instead of the alias's")
+    label.add_argument(
+        "--vs",
+        help="compare with the version of this alias (e.g. challenger): half of each prompt's responses, shuffled",
+    )
+    label.add_argument("--prompts", help="prompt file (a `prompt` column); default: the pipeline's training prompts")
+    label.add_argument("--k", type=int, help="responses per prompt (default feedback.k, 4)")
+    label.add_argument("--n-prompts", type=int, help="prompts in the session (default feedback.prompts, 20)")
+    label.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    label.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    label.add_argument(
+        "--token", help="the rater token (16+ characters; default: RLHF_LABEL_TOKEN, else a random one, printed)"
+    )
+    add_config_options(label, "feedback.dir=feedback")
+    feedback = sub.add_parser(
+        "feedback",
+        help="learn from new feedback batches: retrain the reward model, continue from the champion, gate",
+        description="Runs the feedback flow (docs/feedback.md): merges the validated feedback batches under "
+        "feedback.dir that the champion has not learned from into the preference data, validates it, retrains the "
+        "reward model, continues the champion's training with `algorithm`, evaluates against the champion, "
+        "registers the version (tag lineage.feedback_batches) and gates it. Exit 0 also when there was nothing new.",
+    )
+    add_config_options(feedback, "feedback.dir=feedback")
     stage = sub.add_parser(
         "train-stage", help="one process of a training stage started by torchrun/accelerate launch (tasks/launch.py)"
     )
@@ -401,6 +434,11 @@ def monitor_summary(result: Any, experiment: str) -> str:
         )
     if result.alert:
         lines += ["Evidence:"] + [f"  - {s.summary}" for s in result.signals if s.breached]
+    pairs = int(result.metrics.get("feedback/production_pairs", 0))
+    lines.append(
+        f"User feedback: {pairs} preference pairs (thumbs up vs down on equivalent prompts)"
+        + (f" in {result.feedback_batch}" if result.feedback_batch else "")
+    )
     n = sum(1 for k in result.metrics if k.startswith("drift/"))
     lines.append(
         f"{n} drift/* metrics logged to MLflow run {result.run_id} (experiment {experiment}); "
@@ -499,6 +537,61 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_feedback(args: argparse.Namespace) -> int:
+    from rlhf.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    registry_client()
+    from flows.feedback import rlhf_feedback
+    from tasks.evaluate import format_table
+
+    state = rlhf_feedback(cfg, return_state=True)
+    if state.name == "Skipped":  # nothing new to learn from
+        print(f"Nothing to learn: {state.message}")
+        return 0
+    result = state.result()
+    print("\nEvaluation on held-out prompts (new policy vs the champion it continued from):")
+    print(format_table(result.metrics, cfg.ppo.kl_target))
+    print(f"\nRegistered {result.model_uri} (MLflow parent run {result.parent_run_id})")
+    print(promotion_summary(result.promotion))
+    return 0
+
+
+def cmd_label(args: argparse.Namespace) -> int:
+    import os
+
+    from rlhf.config import load_config
+
+    overrides = list(args.overrides)
+    if args.k is not None:
+        overrides.append(f"feedback.k={args.k}")
+    if args.n_prompts is not None:
+        overrides.append(f"feedback.prompts={args.n_prompts}")
+    cfg = load_config(args.config, overrides)
+    token = args.token or os.environ.get("RLHF_LABEL_TOKEN")
+    if token is not None and len(token) < 16:
+        raise ConfigError(
+            "the rater token must be at least 16 characters: give a longer --token, or none for a random one"
+        )
+    registry_client()
+    from tasks.label import new_token, prepare_session, serve
+
+    token = token or new_token()
+    alias = None if args.version else args.alias
+    session = prepare_session(cfg, args.model, alias, args.version, args.prompts, args.vs)
+    shown = "localhost" if args.host in ("127.0.0.1", "::1", "localhost") else args.host
+    print(
+        f"{len(session.items)} prompts x {cfg.feedback.k} responses of {session.model_version}; batch {session.folder}"
+    )
+    if shown != "localhost":
+        print(
+            f"warning: bound to {args.host}: anyone who can reach it and has the token can rate; keep the token secret"
+        )
+    print(f"Raters open: http://{shown}:{args.port}/?token={token}")
+    serve(session, args.host, args.port, token)
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from rlhf.config import load_config
     from tasks.validate import validate_command
@@ -532,6 +625,8 @@ def main(argv: list[str] | None = None) -> int:
         "traffic": cmd_traffic,
         "promote": cmd_promote,
         "rollback": cmd_rollback,
+        "label": cmd_label,
+        "feedback": cmd_feedback,
         "train-stage": cmd_train_stage,
     }
     user_errors = (

@@ -561,6 +561,10 @@ class MonitorConfig(_Section):
     report_dir: str = Field(
         "outputs/monitoring", description="Local folder for diagnosis reports before they are logged"
     )
+    feedback_dir: str | None = Field(
+        "feedback",
+        description="Folder of feedback batches: each monitored window's thumbs up/down on equivalent prompts become a batch of preference pairs here (the feedback flow learns from them); None collects none",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -690,6 +694,25 @@ class PromotionConfig(_Section):
     )
 
 
+class FeedbackConfig(_Section):
+    """Human feedback: the ranking page (`rlhf label`) and the feedback flow that learns from its batches."""
+
+    dir: str = Field(
+        "feedback",
+        description="Folder of feedback batches (one subfolder each: rankings, pairs with provenance, manifest); `rlhf label` and the monitor write them, the feedback flow reads them",
+    )
+    k: int = Field(4, ge=2, le=8, description="Responses sampled per prompt for a rater to rank")
+    prompts: int = Field(
+        20, ge=1, description="Prompts per labelling session (drawn with the seed from the prompt file)"
+    )
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the responses shown (the policy's own)")
+    max_new_tokens: int = Field(48, ge=1, description="Longest response shown, in tokens")
+    batches: list[str] | None = Field(
+        None,
+        description="Feedback batches (folder names under `dir`) the feedback flow learns from besides those the champion already learned; None: every validated batch there",
+    )
+
+
 class PipelineConfig(_Section):
     experiment: str = Field("rlhf", description="MLflow experiment name")
     registered_model: str = Field("rlhf-policy", description="MLflow registered model for the policy")
@@ -717,6 +740,7 @@ class PipelineConfig(_Section):
     baseline: BaselineConfig = BaselineConfig()
     promotion: PromotionConfig = PromotionConfig()
     monitor: MonitorConfig = MonitorConfig()
+    feedback: FeedbackConfig = FeedbackConfig()
     distributed: DistributedConfig = DistributedConfig()
     timeouts: TimeoutConfig = TimeoutConfig()
 

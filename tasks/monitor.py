@@ -19,6 +19,7 @@ markdown artifact.
 from __future__ import annotations
 
 import glob
+import hashlib
 import random
 import re
 import tempfile
@@ -38,13 +39,15 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from models.loading import load_causal_lm, load_reward_model, load_tokenizer
 from rlhf.builtin import traffic as simulator
 from rlhf.builtin.task import SUPPORT_TASK
-from rlhf.config import MonitorConfig
+from rlhf.config import MonitorConfig, ValidationConfig
 from rlhf.data.loading import DataError, load_standard
 from rlhf.drift.diagnosis import Diagnosis, ReportContext, diagnose, inspect_targets, plot_window, render_report
 from rlhf.drift.features import embed_prompts, max_sequence_length, prompt_features, response_features, sample_kl
 from rlhf.drift.lineage import Lineage, LineageError, resolve_lineage
 from rlhf.drift.profile import Baseline, load_baseline
 from rlhf.drift.signals import Signal, WindowFeatures, compute_signals
+from rlhf.feedback.batches import BatchManifest, read_manifest, save_pairs, validate_batch
+from rlhf.feedback.pairs import Rated, production_pairs
 from rlhf.infra.distributed import device as distributed_device
 from rlhf.infra.progress import in_prefect_run
 from rlhf.infra.security import redact_text
@@ -103,6 +106,8 @@ class MonitorResult:
     run_id: str | None = None
     series_run_id: str | None = None
     report_markdown: str = ""
+    feedback_batch: str | None = None
+    """The folder of the preference pairs this window's thumbs up/down became (None when it had none)."""
     signals: tuple[Signal, ...] = ()
     """Every drift test of the window, breached or not (what `rlhf monitor` prints)."""
 
@@ -357,6 +362,8 @@ def run_monitor(cfg: MonitorConfig, models: MonitorModels | None = None) -> Moni
     prompts, responses, feedback, other = read_window(window.path, lineage.version, cfg.min_rows, rows)
     analysis = analyze_window(models, prompts, responses, feedback, cfg, cfg.seed + window.index)
     metrics = {**analysis.metrics, "drift/rows_other_versions": float(other)}
+    feedback_batch = collect_production_feedback(rows, window, cfg.feedback_dir)
+    metrics["feedback/production_pairs"] = float(read_manifest(feedback_batch).pairs) if feedback_batch else 0.0
     diagnosis = analysis.diagnosis
     alert = diagnosis.cause is not None
     # 2. the time series on the version's series run
@@ -405,8 +412,41 @@ def run_monitor(cfg: MonitorConfig, models: MonitorModels | None = None) -> Moni
         run_id=run.info.run_id,
         series_run_id=series_id,
         report_markdown=markdown,
+        feedback_batch=str(feedback_batch) if feedback_batch else None,
         signals=tuple(analysis.signals),
     )
+
+
+def collect_production_feedback(rows: pd.DataFrame, window: TrafficWindow, feedback_dir: str | None) -> Path | None:
+    """The window's thumbs up/down on equivalent prompts as a validated feedback batch under ``feedback_dir``
+    (``production-<window file>-<path hash>``: monitoring the window again rewrites the same batch); None when
+    collection is off or the window yields no pair. Texts are PII-redacted before they are written."""
+    if not feedback_dir or "feedback" not in rows.columns:
+        return None
+    rated = [
+        Rated(
+            redact_text(str(r.prompt)),
+            redact_text(str(r.response)),
+            float(r.feedback),
+            str(r.timestamp),
+            str(r.model_version),
+        )
+        for r in rows.itertuples()
+        if pd.notna(r.feedback)
+    ]
+    name = f"production-{Path(window.path).stem}-{hashlib.sha256(window.path.encode()).hexdigest()[:8]}"
+    pairs = production_pairs(rated, name)
+    if not pairs:
+        return None
+    folder = Path(feedback_dir) / name
+    versions = sorted({r.model_version for r in rated})
+    manifest = BatchManifest(
+        name, "production", ",".join(versions), pd.Timestamp.now(tz="UTC").isoformat(), origin=window.path
+    )
+    manifest.raters = ["production"]
+    save_pairs(folder, manifest, pairs)
+    validate_batch(folder, manifest, ValidationConfig())
+    return folder
 
 
 def write_report(
@@ -427,6 +467,11 @@ def write_report(
             plots=[p.name for p in plots],
         )
         markdown = render_report(analysis.diagnosis, analysis.signals, metrics, ctx)
+        markdown += (
+            f"\n\n## User feedback\n\n{int(metrics.get('feedback/production_pairs', 0))} preference pairs collected "
+            "from thumbs up vs thumbs down on equivalent prompts (feedback/production_pairs); the feedback flow "
+            "learns from them (docs/feedback.md).\n"
+        )
         (Path(tmp) / "diagnosis.md").write_text(markdown)
         mlflow.log_artifacts(tmp, REPORT_ARTIFACT)
     return markdown

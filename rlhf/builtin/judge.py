@@ -80,6 +80,22 @@ class NoisyRater:
         margin += self.length_bias * (len(support.words(a)) - len(support.words(b)))
         return 1.0 / (1.0 + math.exp(-margin / self.temperature))
 
+    def rank(self, prompt: str, responses: list[str] | tuple[str, ...], rng: random.Random) -> tuple[int, ...]:
+        """Places (1 = best) this rater gives ``responses``: utilities gold + length bias plus Gumbel noise of scale
+        ``temperature``, so every two responses are ordered with the probability ``prob_prefers_a`` gives
+        (a Plackett-Luce ranking whose pairwise marginals are this Bradley-Terry rater's)."""
+        utility = [
+            self.judge.score(prompt, r)
+            + self.length_bias * len(support.words(r))
+            - self.temperature * math.log(-math.log(rng.random() or 1e-300))
+            for r in responses
+        ]
+        order = sorted(range(len(responses)), key=lambda i: -utility[i])
+        places = [0] * len(responses)
+        for place, i in enumerate(order, start=1):
+            places[i] = place
+        return tuple(places)
+
     def label(self, prompt: str, a: str, b: str, rng: random.Random) -> tuple[str, str]:
         """(chosen, rejected) as this rater labels the pair."""
         if rng.random() < self.prob_prefers_a(prompt, a, b):

@@ -29,6 +29,11 @@ _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u202a-\u202e\u2066-\
 _INVISIBLE_RE = re.compile(f"[{INVISIBLE}]")
 
 
+def strip_control_characters(text: str) -> str:
+    """``text`` without the control and bidi-override characters ``control_characters`` flags."""
+    return _CONTROL.sub("", text)
+
+
 def control_characters(texts: pd.Series) -> pd.Series:
     """'U+202E at character 7' where a text holds a control or bidi-override character (the first one found)."""
     out = pd.Series(None, index=texts.index, dtype=object)
