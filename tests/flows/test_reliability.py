@@ -669,10 +669,11 @@ def _alive(pid: int) -> bool:
 
 def test_every_pipeline_stage_has_a_time_limit() -> None:
     from rlhf.config import PipelineConfig
-    from tasks.common import BASELINE, EVALUATE, PPO, REGISTER, REWARD, SFT, VALIDATE
+    from tasks.common import BASELINE, DPO, EVALUATE, GRPO, PPO, REGISTER, REWARD, RLOO, SFT, VALIDATE
 
     limits = PipelineConfig().timeouts.model_dump()
-    assert set(limits) == {f"{stage}_s" for stage in (VALIDATE, SFT, REWARD, PPO, EVALUATE, REGISTER, BASELINE)}
+    stages = (VALIDATE, SFT, REWARD, PPO, DPO, RLOO, GRPO, EVALUATE, REGISTER, BASELINE)
+    assert set(limits) == {f"{stage}_s" for stage in stages}
     assert min(limits.values()) >= 3600  # generous: a healthy stage never meets them
     # A time limit changes no result: the registry's config hash (version reuse) ignores it.
     from tasks.common import config_hash
