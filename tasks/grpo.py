@@ -18,7 +18,7 @@ from rlhf.config import PipelineConfig
 from rlhf.data.loading import load_split
 from tasks.caching import cached_stage
 from tasks.common import GRPO, Checkpoint, PPOResult
-from tasks.policy import Models, reward_functions, train_policy, trl_policy_args
+from tasks.policy import Models, reward_functions, sampled_policy_args, train_policy
 
 
 def run_grpo(
@@ -30,17 +30,9 @@ def run_grpo(
     def build(models: Models, output_dir: str, callbacks: list) -> GRPOTrainer:
         funcs, weights = reward_functions(cfg, models, section.missing_eos_penalty)
         args = TRLGRPOConfig(
-            **trl_policy_args(section, cfg.seed, output_dir, "constant"),
-            num_generations=section.num_generations,
-            max_completion_length=section.max_new_tokens,
-            temperature=section.temperature,
-            beta=section.beta,
-            num_iterations=section.epochs,
-            epsilon=section.clip_range,
+            **sampled_policy_args(section, cfg.seed, output_dir, weights),
             loss_type=section.loss_type,
             scale_rewards=section.scale_rewards,
-            reward_weights=weights,
-            disable_dropout=True,  # log-probs of sampling and of the update must agree
         )
         return GRPOTrainer(
             model=models.policy,

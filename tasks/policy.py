@@ -208,6 +208,21 @@ def trl_policy_args(section: Any, seed: int, output_dir: str, scheduler: str) ->
     }
 
 
+def sampled_policy_args(section: Any, seed: int, output_dir: str, reward_weights: list[float]) -> dict[str, Any]:
+    """trl_policy_args plus what RLOOConfig and GRPOConfig share, mapped from our rloo/grpo section."""
+    return {
+        **trl_policy_args(section, seed, output_dir, "constant"),
+        "num_generations": section.num_generations,
+        "max_completion_length": section.max_new_tokens,
+        "temperature": section.temperature,
+        "beta": section.beta,
+        "num_iterations": section.epochs,
+        "epsilon": section.clip_range,
+        "reward_weights": reward_weights,
+        "disable_dropout": True,  # log-probs of sampling and of the update must agree
+    }
+
+
 def train_policy(
     algorithm: str,
     cfg: PipelineConfig,

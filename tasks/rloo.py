@@ -17,7 +17,7 @@ from rlhf.config import PipelineConfig
 from rlhf.data.loading import load_split
 from tasks.caching import cached_stage
 from tasks.common import RLOO, Checkpoint, PPOResult
-from tasks.policy import Models, reward_functions, train_policy, trl_policy_args
+from tasks.policy import Models, reward_functions, sampled_policy_args, train_policy
 
 
 def run_rloo(
@@ -29,15 +29,7 @@ def run_rloo(
     def build(models: Models, output_dir: str, callbacks: list) -> RLOOTrainer:
         funcs, weights = reward_functions(cfg, models, section.missing_eos_penalty)
         args = TRLRLOOConfig(
-            **trl_policy_args(section, cfg.seed, output_dir, "constant"),
-            num_generations=section.num_generations,
-            max_completion_length=section.max_new_tokens,
-            temperature=section.temperature,
-            beta=section.beta,
-            num_iterations=section.epochs,
-            epsilon=section.clip_range,
-            reward_weights=weights,
-            disable_dropout=True,  # log-probs of sampling and of the update must agree
+            **sampled_policy_args(section, cfg.seed, output_dir, weights),
         )
         return RLOOTrainer(
             model=models.policy,
