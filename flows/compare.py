@@ -17,12 +17,11 @@ import mlflow
 from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
 
-from flows.pipeline import train_policy
+from flows.pipeline import ensure_baseline, train_policy
 from rlhf.builtin.model import resolve_base_model
 from rlhf.builtin.task import resolve_data_paths
 from rlhf.config import ALGORITHMS, Algorithm, ConfigError, PipelineConfig, resolve_config
 from rlhf.infra.env import quiet_defaults
-from tasks.baseline import baseline_task
 from tasks.caching import call_stage
 from tasks.common import pipeline_run
 from tasks.compare import Candidate, Comparison, algorithm_run, compare_task
@@ -140,15 +139,7 @@ def rlhf_compare(
                 "rlhf.stage_runs": ",".join(f"{stage}={run_id}" for stage, run_id in stage_runs.items()),
             }
         )
-        if version.baseline_uri is None:
-            call_stage(
-                baseline_task,
-                best.config,
-                version.name,
-                version.version,
-                [data.paths["heldout_prompts"], data.paths["prompts"]],
-                config.baseline,
-            )
+        ensure_baseline(best.config, version, data)
         return CompareResult(parent_id, comparison, version.model_uri)
 
 

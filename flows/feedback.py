@@ -18,13 +18,12 @@ from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
 from prefect.states import Completed, State
 
-from flows.pipeline import PipelineResult, train_policy
+from flows.pipeline import PipelineResult, ensure_baseline, train_policy
 from flows.promote import promote
 from rlhf.builtin.model import resolve_base_model
 from rlhf.builtin.task import resolve_data_paths
 from rlhf.config import PipelineConfig, resolve_config
 from rlhf.infra.env import quiet_defaults
-from tasks.baseline import baseline_task
 from tasks.caching import call_stage
 from tasks.common import REWARD, SFT, pipeline_run
 from tasks.evaluate import evaluate_task, format_table
@@ -134,15 +133,7 @@ def rlhf_feedback(
         version, _ = call_stage(register_task, config, ppo, evaluation, data.fingerprints, parent_id, reward)
         feedback_lineage_task(version.name, version.version, feedback.batches)
         mlflow.set_tags({"registry.version": version.version, "registry.reused": str(version.reused).lower()})
-        if version.baseline_uri is None:
-            call_stage(
-                baseline_task,
-                config,
-                version.name,
-                version.version,
-                [data.paths["heldout_prompts"], data.paths["prompts"]],
-                config.baseline,
-            )
+        ensure_baseline(config, version, data)
         logger.info(
             "Evaluation against the champion it continued:\n%s", format_table(evaluation.metrics, config.ppo.kl_target)
         )

@@ -32,7 +32,7 @@ from tasks.dpo import dpo_task
 from tasks.evaluate import evaluate_task, format_table
 from tasks.grpo import grpo_task
 from tasks.ppo import ppo_task
-from tasks.register import pipeline_lock_dir, register_task
+from tasks.register import RegisteredVersion, pipeline_lock_dir, register_task
 from tasks.retrain import drifted_version, retrain_check_task
 from tasks.reward import reward_task
 from tasks.rloo import rloo_task
@@ -49,6 +49,19 @@ class PipelineResult:
     metrics: dict[str, float]
     promotion: PromotionOutcome
     """The promote flow's verdict on the new version: each gate, and whether it became champion."""
+
+
+def ensure_baseline(config: PipelineConfig, version: RegisteredVersion, data: ValidatedData) -> None:
+    """The drift-monitoring baseline of a newly registered version (one reused from an earlier run keeps its own)."""
+    if version.baseline_uri is None:
+        call_stage(
+            baseline_task,
+            config,
+            version.name,
+            version.version,
+            [data.paths["heldout_prompts"], data.paths["prompts"]],
+            config.baseline,
+        )
 
 
 @flow(name="rlhf-pipeline")
@@ -131,15 +144,7 @@ def rlhf_pipeline(
         mlflow.log_metrics(evaluation.metrics)
         version, _ = call_stage(register_task, config, ppo, evaluation, data.fingerprints, parent_id, reward)
         mlflow.set_tags({"registry.version": version.version, "registry.reused": str(version.reused).lower()})
-        if version.baseline_uri is None:  # a version reused from an earlier run keeps its baseline
-            call_stage(
-                baseline_task,
-                config,
-                version.name,
-                version.version,
-                [data.paths["heldout_prompts"], data.paths["prompts"]],
-                config.baseline,
-            )
+        ensure_baseline(config, version, data)
         logger.info("Evaluation on held-out prompts:\n%s", format_table(evaluation.metrics, config.ppo.kl_target))
         # The day ends with the gates: a version that passes them all becomes champion.
         promotion = config.promotion.model_copy(update={"lock_dir": pipeline_lock_dir(config)})
