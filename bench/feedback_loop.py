@@ -60,7 +60,8 @@ def main() -> None:
     args = parser.parse_args()
 
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    work = Path(args.work) if args.work else WORK / f"feedback-{stamp}"
+    # absolute: the tracking URI below is a path, and the process then works inside the folder
+    work = (Path(args.work) if args.work else WORK / f"feedback-{stamp}").resolve()
     work.mkdir(parents=True, exist_ok=True)
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work}/mlflow.db"
     os.environ.setdefault("PREFECT_HOME", str(work / ".prefect"))
