@@ -17,7 +17,9 @@
    champion on the same test split (--win-k samples of each per prompt, paired by sample index; Wilson, and a
    bootstrap over prompts).
 
-Writes bench/results/feedback-loop-<time>.json and prints the figures.
+Writes bench/results/feedback-loop-<time>.json and prints the figures. With --reward-run RUN_ID (and --work on the
+same store), only step 3, with the reward model of that run as "after": for a feedback flow that has trained its
+reward model but is still running (the figures are the same as the full run's: the same seeds, the same pairs).
 """
 
 from __future__ import annotations
@@ -56,6 +58,13 @@ def main() -> None:
     parser.add_argument("--win-k", type=int, default=8, help="samples per test prompt for the win rate (default 8)")
     parser.add_argument("--config", help="YAML preset for both runs")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--reward-run",
+        metavar="RUN_ID",
+        help="only step 3: score the reward model of this run (a feedback run's `reward` stage run) against the "
+        "champion's on the same pairs (no labelling, no flow); for a flow that has trained its reward model but "
+        "not finished",
+    )
     parser.add_argument("--work", help="folder of the run (default outputs/bench/feedback-<time>); reused if it exists")
     args = parser.parse_args()
 
@@ -131,43 +140,44 @@ def main() -> None:
             str(download(champion.reward_model_uri, scratch + "/r")), tokenizer.pad_token_id
         ).eval()
 
-        # 2. simulated raters rank k samples of the champion on N training prompts
-        t0 = time.monotonic()
-        prompts = label_prompts(paths["prompts"], args.prompts, cfg.seed)
-        items = sample_items(
-            policy_dir, prompts, args.k, cfg.feedback.max_new_tokens, cfg.feedback.temperature, cfg.seed
-        )
-        now = datetime.now(UTC)
-        name = batch_name("label", result["champion"], now)
-        folder = work / "feedback" / name
-        manifest = BatchManifest(name, "ranking", result["champion"], now.isoformat(), origin="simulated raters")
-        rng = random.Random(cfg.seed)
-        rater = NoisyRater()
-        for j, item in enumerate(items):
-            for who in ("rater-a", "rater-b") if j % 4 == 0 else ("rater-a",):
-                ranking = Ranking(
-                    item.prompt_id,
-                    item.prompt,
-                    item.responses,
-                    rater.rank(item.prompt, item.responses, rng),
-                    who,
-                    datetime.now(UTC).isoformat(),
-                    result["champion"],
-                    name,
-                )
-                manifest = add_ranking(folder, manifest, ranking)
-        manifest = validate_batch(folder, manifest, cfg.validation)
-        timings["labelling_s"] = time.monotonic() - t0
-        result["batch"] = {
-            "name": name,
-            "rankings": manifest.rankings,
-            "pairs": manifest.pairs,
-            "duplicates_dropped": manifest.duplicates_dropped,
-            "validated": manifest.validated,
-            **agreement_metrics(read_rankings(folder)),
-        }
-        if not manifest.validated:
-            raise SystemExit(f"the simulated batch failed validation: {manifest.failures}")
+        if args.reward_run is None:
+            # 2. simulated raters rank k samples of the champion on N training prompts
+            t0 = time.monotonic()
+            prompts = label_prompts(paths["prompts"], args.prompts, cfg.seed)
+            items = sample_items(
+                policy_dir, prompts, args.k, cfg.feedback.max_new_tokens, cfg.feedback.temperature, cfg.seed
+            )
+            now = datetime.now(UTC)
+            name = batch_name("label", result["champion"], now)
+            folder = work / "feedback" / name
+            manifest = BatchManifest(name, "ranking", result["champion"], now.isoformat(), origin="simulated raters")
+            rng = random.Random(cfg.seed)
+            rater = NoisyRater()
+            for j, item in enumerate(items):
+                for who in ("rater-a", "rater-b") if j % 4 == 0 else ("rater-a",):
+                    ranking = Ranking(
+                        item.prompt_id,
+                        item.prompt,
+                        item.responses,
+                        rater.rank(item.prompt, item.responses, rng),
+                        who,
+                        datetime.now(UTC).isoformat(),
+                        result["champion"],
+                        name,
+                    )
+                    manifest = add_ranking(folder, manifest, ranking)
+            manifest = validate_batch(folder, manifest, cfg.validation)
+            timings["labelling_s"] = time.monotonic() - t0
+            result["batch"] = {
+                "name": name,
+                "rankings": manifest.rankings,
+                "pairs": manifest.pairs,
+                "duplicates_dropped": manifest.duplicates_dropped,
+                "validated": manifest.validated,
+                **agreement_metrics(read_rankings(folder)),
+            }
+            if not manifest.validated:
+                raise SystemExit(f"the simulated batch failed validation: {manifest.failures}")
 
         # 3. the champion's own outputs on held-out prompts, ordered by the gold judge
         heldout = label_prompts(paths["heldout_prompts"], args.eval_prompts, cfg.seed + 1)
@@ -192,6 +202,33 @@ def main() -> None:
             return [bool(c > r) for c, r in zip(chosen.tolist(), rejected.tolist())]
 
         before = accuracy(old_rm)
+
+        def rm_figures(after: list[bool]) -> dict:
+            return {
+                "held_out_prompts": len(heldout),
+                "samples_per_prompt": args.eval_k,
+                "pairs": len(pairs),
+                "before": sum(before) / len(pairs),
+                "before_ci95": wilson_interval(sum(before), len(pairs)),
+                "after": sum(after) / len(pairs),
+                "after_ci95": wilson_interval(sum(after), len(pairs)),
+                "rise": (sum(after) - sum(before)) / len(pairs),
+                "rise_ci95_prompt_bootstrap": prompt_bootstrap(
+                    [
+                        [float(after[i]) - float(before[i]) for i in range(len(pairs)) if owner[i] == j]
+                        for j in range(len(heldout))
+                    ]
+                ),
+                "pairs_only_after_right": sum(a and not b for a, b in zip(after, before)),
+                "pairs_only_before_right": sum(b and not a for a, b in zip(after, before)),
+            }
+
+        if args.reward_run is not None:
+            uri = f"runs:/{args.reward_run}/checkpoint"
+            rm = load_reward_model(str(download(uri, scratch + "/n")), tokenizer.pad_token_id).eval()
+            result.update({"reward_run": args.reward_run, "rm_accuracy_on_champion_outputs": rm_figures(accuracy(rm))})
+            write(result, stamp)
+            return
 
         # 4. the feedback flow
         from flows.feedback import rlhf_feedback
@@ -223,24 +260,7 @@ def main() -> None:
         {
             "new_version": out.model_uri,
             "promoted": bool(out.promotion.promoted),
-            "rm_accuracy_on_champion_outputs": {
-                "held_out_prompts": len(heldout),
-                "samples_per_prompt": args.eval_k,
-                "pairs": len(pairs),
-                "before": sum(before) / len(pairs),
-                "before_ci95": wilson_interval(sum(before), len(pairs)),
-                "after": sum(after) / len(pairs),
-                "after_ci95": wilson_interval(sum(after), len(pairs)),
-                "rise": (sum(after) - sum(before)) / len(pairs),
-                "rise_ci95_prompt_bootstrap": prompt_bootstrap(
-                    [
-                        [float(after[i]) - float(before[i]) for i in range(len(pairs)) if owner[i] == j]
-                        for j in range(len(heldout))
-                    ]
-                ),
-                "pairs_only_after_right": sum(a and not b for a, b in zip(after, before)),
-                "pairs_only_before_right": sum(b and not a for a, b in zip(after, before)),
-            },
+            "rm_accuracy_on_champion_outputs": rm_figures(after),
             "win_rate_vs_old_champion": {
                 "test_prompts": len(test),
                 "samples_per_prompt": args.win_k,
@@ -264,9 +284,14 @@ def main() -> None:
                 k: v for k, v in client.get_run(out.parent_run_id).data.metrics.items() if k.startswith("feedback/")
             },
             "timings_s": timings,
-            "loadavg_end": loadavg(),
         }
     )
+    write(result, stamp)
+
+
+def write(result: dict, stamp: str) -> None:
+    """bench/results/feedback-loop-<stamp>.json, and the figures on stdout."""
+    result["loadavg_end"] = loadavg()
     (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
     path = ROOT / "bench" / "results" / f"feedback-loop-{stamp}.json"
     path.write_text(json.dumps(result, indent=2, default=str) + "\n")
