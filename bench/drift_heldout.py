@@ -1,34 +1,32 @@
 """Drift detection measured out of sample: thresholds calibrated on one half, rates measured on the other.
 
     export MLFLOW_DISABLE_TELEMETRY=true PYTHONPATH=.
-    python bench/drift_heldout.py --work /tmp/bench/drift-heldout rows        # champion, baseline, row pools
-    python bench/drift_heldout.py --work /tmp/bench/drift-heldout calibrate   # bench/results/drift_calibration.json
-    python bench/drift_heldout.py --work /tmp/bench/drift-heldout evaluate    # bench/results/drift_*.json, PNGs
+    W=/tmp/bench/drift-heldout
+    python bench/drift_heldout.py --work $W stack --overopt /tmp/bench/overopt   # or no stack: a small champion
+    python bench/drift_heldout.py --work $W rows        # baseline and row pools (two processes may share the work)
+    python bench/drift_heldout.py --work $W calibrate   # bench/results/drift_calibration.json
+    python bench/drift_heldout.py --work $W evaluate    # bench/results/drift_*.json
+    python bench/drift_heldout.py --work $W report      # markdown tables, docs/images/drift_sensitivity.png
 
-1. The champion of bench/drift_detection.py (SFT 120 steps, reward model 160,
-   PPO 10; built once per --work folder) and its baseline, computed as the
-   register stage does (tasks.baseline.compute_baseline on the data set's
-   held-out and PPO prompts, seed 0).
-2. Row pools, sampled FRESH from the champion, once: a *calibration* split
-   (sampling seed 11, prompts from half 0 of the prompt space,
-   rlhf.builtin.traffic.prompt_part) and an *evaluation* split (seed 22, half 1):
-   no prompt and no sample is shared between them or with the baseline's
-   samples. Every row's features (tokens, intent, embedding, one sampled
-   KL(champion || reference) on its prompt, reward-model score, length, NLL,
-   refusal, violation, gold) are computed once with the monitor's own feature
-   functions (rlhf/drift/features.py), so a window costs only its tests.
-3. A window draws its rows without replacement from the pools (``round(share *
-   rows)`` drifted rows of one kind, the rest clean), subsamples them as
-   tasks.monitor.window_features does (embedding_rows, kl_prompts, scored_rows),
-   draws simulated feedback (30% of rows, thumbs up with probability
-   sigmoid(gold / 0.5)), and goes through the monitor's tests and diagnosis
-   (rlhf.drift.signals.compute_signals, rlhf.drift.diagnosis.diagnose).
-   Windows are not independent samples of the policy: they share rows of a
-   finite pool (a 500-row window of a 5000-row pool overlaps another in ~10% of
-   its rows).
+1. The champion: work/stack/{policy,reference,reward} (``stack`` links bench/overoptimization.py's checkpoints
+   there), else bench/drift_detection.py's small champion (SFT 120 steps, reward model 160, PPO 10; built once
+   per --work folder); and its baseline, computed as the register stage does (tasks.baseline.compute_baseline
+   on the data set's held-out and PPO prompts, seed 0).
+2. Row pools, sampled FRESH from the champion: a *calibration* split (sampling seed 11, prompts from half 0 of
+   the prompt space, rlhf.builtin.traffic.prompt_part) and an *evaluation* split (seed 22, half 1): no prompt
+   and no sample is shared between them or with the baseline's samples. Every row's features (tokens, intent,
+   embedding, reward-model score, length, NLL, refusal, violation, gold; a sampled KL(champion || reference)
+   on a share of the rows) are computed once with the monitor's own feature functions
+   (rlhf/drift/features.py), so a window costs only its tests.
+3. An evaluation window takes rows no other window of its figure (or cell) has taken (Disjoint): the windows
+   a rate rests on are independent samples of the policy, as the Wilson intervals assume. It subsamples them
+   as tasks.monitor.window_features does (embedding_rows, kl_prompts, scored_rows), draws simulated feedback
+   (30% of rows, thumbs up with probability sigmoid(gold / 0.5)), and goes through the monitor's tests and
+   diagnosis (rlhf.drift.signals.compute_signals, rlhf.drift.diagnosis.diagnose). A figure gets as many
+   windows as its pools hold (windows_that_fit), up to the number asked for.
 
-``calibrate`` reads only calibration-split clean windows; ``evaluate`` only
-evaluation-split windows with the thresholds ``calibrate`` wrote.
+``calibrate`` reads only calibration-split clean windows (drawn at random from one 2000-row pool: they
+overlap); ``evaluate`` only evaluation-split windows with the thresholds ``calibrate`` wrote.
 """
 
 from __future__ import annotations
@@ -307,12 +305,15 @@ def row_jobs(args) -> list[tuple[str, str, int, int, int, int]]:
         ]
 
     clean = evaluation("clean", args.evaluation_clean, args.chunk, args.clean_kl_every)
+    drifted = {k: evaluation(k, args.drift_rows, args.drift_chunk, args.drift_kl_every) for k in named}
+    # first what every figure needs some of, so that a stopped run leaves each figure some windows
     jobs += clean[:1]  # reward_hacking's candidates come from the first clean chunk
-    for kind in named:
-        jobs += evaluation(kind, args.drift_rows, args.drift_chunk, args.drift_kl_every)
+    jobs += [chunks[0] for chunks in drifted.values()]
+    jobs += clean[1:4]
+    jobs += [job for chunks in drifted.values() for job in chunks[1:]]
     for kind in UNNAMED:
         jobs += evaluation(kind, args.unnamed_rows, args.drift_chunk, args.drift_kl_every)
-    return jobs + clean[1:]
+    return jobs + clean[4:]
 
 
 def chunk_path(work: Path, split: str, kind: str, chunk: int) -> Path:
@@ -694,15 +695,18 @@ def cmd_evaluate(args, work: Path) -> None:
     if "false_alarms" in stages:
         counts = {500: args.clean_windows, 100: args.clean_windows_100, 2000: args.clean_windows_2000}
         cells = []
-        for n in sizes:
+        # with the gold judge and feedback at every size; without (the deployed model's signals only) at 500 rows
+        for n, gold in [(n, True) for n in sizes] + ([(500, False)] if 500 in sizes else []):
             t0 = time.perf_counter()
-            s0 = seed + 100_000 + 10_000 * SIZES.index(n)
-            rows = Disjoint(pools, s0, f"false alarms at {n} rows")
-            count = windows_that_fit(pools, "clean", 0.0, n, cfg.kl_prompts, counts[n])
-            records = [run("clean", 0.0, n, s0 + i, rows) for i in range(count)]
+            s0 = seed + 100_000 + 10_000 * SIZES.index(n) if gold else seed + 95_000_000
+            rows = Disjoint(pools, s0, f"false alarms at {n} rows" + ("" if gold else " without gold"))
+            wanted = counts[n] if gold else args.clean_windows_nogold
+            count = windows_that_fit(pools, "clean", 0.0, n, cfg.kl_prompts, wanted)
+            records = [run("clean", 0.0, n, s0 + i, rows, gold) for i in range(count)]
             cells.append(
                 {
                     "rows": n,
+                    "gold": gold,
                     **rate(records),
                     "signals": Counter(s for r in records for s in r["breached"]),
                     "min_p": [r["min_p"] for r in records],
@@ -712,15 +716,21 @@ def cmd_evaluate(args, work: Path) -> None:
                     **provenance,
                 }
             )
-            print(f"clean {n}: {cells[-1]['alerts']}/{count} alarms", flush=True)
-        merge("drift_false_alarms.json", lambda c: c["rows"], cells, {"machine": machine})
+            print(f"clean {n} gold={gold}: {cells[-1]['alerts']}/{count} alarms", flush=True)
+        # a measurement with disjoint windows does not replace one whose windows share rows: both are reported
+        merge(
+            "drift_false_alarms.json",
+            lambda c: (c["rows"], c.get("gold", True), bool(c.get("disjoint"))),
+            cells,
+            {"machine": machine},
+        )
 
     if "sensitivity" in stages:
         counts = {500: args.windows, 100: args.windows_100, 2000: args.windows_2000}
         cells = []
         for kind in subset:
             for n in sizes:
-                for share in SHARES:
+                for share in [float(x) for x in args.shares.split(",")]:
                     t0 = time.perf_counter()
                     s0 = seed + 1_000_000 * (named.index(kind) + 1) + 1000 * SIZES.index(n) + 100 * SHARES.index(share)
                     rows = Disjoint(pools, s0, f"sensitivity {kind}, {n} rows, share {share}")
@@ -816,19 +826,10 @@ def cmd_evaluate(args, work: Path) -> None:
                         }
                     )
                     print(f"unnamed gold={gold} {kind} {share}: {cells[-1]['alerts']}", flush=True)
-        rows = Disjoint(pools, seed + 95_000_000, "clean windows without gold")
-        clean_ng = [
-            run("clean", 0.0, 500, seed + 95_000_000 + i, rows, False)
-            for i in range(windows_that_fit(pools, "clean", 0.0, 500, cfg.kl_prompts, args.clean_windows_nogold))
-        ]
         save(
             "drift_unnamed.json",
             {
                 "cells": cells,
-                "clean_without_gold": {
-                    **rate(clean_ng),
-                    "signals": Counter(s for r in clean_ng for s in r["breached"]),
-                },
                 "seconds": time.perf_counter() - t0,
                 **provenance,
             },
@@ -899,7 +900,9 @@ def provenance_of(cells: list[dict]) -> str:
         return "no row is in two windows of one cell"
     if kinds == {False}:
         return "windows of a cell share rows (drawn at random from finite pools)"
-    return "cells measured with disjoint windows and cells whose windows share rows, mixed (see the text)"
+    return (
+        "no row is in two windows of one cell, except in cells marked * (windows drawn from finite pools, sharing rows)"
+    )
 
 
 def cmd_report(args, work: Path) -> None:
@@ -921,20 +924,23 @@ def cmd_report(args, work: Path) -> None:
     del defaults
     fa_path = RESULTS / "drift_false_alarms.json"
     if fa_path.exists():
-        fa = sorted(json.loads(fa_path.read_text())["cells"], key=lambda c: c["rows"])
+        fa = sorted(
+            json.loads(fa_path.read_text())["cells"],
+            key=lambda c: (not c.get("gold", True), c["rows"], not c.get("disjoint")),
+        )
         out += [
-            "| rows | clean windows | rows used (disjoint windows?) | alarms | false-alarm rate (95% Wilson) | signals that breached |",
-            "|---|---|---|---|---|---|",
+            "| rows | gold judge and feedback | clean windows | rows (disjoint?) | alarms | false-alarm rate (95% Wilson) | signals that breached |",
+            "|---|---|---|---|---|---|---|",
         ]
         for r in fa:
             sig = ", ".join(f"{k} ({v})" for k, v in r["signals"].items()) or "none"
             out.append(
-                f"| {r['rows']} | {r['windows']} | {provenance(r)} | {r['alerts']} | {pct(r['rate'])} "
-                f"({pct(r['wilson95'][0])}-{pct(r['wilson95'][1])}) | {sig} |"
+                f"| {r['rows']} | {'yes' if r.get('gold', True) else 'no'} | {r['windows']} | {provenance(r)} | "
+                f"{r['alerts']} | {pct(r['rate'])} ({pct(r['wilson95'][0])}-{pct(r['wilson95'][1])}) | {sig} |"
             )
         out.append("")
         # the CUSUM over the clean 500-row windows taken as one sequence, restarted after each alarm
-        r500 = next(r for r in fa if r["rows"] == 500)
+        r500 = max((r for r in fa if r["rows"] == 500 and r.get("gold", True)), key=lambda r: r["windows"])
         scores = [-math.log(min(1.0, r500["tests"] * p)) for p in r500["min_p"]]
         alarms, total = 0, 0.0
         for x in scores:
@@ -943,7 +949,8 @@ def cmd_report(args, work: Path) -> None:
                 alarms, total = alarms + 1, 0.0
         lo, hi = wilson(alarms, len(scores))
         out += [
-            f"CUSUM over the {len(scores)} clean 500-row windows in order (restarted after each alarm): {alarms} alarms "
+            f"CUSUM over the {len(scores)} clean 500-row windows ({provenance(r500)}) in order "
+            f"(restarted after each alarm): {alarms} alarms "
             f"({pct(alarms / len(scores))} of windows; {pct(lo)}-{pct(hi)}); score mean {np.mean(scores):.2f} "
             f"(the Exp(1) bound: 1), share of scores > 2: {np.mean(np.array(scores) > 2):.1%} (bound: {math.exp(-2):.1%}).",
             "",
@@ -962,13 +969,19 @@ def cmd_report(args, work: Path) -> None:
             ]
             out += ["| kind | " + " | ".join(f"share {s:g}" for s in SHARES) + " |", "|---" * (len(SHARES) + 1) + "|"]
             for kind in dict.fromkeys(c["kind"] for c in cells):
-                row = [cell(c) for s in SHARES for c in cs if c["kind"] == kind and c["share"] == s]
+                row = [
+                    cell(c) + ("" if c.get("disjoint") else " *")
+                    for s in SHARES
+                    for c in cs
+                    if c["kind"] == kind and c["share"] == s
+                ]
                 out.append(f"| {kind} | " + " | ".join(row) + " |")
             out.append("")
         # diagnosis confusion on detected windows, 500 rows, share >= 0.1
         causes = ["input_shift", "policy_drift", "reward_model_blind_spot"]
         out += [
-            "Diagnosis of detected 500-row windows at drifted share >= 0.1 (rows: injected kind; columns: diagnosed cause)",
+            "Diagnosis of detected 500-row windows at drifted share >= 0.1 (rows: injected kind; columns: diagnosed "
+            "cause); " + provenance_of([c for c in cells if c["rows"] == 500 and c["share"] >= 0.1]),
             "",
         ]
         out += ["| injected kind (cause) | " + " | ".join(causes) + " | correct |", "|---" * (len(causes) + 2) + "|"]
@@ -1031,8 +1044,8 @@ def cmd_report(args, work: Path) -> None:
                 f"| {c['kind']} | {'yes' if c['gold'] else 'no'} | {c['share']:g} | {cell(c)} | {causes_} | {top} |"
             )
         out += ["", "no row is in two windows of one cell" if un.get("disjoint") else "windows of a cell share rows"]
-        cg = un["clean_without_gold"]
-        out += ["", f"Clean 500-row windows without gold or feedback: {cell(cg)}.", ""]
+        if "clean_without_gold" in un:
+            out += ["", f"Clean 500-row windows without gold or feedback: {cell(un['clean_without_gold'])}.", ""]
     print("\n".join(out))
 
 
@@ -1075,6 +1088,7 @@ def main() -> None:
     ev.add_argument("--only", default=None, help="comma-separated: false_alarms,sensitivity,ramp,unnamed")
     ev.add_argument("--clean-pool", type=int, default=150_000, help="clean evaluation rows to use (the first ones)")
     ev.add_argument("--sizes", default="500,100,2000", help="window sizes of false_alarms and sensitivity")
+    ev.add_argument("--shares", default=",".join(f"{x:g}" for x in SHARES), help="drifted shares of sensitivity")
     ev.add_argument("--clean-windows", type=int, default=300, help="clean 500-row windows")
     ev.add_argument("--clean-windows-100", type=int, default=300, help="clean 100-row windows")
     ev.add_argument("--clean-windows-2000", type=int, default=75, help="clean 2000-row windows")
