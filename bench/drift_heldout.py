@@ -306,10 +306,9 @@ def row_jobs(args) -> list[tuple[str, str, int, int, int, int]]:
 
     clean = evaluation("clean", args.evaluation_clean, args.chunk, args.clean_kl_every)
     drifted = {k: evaluation(k, args.drift_rows, args.drift_chunk, args.drift_kl_every) for k in named}
-    # first what every figure needs some of, so that a stopped run leaves each figure some windows
-    jobs += clean[:1]  # reward_hacking's candidates come from the first clean chunk
+    # clean rows first: every figure needs them (reward_hacking's candidates come from the first clean chunk)
+    jobs += clean[:4]
     jobs += [chunks[0] for chunks in drifted.values()]
-    jobs += clean[1:4]
     jobs += [job for chunks in drifted.values() for job in chunks[1:]]
     for kind in UNNAMED:
         jobs += evaluation(kind, args.unnamed_rows, args.drift_chunk, args.drift_kl_every)
