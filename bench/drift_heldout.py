@@ -293,8 +293,12 @@ def row_jobs(args) -> list[tuple[str, str, int, int, int, int]]:
     """
     from rlhf.builtin import traffic
 
-    named = [k for k in traffic.DRIFT_KINDS if k != "clean"]
-    kinds = {"clean": 0, **{k: 1 + i for i, k in enumerate(named)}, **{k: 10 + i for i, k in enumerate(UNNAMED)}}
+    named = [k for k in traffic.DRIFT_KINDS if k != "clean" and (not args.kinds or k in args.kinds.split(","))]
+    kinds = {
+        "clean": 0,
+        **{k: 1 + i for i, k in enumerate(traffic.DRIFT_KINDS[1:])},
+        **{k: 10 + i for i, k in enumerate(UNNAMED)},
+    }
     jobs = [("calibration", "clean", 0, args.calibration_clean, SPLITS["calibration"]["seed"] * 1000, 1)]
 
     def evaluation(kind: str, total: int, chunk: int, kl_every: int) -> list:
@@ -308,7 +312,9 @@ def row_jobs(args) -> list[tuple[str, str, int, int, int, int]]:
     drifted = {k: evaluation(k, args.drift_rows, args.drift_chunk, args.drift_kl_every) for k in named}
     # clean rows first: every figure needs them (reward_hacking's candidates come from the first clean chunk)
     jobs += clean[:4]
-    jobs += [chunks[0] for chunks in drifted.values()]
+    # then the kinds the monitor sees least well (response side), so a stopped run has measured those
+    hardest = sorted(named, key=lambda k: k not in ("reward_hacking", "degraded_policy"))
+    jobs += [drifted[k][0] for k in hardest]
     jobs += [job for chunks in drifted.values() for job in chunks[1:]]
     for kind in UNNAMED:
         jobs += evaluation(kind, args.unnamed_rows, args.drift_chunk, args.drift_kl_every)
@@ -994,8 +1000,9 @@ def cmd_report(args, work: Path) -> None:
             right = counts[traffic.CAUSES[kind]]
             total_right, total = total_right + right, total + det
             lo, hi = wilson(right, det) if det else (0.0, 1.0)
+            shared = "" if all(c.get("disjoint") for c in cs) else " *"
             out.append(
-                f"| {kind} ({traffic.CAUSES[kind]}) | "
+                f"| {kind} ({traffic.CAUSES[kind]}){shared} | "
                 + " | ".join(str(counts[c]) for c in causes)
                 + f" | {right}/{det} ({pct(right / max(det, 1))}; {pct(lo)}-{pct(hi)}) |"
             )
@@ -1077,6 +1084,7 @@ def main() -> None:
     rows.add_argument("--drift-rows", type=int, default=3000, help="rows per named drift kind")
     rows.add_argument("--unnamed-rows", type=int, default=1500, help="rows per unnamed kind")
     rows.add_argument("--drift-chunk", type=int, default=2000)
+    rows.add_argument("--kinds", default=None, help="comma-separated named drift kinds to build (default all)")
     rows.add_argument("--drift-kl-every", type=int, default=2)
     st = sub.add_parser("stack", help="link bench/overoptimization.py's checkpoints as the champion")
     st.add_argument("--overopt", required=True, help="--out folder of bench/overoptimization.py")
