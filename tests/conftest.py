@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import os
 
-import pytest
+# Under pytest-xdist each worker gets its share of the cores, set before torch is imported (and inherited
+# by the pipelines tests start): two workers of two torch threads each on two cores stall each other.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault(
+        "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    )
+
+import pytest  # noqa: E402
 
 from rlhf.infra.env import quiet_defaults
 
