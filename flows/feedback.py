@@ -1,7 +1,7 @@
 """The feedback flow: learn from new human feedback, continuing from the champion (iterated, on-policy RLHF).
 
 feedback data (champion's batches + new ones, deduplicated) -> validate (the pipeline's gate, on the merged data)
--> reward model (retrained on the merged pairs) -> policy (``algorithm``, from the champion, KL-held to it)
+-> reward model (retrained on the merged pairs, the feedback pairs replayed ``feedback.replay`` times) -> policy (``algorithm``, from the champion, KL-held to it)
 -> evaluate (against the champion) -> register (tag ``lineage.feedback_batches``) -> baseline -> promote.
 
 Wiring only: the stages are tasks in tasks/ (tasks/feedback.py for what is new here). One MLflow parent run
@@ -32,6 +32,7 @@ from tasks.feedback import (
     champion_start_task,
     feedback_data_task,
     feedback_lineage_task,
+    replay_task,
     start_task,
 )
 from tasks.register import pipeline_lock_dir, register_task
@@ -90,11 +91,14 @@ def rlhf_feedback(
         mlflow.set_tags({f"data.fingerprint.{split}": fp for split, fp in data.fingerprints.items()})
         mlflow.set_tag("validation.success", "true")
         policy_start = start_task(start, parent_id)
+        reward_pairs = replay_task(
+            config, data.paths["preferences"], feedback.feedback_path, str(run_dir / "replayed"), parent_id
+        )
         reward, _ = call_stage(
             reward_task,
             config,
             start.reference,
-            data.paths["preferences"],
+            reward_pairs,
             data.paths["preferences_heldout"],
             parent_id,
         )

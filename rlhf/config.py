@@ -711,6 +711,12 @@ class FeedbackConfig(_Section):
         None,
         description="Feedback batches (folder names under `dir`) the feedback flow learns from besides those the champion already learned; None: every validated batch there",
     )
+    replay: int = Field(
+        3,
+        ge=1,
+        le=100,
+        description="Times the reward model of the feedback flow sees each feedback pair per pass over the base pairs (the validated pairs are replayed after the gate, which refuses repeats): the on-policy pairs are where the policy goes, and at one round of ~500 ranked prompts (~2700 pairs) next to 6000 off-policy pairs, 3 makes them about half of what the reward model trains on (docs/feedback.md); 1 = no replay",
+    )
 
 
 class PipelineConfig(_Section):

@@ -9,6 +9,10 @@ merged with the feedback batches it has not learned from yet.
   stripped of held-out prompts (evaluation must stay unseen), written as ``feedback_pairs.jsonl`` (with provenance)
   and merged into ``preferences.jsonl`` for the validate stage. The stage run logs each batch and the merged file
   as dataset inputs, the counts and the raters' agreement (``feedback/*``) and the batch names as tags.
+- ``run_replay``: after the validation gate, the feedback pairs of the validated preference data repeated
+  ``feedback.replay`` times in all (the gate refuses repeats, so this comes after it), for the reward model: it then
+  draws the on-policy pairs that many times as often as the off-policy ones (``feedback/replay``,
+  ``feedback/train_share`` on the flow's parent run).
 - ``run_start``: the champion's policy logged as the checkpoint of this run's ``sft`` stage run, so the new
   version's lineage (reference = the policy it was held to) reads as every other version's.
 """
@@ -18,10 +22,12 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -31,7 +37,7 @@ from rlhf.config import PipelineConfig
 from rlhf.data.loading import load_split
 from rlhf.drift.lineage import resolve_lineage
 from rlhf.feedback.batches import PAIRS_FILE, agreement_metrics, list_batches, read_jsonl, read_manifest, read_rankings
-from rlhf.feedback.pairs import pair_key, prompt_key
+from rlhf.feedback.pairs import pair_key, prompt_key, replay_pairs
 from rlhf.infra.integrity import MANIFEST, fingerprint_path
 from rlhf.infra.tracking import download, log_checkpoint, log_dataset_input, stage_run
 from rlhf.ppo.trainer import OPTIMIZER_FILE, RNG_FILE, STATE_FILE
@@ -176,6 +182,27 @@ def run_feedback_data(
         return FeedbackData(str(merged_path), str(feedback_path), names, new, metrics)
 
 
+def run_replay(cfg: PipelineConfig, preferences_path: str, feedback_path: str, out_dir: str, parent_run_id: str) -> str:
+    """The reward model's training pairs: the validated preferences with their feedback pairs replayed
+    ``feedback.replay`` times in all; the path written (the validated file itself when replay is 1)."""
+    rows = read_jsonl(Path(preferences_path))
+    train, feedback_rows = replay_pairs(rows, read_jsonl(Path(feedback_path)), cfg.feedback.replay)
+    MlflowClient().log_batch(
+        parent_run_id,
+        metrics=[
+            Metric("feedback/replay", float(cfg.feedback.replay), int(time.time() * 1000), 0),
+            Metric("feedback/train_share", feedback_rows / len(train) if train else 0.0, int(time.time() * 1000), 0),
+        ],
+    )
+    if cfg.feedback.replay == 1:
+        return preferences_path
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "preferences.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in train), encoding="utf-8")
+    return str(path)
+
+
 def run_start(start: ChampionStart, parent_run_id: str) -> Checkpoint:
     """Log the champion's policy (weights and tokenizer, no training state) as this run's ``sft`` checkpoint: the
     policy the new run starts from and is KL-held to."""
@@ -210,6 +237,14 @@ def feedback_data_task(
 ) -> FeedbackData:
     """Merge new feedback batches into the preference data."""
     return run_feedback_data(cfg, start, base_preferences, heldout_paths, out_dir, parent_run_id)
+
+
+@task(name="feedback-replay", cache_policy=NO_CACHE)
+def replay_task(
+    cfg: PipelineConfig, preferences_path: str, feedback_path: str, out_dir: str, parent_run_id: str
+) -> str:
+    """The reward model's training pairs, feedback pairs replayed."""
+    return run_replay(cfg, preferences_path, feedback_path, out_dir, parent_run_id)
 
 
 @task(name="feedback-start", cache_policy=NO_CACHE)

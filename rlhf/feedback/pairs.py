@@ -202,3 +202,17 @@ def deduplicate(rows: Sequence[dict]) -> tuple[list[dict], int]:
         seen.add(key)
         kept.append(row)
     return kept, len(rows) - len(kept)
+
+
+def replay_pairs(rows: Sequence[dict], feedback: Sequence[dict], replay: int) -> tuple[list[dict], int]:
+    """(``rows`` with each row that is a ``feedback`` pair (same ``pair_key``) repeated ``replay`` times in all,
+    the copies appended in order; how many rows that is in all). ``replay`` 1 returns the rows unchanged.
+
+    Replaying after the validation gate (which refuses repeated pairs) makes a reward model trained for a fixed
+    number of steps draw the on-policy pairs ``replay`` times as often as the others: the same as weighting their
+    loss ``replay`` times, without a weighted loss in each trainer."""
+    if replay < 1:
+        raise ValueError(f"replay must be at least 1 (1 = no replay), got {replay}: set feedback.replay >= 1")
+    keys = {pair_key(r["prompt"], r["chosen"], r["rejected"]) for r in feedback}
+    replayed = [r for r in rows if pair_key(r["prompt"], r["chosen"], r["rejected"]) in keys]
+    return [*rows, *(dict(r) for _ in range(replay - 1) for r in replayed)], len(replayed) * replay

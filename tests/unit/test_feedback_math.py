@@ -7,7 +7,16 @@ import math
 import pytest
 
 from rlhf.feedback.agreement import krippendorff_alpha, pairwise_agreement, ranking_units
-from rlhf.feedback.pairs import PROVENANCE, Ranking, Rated, deduplicate, production_pairs, prompt_id, ranking_pairs
+from rlhf.feedback.pairs import (
+    PROVENANCE,
+    Ranking,
+    Rated,
+    deduplicate,
+    production_pairs,
+    prompt_id,
+    ranking_pairs,
+    replay_pairs,
+)
 
 
 def ranking(ranks, all_bad=False, responses=("a", "b", "c", "d")):
@@ -190,3 +199,18 @@ def test_champion_vs_challenger_pairs_name_the_version_of_each_response():
         batch_name("label", f"{v1} vs {v2}", datetime(2026, 12, 4, tzinfo=UTC))
         == "label-20261204T000000000000Z-v1-vs-v2"
     )
+
+
+def test_replay_repeats_each_feedback_pair_replay_times_and_nothing_else():
+    base = [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": "c", "rejected": "d"}]
+    on_policy = [{"prompt": "r", "chosen": "e", "rejected": "f"}, {"prompt": "s", "chosen": "g", "rejected": "h"}]
+    # the validated file may hold a feedback pair in either order; it still counts as that pair
+    rows = [*base, on_policy[0], {"prompt": "s", "chosen": "h", "rejected": "g"}]
+    replayed, feedback_rows = replay_pairs(rows, on_policy, 3)
+    count = lambda r: sum(x == r for x in replayed)  # noqa: E731
+    assert [count(r) for r in rows] == [1, 1, 3, 3]
+    assert len(replayed) == 2 + 2 * 3 and feedback_rows == 6
+    assert replayed[: len(rows)] == rows  # the validated rows first, in order
+    assert replay_pairs(rows, on_policy, 1) == (rows, 2)
+    with pytest.raises(ValueError, match="feedback.replay >= 1"):
+        replay_pairs(rows, on_policy, 0)
