@@ -19,6 +19,8 @@ export TOKENIZERS_PARALLELISM := false
 # which the installed torch then satisfies (no CUDA build pulled). On a GPU machine:
 # make install TORCH=torch (or your CUDA build's pin, from its index).
 TORCH ?= torch==2.13.0
+# Test processes of `make test` (pytest-xdist); on 2 cores the second overlaps the first one's waits on servers
+TEST_WORKERS ?= 2
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,8 +48,8 @@ label: install  ## The ranking page on 127.0.0.1:8000 for the champion's samples
 feedback: install  ## Learn from new feedback batches: retrain the reward model, continue from the champion, gate
 	$(BIN)/rlhf feedback $(ARGS)
 
-test: install  ## The full test suite
-	$(BIN)/pytest $(PYTEST_ARGS)
+test: install  ## The full test suite, in TEST_WORKERS processes (tests sharing a trained stack or live servers share one)
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 test-fast: install  ## Math, data and config tests only (seconds)
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)

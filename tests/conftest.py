@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import os
 
-import pytest
+# Under pytest-xdist each worker gets its share of the cores, set before torch is imported (and inherited
+# by the pipelines tests start): two workers of two torch threads each on two cores stall each other.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault(
+        "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    )
+
+import pytest  # noqa: E402
 
 from rlhf.infra.env import quiet_defaults
 
@@ -98,3 +105,20 @@ def tiny_stack(tmp_path_factory):
         reward=reward,
         parent_run_id=parent.info.run_id,
     )
+
+
+# -- running in parallel (pytest-xdist, `make test` runs two workers) ------------------------------
+# Tests that share an expensive session fixture run on one worker, so each is built once:
+# the trained tiny stack, and the integration tier's live servers and smoke run.
+SHARED_FIXTURE_GROUPS = {"tiny_stack": "tiny_stack", "live_servers": "live_servers", "smoke_outcome": "live_servers"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks
+def pytest_collection_modifyitems(config, items):
+    """Mark each test that uses a shared session fixture with that fixture's xdist group."""
+    for item in items:
+        groups = {SHARED_FIXTURE_GROUPS[name] for name in getattr(item, "fixturenames", ()) if name in SHARED_FIXTURE_GROUPS}
+        if len(groups) > 1:
+            raise pytest.UsageError(f"{item.nodeid} uses fixtures of two xdist groups {sorted(groups)}: merge them")
+        if groups:
+            item.add_marker(pytest.mark.xdist_group(groups.pop()))
