@@ -117,7 +117,9 @@ SHARED_FIXTURE_GROUPS = {"tiny_stack": "tiny_stack", "live_servers": "live_serve
 def pytest_collection_modifyitems(config, items):
     """Mark each test that uses a shared session fixture with that fixture's xdist group."""
     for item in items:
-        groups = {SHARED_FIXTURE_GROUPS[name] for name in getattr(item, "fixturenames", ()) if name in SHARED_FIXTURE_GROUPS}
+        groups = {
+            SHARED_FIXTURE_GROUPS[name] for name in getattr(item, "fixturenames", ()) if name in SHARED_FIXTURE_GROUPS
+        }
         if len(groups) > 1:
             raise pytest.UsageError(f"{item.nodeid} uses fixtures of two xdist groups {sorted(groups)}: merge them")
         if groups:
