@@ -67,8 +67,11 @@ def save_merged(model: PreTrainedModel, out: str | Path, keep_adapters: bool = F
 
 
 def save_adapters(model: PeftModel, out: str | Path) -> None:
-    """The adapters alone, in peft's layout (adapter_config.json, adapter_model.safetensors)."""
-    model.save_pretrained(str(out), safe_serialization=True)
+    """The adapters alone, in peft's layout (adapter_config.json, adapter_model.safetensors).
+
+    Never the base's embedding layers: the base is the SFT checkpoint, which a resume loads first.
+    """
+    model.save_pretrained(str(out), safe_serialization=True, save_embedding_layers=False)
 
 
 def load_adapters(model: PeftModel, folder: str | Path) -> None:
