@@ -11,6 +11,8 @@ place (``InPlaceLayer``), draws with ``torch.multinomial`` exactly as ``generate
 tokens for the same seed: tests/unit/test_generation.py), and stops when every row has ended.
 Other architectures (sliding-window or linear attention, encoder-decoders) go through
 ``generate()`` and PPO recomputes log-probs and values with a forward pass.
+A policy with LoRA adapters (a peft ``PeftModel``) takes the same loop: peft passes the cache and
+position arguments through to the wrapped model, and ``config`` and ``device`` are the wrapped model's.
 """
 
 from __future__ import annotations
@@ -195,7 +197,8 @@ def _decode(
             output_hidden_states=value_head is not None,
         )
         if value_head is not None:
-            values.append(value_head(out.hidden_states[-1][:, -1]).squeeze(-1))  # V(s_t): the state before token t
+            # V(s_t): the state before token t; fp32 even under bf16 autocast, as the log-probs
+            values.append(value_head(out.hidden_states[-1][:, -1]).squeeze(-1).float())
         scaled = out.logits[:, -1].float() / temperature  # (B, V)
         token = torch.multinomial(torch.softmax(scaled, dim=-1), num_samples=1).squeeze(1)  # (B,)
         logprobs.append(torch.log_softmax(scaled, dim=-1).gather(1, token[:, None]).squeeze(1))

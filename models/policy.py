@@ -15,7 +15,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 
+from models.lora import has_adapters, save_adapters, save_merged
+
 VALUE_HEAD_FILE = "value_head.safetensors"
+ADAPTER_DIR = "adapter"
+"""Subfolder of a checkpoint of a policy with LoRA adapters: the adapters alone (peft's layout), for resuming.
+A subfolder, so that ``from_pretrained`` on the checkpoint loads the merged weights and never looks for peft."""
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -56,12 +61,15 @@ class PolicyWithValueHead(nn.Module):
         )
         hidden = out.hidden_states[-1]  # (B, L, H)
         values = self.value_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden).squeeze(-1)  # (B, K)
-        return out.logits, values
+        return out.logits, values.float()  # fp32 even under bf16 autocast: GAE and the losses work in fp32
 
     def save(self, out_dir: str | Path) -> None:
-        """Policy in Hugging Face layout plus the value head, both safetensors."""
+        """Policy in Hugging Face layout plus the value head, both safetensors; with LoRA the weights are a merged
+        copy (a plain model, loadable without peft) and the adapters go to ``ADAPTER_DIR`` as well."""
         out = Path(out_dir)
-        self.lm.save_pretrained(out, safe_serialization=True)
+        save_merged(self.lm, out, keep_adapters=True)
+        if has_adapters(self.lm):
+            save_adapters(self.lm, out / ADAPTER_DIR)
         save_file({k: v.contiguous() for k, v in self.value_head.state_dict().items()}, str(out / VALUE_HEAD_FILE))
 
     def load_value_head(self, checkpoint_dir: str | Path) -> bool:

@@ -132,10 +132,12 @@ class ModelConfig(_Section):
     lora_r: int = Field(
         0,
         ge=0,
-        description="LoRA rank for SFT and reward-model training (peft); 0 trains every weight. Each stage merges its adapters into the checkpoint it logs, so later stages load a plain model",
+        description="LoRA rank for SFT, reward-model and PPO training (peft; DPO, RLOO and GRPO train every weight); 0 trains every weight. Each stage logs checkpoints with the adapters merged, so later stages load a plain model. In PPO the reference is the policy with its adapters disabled (no second copy of the weights) and the value head trains in full",
     )
     lora_alpha: int = Field(16, ge=1, description="LoRA scaling alpha (the update is scaled by alpha / r)")
-    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA branch")
+    lora_dropout: float = Field(
+        0.05, ge=0, lt=1, description="Dropout on the LoRA branch (SFT and reward model; PPO runs without dropout)"
+    )
     lora_target_modules: str = Field(
         "all-linear",
         description="Modules that get adapters: 'all-linear', or comma-separated module names (e.g. 'q_proj,v_proj' for Llama/Qwen, 'c_attn' for GPT-2)",
@@ -203,6 +205,10 @@ class PPOConfig(_Section):
         description="Sampling temperature; log-probs use the same temperature (above a few, sampling is nearly uniform)",
     )
     learning_rate: float = Field(3e-4, gt=0, le=1, description="AdamW learning rate for policy and value head")
+    bf16: bool = Field(
+        False,
+        description="Run every model forward (sampling, reference, reward model, update) under bf16 autocast; log-probs, values, advantages, losses and the optimizer stay fp32. Needs a GPU with bf16 (Ampere or later) or the CPU (where the tests run it)",
+    )
     kl_control: Literal["fixed", "adaptive"] = Field(
         "adaptive", description="Fixed KL coefficient, or the adaptive controller of Ziegler et al. 2019"
     )

@@ -39,6 +39,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from models.loading import load_causal_lm, load_reward_model, load_tokenizer
+from models.lora import add_adapters, lora_config
 from models.policy import PolicyWithValueHead
 from rlhf.builtin.task import task_knowledge
 from rlhf.config import PipelineConfig
@@ -70,6 +71,7 @@ from tasks.launch import launch_stage
 
 SAMPLE_ROWS = 8
 """Sample responses logged per sample table."""
+LORA_FIELDS = {"lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"}
 
 
 def resume_key(cfg: PipelineConfig, sft: Checkpoint, reward: Checkpoint, prompts_path: str) -> str:
@@ -77,6 +79,8 @@ def resume_key(cfg: PipelineConfig, sft: Checkpoint, reward: Checkpoint, prompts
     return fingerprint(
         {
             "ppo": cfg.ppo.model_dump(exclude={"resume_from", "auto_resume"}),
+            # LoRA changes the trajectory too; left out when off, so keys of runs without it stay as they were
+            **({"lora": cfg.model.model_dump(include=LORA_FIELDS)} if cfg.model.lora_r else {}),
             "seed": cfg.seed,
             "sft": sft.uri,
             "reward": reward.uri,
@@ -203,15 +207,18 @@ def run_ppo(
 
 
 def build_trainer(cfg: PipelineConfig, sft: Checkpoint, reward: Checkpoint, prompts_path: str) -> PPOTrainer:
-    """The trainer on the SFT policy (fresh value head, seeded), the frozen reference and the reward model."""
-    trust = cfg.model.trust_remote_code
+    """The trainer on the SFT policy (fresh value head, seeded; LoRA adapters with model.lora_r), the frozen
+    reference (none with LoRA: the policy with its adapters disabled) and the reward model."""
+    trust, m = cfg.model.trust_remote_code, cfg.model
     device = distributed_device()
+    adapters = lora_config(m.lora_r, m.lora_alpha, m.lora_dropout, m.lora_target_modules, "causal_lm")
     with tempfile.TemporaryDirectory(prefix="rlhf-ppo-") as scratch:  # the models are read into memory
         sft_dir, rm_dir = str(download(sft.uri, scratch)), str(download(reward.uri, scratch))
         tokenizer = load_tokenizer(sft_dir, trust)
-        torch.manual_seed(cfg.seed)  # the value head's initialisation belongs to the seeded run
-        policy = PolicyWithValueHead(load_causal_lm(sft_dir, trust_remote_code=trust)).to(device)
-        ref_model = load_causal_lm(sft_dir, trust_remote_code=trust).to(device)
+        torch.manual_seed(cfg.seed)  # the value head's and the adapters' initialisation belong to the seeded run
+        lm = add_adapters(load_causal_lm(sft_dir, trust_remote_code=trust), adapters)
+        policy = PolicyWithValueHead(lm).to(device)
+        ref_model = None if adapters else load_causal_lm(sft_dir, trust_remote_code=trust).to(device)
         reward_model = load_reward_model(rm_dir, tokenizer.pad_token_id, trust_remote_code=trust).to(device)
     prompts = list(load_split(prompts_path)["prompt"])
     return PPOTrainer(

@@ -34,6 +34,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_logger
 
 import models
+from models.policy import ADAPTER_DIR
 from rlhf.config import PipelineConfig
 from rlhf.drift.lineage import BASELINE_TAG, TRUST_REMOTE_CODE_TAG
 from rlhf.infra.integrity import MANIFEST
@@ -43,8 +44,9 @@ from rlhf.registry.promotion import lock_path, registry_lock
 from tasks.caching import training_lineage
 from tasks.common import REGISTER, RETRY_ON_TRACKING_ERROR, Checkpoint, Evaluation, PPOResult, config_hash
 
-TRAINING_ONLY_FILES = (OPTIMIZER_FILE, RNG_FILE, "training_args.bin", MANIFEST)
-"""Files that resume or describe training but play no part in serving (not shipped with the model).
+TRAINING_ONLY_FILES = (OPTIMIZER_FILE, RNG_FILE, ADAPTER_DIR, "training_args.bin", MANIFEST)
+"""Files that resume or describe training but play no part in serving (not shipped with the model): a LoRA
+run's adapters are merged into the weights already.
 The checkpoint's manifest lists the training-only files too; the logged model has MLflow's own layout."""
 REGISTER_LOCK_TIMEOUT_S = 900.0
 """How long a registration waits for another one of the same model (logging a large model takes minutes)."""

@@ -25,6 +25,11 @@ parameter restores the last good state (policy, value head, optimizer, reward
 normaliser) and skips the update; a minibatch whose probability ratio explodes is
 skipped; a KL above the budget warns, stops, or asks the caller to roll back.
 
+Precision and memory: with ``ppo.bf16`` every model forward (sampling, reference, reward model,
+update) runs under bf16 autocast while log-probs, values, advantages, losses and the optimizer stay
+fp32. With LoRA (the policy's LM wrapped with peft adapters) only the adapters and the value head
+train, and the reference is the same LM with its adapters disabled: the SFT weights are held once.
+
 This module knows nothing of MLflow or Prefect: ``step`` returns metrics and
 ``Alert`` records, checkpoints go to a folder; tasks/ppo.py logs and publishes them.
 """
@@ -34,7 +39,8 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -45,7 +51,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from models.generation import Rollout, decode_responses, sample
 from models.loading import require_safetensors
-from models.policy import PolicyWithValueHead, position_ids_from_mask
+from models.lora import has_adapters, load_adapters
+from models.policy import ADAPTER_DIR, PolicyWithValueHead, position_ids_from_mask
 from models.reward import score_token_ids
 from rlhf.config import PPOConfig
 from rlhf.infra.distributed import Shard, all_gather_rows, all_reduce_sum, check_divisible
@@ -92,8 +99,9 @@ def response_logprobs(
     logits: torch.Tensor, response_ids: torch.Tensor, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-probs, logits at temperature) of the response tokens, from the logits of a sequence that ends with them
-    (all positions, or only the last R + 1: ``logits_to_keep``): position t's logits predict token t+1."""
-    response_logits = logits[:, -response_ids.shape[1] - 1 : -1]  # (B, R, V)
+    (all positions, or only the last R + 1: ``logits_to_keep``): position t's logits predict token t+1.
+    In fp32 whatever the logits' dtype (bf16 under autocast)."""
+    response_logits = logits[:, -response_ids.shape[1] - 1 : -1].float()  # (B, R, V)
     if temperature != 1.0:
         response_logits = response_logits / temperature
     return logprobs_from_logits(response_logits, response_ids), response_logits
@@ -123,15 +131,15 @@ def best_checkpoint_step(checkpoint_steps: list[int], history: dict[int, tuple[f
 
 
 class LastGoodState:
-    """Copies of the policy's parameters, the optimizer state and the reward normaliser, refreshed in place.
+    """Copies of the trained parameters, the optimizer state and the reward normaliser, refreshed in place.
 
     ``save`` runs after each update that left finite weights, copying into buffers
-    allocated once; ``restore`` puts them back. Costs one extra copy of the weights
-    and of Adam's two moments, and one memory copy of each per iteration.
+    allocated once; ``restore`` puts them back. Costs one extra copy of the trained weights (with LoRA:
+    the adapters and the value head) and of Adam's two moments, and one memory copy of each per iteration.
     """
 
-    def __init__(self, policy: torch.nn.Module, optimizer: torch.optim.Optimizer, moments: RunningMoments):
-        self.params = list(policy.parameters())
+    def __init__(self, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, moments: RunningMoments):
+        self.params = params
         self.optimizer = optimizer
         self.moments = moments
         self.param_copies = [p.detach().clone() for p in self.params]
@@ -173,19 +181,32 @@ def _copy_value(value: Any, buffer: Any) -> Any:
     return value.detach().clone()
 
 
+def require_bf16(device: torch.device) -> None:
+    """Refuse bf16 autocast on a GPU without bf16 (the CPU has it)."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(
+            f"ppo.bf16 is true but this GPU ({torch.cuda.get_device_name(device)}) has no bf16 "
+            "(it needs compute capability 8.0, Ampere, or later): set ppo.bf16=false"
+        )
+
+
 def _all_finite(*tensors: torch.Tensor) -> bool:
     """Whether every element of every tensor is finite."""
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 class PPOTrainer:
-    """Owns the policy, its optimizer, the KL controller, the reward normaliser, the data cursor and the monitor."""
+    """Owns the policy, its optimizer, the KL controller, the reward normaliser, the data cursor and the monitor.
+
+    ``ref_model`` is the frozen reference; None when the policy's LM has LoRA adapters, whose reference is
+    the same LM with the adapters disabled (no second copy of the weights).
+    """
 
     def __init__(
         self,
         cfg: PPOConfig,
         policy: PolicyWithValueHead,
-        ref_model: PreTrainedModel,
+        ref_model: PreTrainedModel | None,
         reward_model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
         prompts: list[str],
@@ -194,19 +215,29 @@ class PPOTrainer:
     ):
         if not prompts:
             raise ValueError("PPO needs at least one prompt: check data.prompts_path")
+        if (ref_model is None) != has_adapters(policy.lm):
+            raise ValueError(
+                "the reference is the policy with its LoRA adapters disabled, or else a separate model: pass "
+                "ref_model=None exactly when the policy's LM has adapters (models.lora.add_adapters)"
+            )
+        self.device = next(policy.parameters()).device
+        if cfg.bf16:
+            require_bf16(self.device)
         self.cfg = cfg
         # Dropout stays off (eval mode) throughout, as in TRL's PPO: the ratio pi/pi_old must
         # compare one deterministic function before and after the update.
         self.policy = policy.eval()
-        self.ref_model = ref_model.eval().requires_grad_(False)
+        self.ref_model = None if ref_model is None else ref_model.eval().requires_grad_(False)
         self.reward_model = reward_model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.prompts = prompts
         self.gold_scorer = gold_scorer
-        self.optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, eps=1e-5)
+        self.trained = [p for p in policy.parameters() if p.requires_grad]
+        """Every weight, or with LoRA the adapters and the value head: what the optimizer and the guards see."""
+        self.optimizer = torch.optim.AdamW(self.trained, lr=cfg.learning_rate, eps=1e-5)
         self.kl_ctl = make_kl_controller(cfg.kl_control, cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
         self.moments = RunningMoments()
-        self.last_good = LastGoodState(policy, self.optimizer, self.moments)
+        self.last_good = LastGoodState(self.trained, self.optimizer, self.moments)
         self.step_count = 0
         self.nan_skips = 0
         self.history: dict[int, tuple[float, float]] = {}
@@ -221,11 +252,24 @@ class PPOTrainer:
         self.minibatch_rows = Shard(self.shard.rank, self.shard.world, cfg.mini_batch_size).rows
         self.train_policy: torch.nn.Module = policy
         if self.shard.world > 1:
-            device = next(policy.parameters()).device
             self.train_policy = DistributedDataParallel(
-                policy, device_ids=[device.index] if device.type == "cuda" else None
+                policy, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
         torch.manual_seed(seed)
+
+    # -- models ---------------------------------------------------------------------------
+    def autocast(self) -> torch.autocast:
+        """bf16 autocast for a model forward when ppo.bf16, else a no-op."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16)
+
+    @contextmanager
+    def reference(self) -> Iterator[torch.nn.Module]:
+        """The reference LM: the separate frozen model, or the policy's LM with its LoRA adapters disabled."""
+        if self.ref_model is not None:
+            yield self.ref_model
+            return
+        with self.policy.lm.disable_adapter():
+            yield self.policy.lm
 
     # -- data ---------------------------------------------------------------------------
     def next_prompts(self) -> list[str]:
@@ -249,7 +293,8 @@ class PPOTrainer:
 
         # 1. Generate one response per prompt with the current policy.
         prompts = self.next_prompts()
-        rollout = self.generate(prompts)
+        with self.autocast():
+            rollout = self.generate(prompts)
         texts = decode_responses(self.tokenizer, rollout)
         t1 = time.perf_counter()
 
@@ -260,20 +305,21 @@ class PPOTrainer:
         real = mask.bool()
         mine = self.shard.rows  # this process's rows (every row on a single process)
         keep = rollout.response_ids.shape[1] + 1  # the positions that predict response tokens, and the last
-        with torch.no_grad():
+        with torch.no_grad(), self.autocast():
             if rollout.logprobs is not None and rollout.values is not None:
                 logprobs, values = rollout.logprobs[mine], rollout.values[mine] * mask[mine]
             else:
                 logits, values = self.policy(input_ids[mine], attention_mask[mine], logits_to_keep=keep)
                 logprobs, _ = response_logprobs(logits, rollout.response_ids[mine], cfg.temperature)
                 values = values[:, :-1] * mask[mine]  # (B, R): V(s_t) before action t
-            ref_logits = self.ref_model(
-                input_ids=input_ids[mine],
-                attention_mask=attention_mask[mine],
-                position_ids=position_ids_from_mask(attention_mask[mine]),
-                use_cache=False,
-                logits_to_keep=keep,
-            ).logits
+            with self.reference() as ref_model:
+                ref_logits = ref_model(
+                    input_ids=input_ids[mine],
+                    attention_mask=attention_mask[mine],
+                    position_ids=position_ids_from_mask(attention_mask[mine]),
+                    use_cache=False,
+                    logits_to_keep=keep,
+                ).logits
             ref_logprobs, _ = response_logprobs(ref_logits, rollout.response_ids[mine], cfg.temperature)
 
             # 3. Score the whole response once; penalise responses that never end.
@@ -319,7 +365,7 @@ class PPOTrainer:
             update_stats, skipped, peak_ratio, finite = self._update(
                 rollout, logprobs, values, advantages, returns, mask
             )
-            finite = finite and _all_finite(*(p.detach() for p in self.policy.parameters()))
+            finite = finite and _all_finite(*(p.detach() for p in self.trained))
             if not finite:
                 self._restore_last_good()
                 alerts.append(
@@ -388,8 +434,7 @@ class PPOTrainer:
         value_head = self.policy.value_head
         if self.shard.world == 1:
             return sample(self.policy.lm, self.tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, value_head)
-        device = next(self.policy.parameters()).device
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(hash((self.seed, self.step_count, self.shard.rank)) & 0xFFFF_FFFF)
             local = sample(
                 self.policy.lm,
@@ -480,11 +525,12 @@ class PPOTrainer:
                 r = int(rollout.lengths[idx].max())
                 first = int(leading_pad[idx].min())
                 m = mask[idx, :r]
-                logits, values = self.train_policy(
-                    input_ids[idx, first : query_len + r],
-                    attention_mask[idx, first : query_len + r],
-                    logits_to_keep=r + 1,
-                )
+                with self.autocast():
+                    logits, values = self.train_policy(
+                        input_ids[idx, first : query_len + r],
+                        attention_mask[idx, first : query_len + r],
+                        logits_to_keep=r + 1,
+                    )
                 logprobs, response_logits = response_logprobs(logits, rollout.response_ids[idx, :r], cfg.temperature)
                 values = values[:, :-1]
                 pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[idx, :r], advantages[idx, :r], m, cfg.clip_range)
@@ -506,7 +552,7 @@ class PPOTrainer:
                 # c. Clipped gradient step; a non-finite gradient norm would write NaN into the weights.
                 self.optimizer.zero_grad(set_to_none=True)
                 (loss * weight if self.shard.world > 1 else loss).backward()  # DDP averages the gradients
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.trained, cfg.max_grad_norm)
                 if not torch.isfinite(grad_norm):
                     return totals, skipped, peak_ratio, False
                 self.optimizer.step()
@@ -523,7 +569,7 @@ class PPOTrainer:
                 }.items():
                     totals[key] = totals.get(key, 0.0) + value * weight
         if self.shard.world > 1:  # token-weighted means over the processes: the global minibatch's statistics
-            sums = all_reduce_sum(list(totals.values()), next(self.policy.parameters()).device)
+            sums = all_reduce_sum(list(totals.values()), self.device)
             totals = {k: v / self.shard.world for k, v in zip(totals, sums)}
         out = {k: v / applied for k, v in totals.items()} if applied else {}
         return out, skipped, peak_ratio, True
@@ -541,7 +587,7 @@ class PPOTrainer:
             return bool(torch.isfinite(loss)), ratio_mean.item(), 1.0
         tokens = mask.sum().item()
         finite, ratio_sum, total = all_reduce_sum(
-            [float(torch.isfinite(loss)), ratio_mean.item() * tokens, tokens], next(self.policy.parameters()).device
+            [float(torch.isfinite(loss)), ratio_mean.item() * tokens, tokens], self.device
         )
         return finite == self.shard.world, ratio_sum / total, tokens * self.shard.world / total
 
@@ -565,7 +611,7 @@ class PPOTrainer:
         import torch.distributed as dist
 
         with torch.no_grad():
-            for param in self.policy.parameters():
+            for param in self.trained:  # frozen weights are the SFT checkpoint's on every process
                 dist.broadcast(param.data, src=0)
         state = [
             {
@@ -607,6 +653,18 @@ class PPOTrainer:
         self.moments.load_state_dict(state["reward_moments"])
         self.nan_skips = int(state["nan_skips"])
         self.history = {int(k): (float(v[0]), float(v[1])) for k, v in state["history"].items()}
+
+    def _require_same_adapters(self, saved_with_adapters: bool) -> None:
+        if saved_with_adapters and not has_adapters(self.policy.lm):
+            raise ValueError(
+                "the saved run trained LoRA adapters (its checkpoint has an adapter/ folder) but model.lora_r is 0: "
+                "set model.lora_r (and lora_alpha, lora_target_modules) as in that run to continue it"
+            )
+        if not saved_with_adapters and has_adapters(self.policy.lm):
+            raise ValueError(
+                "the saved run trained every weight (its checkpoint has no adapter/ folder) but model.lora_r is "
+                "set: set model.lora_r=0 to continue it"
+            )
 
     def _require_kl_controller(self, kind: str) -> None:
         if kind != self.cfg.kl_control:
@@ -652,16 +710,21 @@ class PPOTrainer:
             )
         state = json.loads((ckpt / STATE_FILE).read_text())
         self._require_kl_controller(state["kl_controller"]["kind"])  # refuse before loading any weights
-        device = next(self.policy.parameters()).device
-        # The policy's own class loads the weights: a model with remote code needs no trust_remote_code again.
-        require_safetensors(str(ckpt))
-        lm_class = type(self.policy.lm)
-        self.policy.lm.load_state_dict(
-            lm_class.from_pretrained(str(ckpt), dtype=torch.float32, use_safetensors=True).state_dict()
-        )
+        self._require_same_adapters((ckpt / ADAPTER_DIR).is_dir())
+        if has_adapters(self.policy.lm):
+            # Only the adapters trained: the base weights are the SFT checkpoint this trainer was built on
+            # (the stage refuses to resume against another one), so they are not loaded again.
+            load_adapters(self.policy.lm, ckpt / ADAPTER_DIR)
+        else:
+            # The policy's own class loads the weights: a model with remote code needs no trust_remote_code again.
+            require_safetensors(str(ckpt))
+            lm_class = type(self.policy.lm)
+            self.policy.lm.load_state_dict(
+                lm_class.from_pretrained(str(ckpt), dtype=torch.float32, use_safetensors=True).state_dict()
+            )
         self.policy.load_value_head(ckpt)
-        self.policy.to(device)
+        self.policy.to(self.device)
         self.load_state_dict(state)
-        self.optimizer.load_state_dict(torch.load(ckpt / OPTIMIZER_FILE, map_location=device, weights_only=True))
+        self.optimizer.load_state_dict(torch.load(ckpt / OPTIMIZER_FILE, map_location=self.device, weights_only=True))
         self.load_rng_state_dict(torch.load(ckpt / RNG_FILE, weights_only=True))
         self.last_good.save()

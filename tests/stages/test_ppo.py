@@ -20,11 +20,12 @@ import rlhf.ppo.trainer as ppo_trainer
 import tasks.ppo as ppo_stage
 from models.generation import sample
 from models.loading import load_causal_lm, load_reward_model, load_tokenizer
-from models.policy import PolicyWithValueHead
+from models.lora import add_adapters, has_adapters, lora_config
+from models.policy import ADAPTER_DIR, PolicyWithValueHead, position_ids_from_mask
 from rlhf.config import ConfigError, PPOConfig, load_config
 from rlhf.data.loading import load_split
 from rlhf.infra.tracking import download
-from rlhf.ppo.trainer import LastGoodState, PPOTrainer, best_checkpoint_step
+from rlhf.ppo.trainer import LastGoodState, PPOTrainer, best_checkpoint_step, require_bf16
 from rlhf.rl.normalize import RunningMoments
 from tasks.common import Checkpoint, PPOResult
 
@@ -53,7 +54,7 @@ def test_last_good_state_restores_weights_optimizer_and_normaliser() -> None:
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     moments = RunningMoments()
-    snapshot = LastGoodState(model, optimizer, moments)
+    snapshot = LastGoodState(list(model.parameters()), optimizer, moments)
 
     def train_step() -> None:
         optimizer.zero_grad()
@@ -103,15 +104,17 @@ def stack_dirs(tiny_stack, tmp_path_factory) -> tuple[str, str]:
     return str(download(tiny_stack.sft.uri, into)), str(download(tiny_stack.reward.uri, into))
 
 
-def make_trainer(stack_dirs: tuple[str, str], tiny_stack, **ppo) -> PPOTrainer:
-    """A trainer on the tiny stack with SMALL settings plus `ppo` overrides (seed 0)."""
+def make_trainer(stack_dirs: tuple[str, str], tiny_stack, lora_r: int = 0, **ppo) -> PPOTrainer:
+    """A trainer on the tiny stack with SMALL settings plus `ppo` overrides (seed 0); LoRA adapters of rank
+    `lora_r` on every linear layer (then no reference model: the policy with its adapters disabled)."""
     sft_dir, rm_dir = stack_dirs
     torch.manual_seed(0)
     tokenizer = load_tokenizer(sft_dir)
+    adapters = lora_config(lora_r, 16, 0.0, "all-linear", "causal_lm")
     return PPOTrainer(
         PPOConfig(**{**SMALL, **ppo}),
-        PolicyWithValueHead(load_causal_lm(sft_dir)),
-        load_causal_lm(sft_dir),
+        PolicyWithValueHead(add_adapters(load_causal_lm(sft_dir), adapters)),
+        None if adapters else load_causal_lm(sft_dir),
         load_reward_model(rm_dir, tokenizer.pad_token_id),
         tokenizer,
         list(load_split(tiny_stack.paths["prompts"])["prompt"]),
@@ -340,8 +343,9 @@ def metric_histories(run_id: str) -> dict[str, dict[int, float]]:
 
 
 @pytest.mark.slow
-def test_resume_matches_the_uninterrupted_run(tiny_stack, mlflow_store, monkeypatch) -> None:
-    overrides = ["ppo.steps=6", "ppo.checkpoint_every=4", "ppo.sample_every=100"]
+@pytest.mark.parametrize("extra", [[], ["model.lora_r=4", "ppo.bf16=true"]], ids=["fp32", "lora-bf16"])
+def test_resume_matches_the_uninterrupted_run(tiny_stack, mlflow_store, monkeypatch, extra) -> None:
+    overrides = ["ppo.steps=6", "ppo.checkpoint_every=4", "ppo.sample_every=100", *extra]
     with mlflow.start_run() as parent:
         # 1. The uninterrupted run.
         full = run_stage(tiny_stack, parent.info.run_id, overrides)
@@ -451,3 +455,147 @@ def test_kl_budget_rollback_and_alerts_reach_mlflow_and_prefect(
     assert trainer.step_count == result.rolled_back_to
     step = trainer.step()
     assert trainer.step_count == result.rolled_back_to + 1 and math.isfinite(step.metrics["loss/policy_avg"])
+
+
+# ----------------------------------------------------------------------------- LoRA and bf16
+def base_weights(lm: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights of a peft-wrapped LM without its adapters, under the plain model's names."""
+    return {
+        name.removeprefix("base_model.model.").replace(".base_layer", ""): value
+        for name, value in lm.state_dict().items()
+        if "lora_" not in name
+    }
+
+
+def lm_logits(lm: torch.nn.Module, enc) -> torch.Tensor:
+    with torch.no_grad():
+        return lm(
+            input_ids=enc.input_ids,
+            attention_mask=enc.attention_mask,
+            position_ids=position_ids_from_mask(enc.attention_mask),
+        ).logits
+
+
+@pytest.mark.slow
+def test_lora_trains_adapters_over_the_untouched_sft_weights(stack_dirs, tiny_stack, tmp_path) -> None:
+    sft = load_causal_lm(stack_dirs[0])
+    trainer = make_trainer(stack_dirs, tiny_stack, lora_r=4, learning_rate=1e-2)
+    assert trainer.ref_model is None  # the reference is the policy with its adapters disabled: no second copy
+    trained = {id(p) for p in trainer.trained}
+    assert all(
+        ("lora_" in name or name.startswith("value_head.")) == (id(p) in trained)
+        for name, p in trainer.policy.named_parameters()
+    )
+    for _ in range(2):
+        metrics = trainer.step().metrics
+        assert math.isfinite(metrics["loss/policy_avg"]) and math.isfinite(metrics["loss/value_avg"])
+
+    # 1. Only the adapters and the value head moved; the SFT weights under them are bit for bit the same.
+    def assert_base_untouched() -> None:
+        wrapped = base_weights(trainer.policy.lm)
+        assert set(wrapped) == set(sft.state_dict())
+        for name, value in sft.state_dict().items():
+            assert torch.equal(wrapped[name], value), name
+
+    assert_base_untouched()
+    lora_b = [p for name, p in trainer.policy.named_parameters() if "lora_B" in name]
+    assert lora_b and all(p.abs().max() > 0 for p in lora_b)  # peft starts B at 0
+    assert trainer.policy.value_head.weight.abs().max() > 0  # zero-initialised, trained in full
+
+    # 2. The reference log-probs are the untouched SFT model's; the adapters are back on afterwards.
+    enc = trainer.tokenizer(
+        trainer.prompts[:4], return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False
+    )
+    expected = lm_logits(sft, enc)
+    with trainer.reference() as ref:
+        torch.testing.assert_close(lm_logits(ref, enc), expected, atol=1e-6, rtol=0)
+    adapted = lm_logits(trainer.policy.lm, enc)
+    assert (adapted - expected).abs().max() > 1e-2
+
+    # 3. The checkpoint is a plain Hugging Face model with the adapters merged; the trainer keeps its adapters.
+    ckpt = trainer.save_checkpoint(tmp_path / "ckpt")
+    assert not (ckpt / "adapter_config.json").exists() and (ckpt / ADAPTER_DIR / "adapter_config.json").exists()
+    plain = load_causal_lm(str(ckpt))
+    assert type(plain) is type(sft) and not any("lora" in name for name in plain.state_dict())
+    torch.testing.assert_close(lm_logits(plain, enc), adapted, atol=1e-4, rtol=0)
+    name = "transformer.h.0.attn.c_attn.weight"
+    assert (plain.state_dict()[name] - sft.state_dict()[name]).abs().max() > 1e-4
+    assert has_adapters(trainer.policy.lm)
+    assert_base_untouched()
+    torch.testing.assert_close(lm_logits(trainer.policy.lm, enc), adapted, atol=0, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora_r, bf16", [(4, False), (0, True), (4, True)])
+def test_a_resumed_trainer_continues_exactly(stack_dirs, tiny_stack, tmp_path, lora_r, bf16) -> None:
+    settings = {"lora_r": lora_r, "bf16": bf16, "learning_rate": 1e-2}
+    trainer = make_trainer(stack_dirs, tiny_stack, **settings)
+    trainer.step(), trainer.step()
+    ckpt = trainer.save_checkpoint(tmp_path / "step_2")
+    expected = [trainer.step().metrics for _ in range(2)]
+
+    resumed = make_trainer(stack_dirs, tiny_stack, **settings)  # fresh adapters (B = 0), value head, optimizer
+    resumed.load_checkpoint(ckpt)
+    actual = [resumed.step().metrics for _ in range(2)]
+    for want, got in zip(expected, actual):
+        assert set(got) == set(want)
+        for key in want:
+            if not key.startswith("timing/"):
+                assert got[key] == want[key], key
+    for a, b in zip(trainer.trained, resumed.trained, strict=True):
+        assert torch.equal(a, b)
+    if lora_r:  # continuing it with other LoRA settings, or without LoRA, is refused before any weight loads
+        with pytest.raises(ValueError, match="set model.lora_r=4 and model.lora_alpha=16"):
+            make_trainer(stack_dirs, tiny_stack, lora_r=8, bf16=bf16).load_checkpoint(ckpt)
+        with pytest.raises(ValueError, match="model.lora_r is 0"):
+            make_trainer(stack_dirs, tiny_stack, bf16=bf16).load_checkpoint(ckpt)
+    else:
+        with pytest.raises(ValueError, match="set model.lora_r=0"):
+            make_trainer(stack_dirs, tiny_stack, lora_r=4, bf16=bf16).load_checkpoint(ckpt)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bf16", [False, True])
+def test_bf16_autocasts_the_forwards_and_keeps_the_losses_in_fp32(stack_dirs, tiny_stack, monkeypatch, bf16) -> None:
+    trainer = make_trainer(stack_dirs, tiny_stack, bf16=bf16)
+    seen: dict[str, set[torch.dtype]] = {"policy": set(), "reference": set(), "reward": set(), "loss inputs": set()}
+    for key, model in (
+        ("policy", trainer.policy.lm),
+        ("reference", trainer.ref_model),
+        ("reward", trainer.reward_model),
+    ):
+        model.register_forward_hook(lambda module, args, out, key=key: seen[key].add(out.logits.dtype))
+    real_policy_loss = ppo_trainer.policy_loss
+
+    def recording_policy_loss(logprobs, old_logprobs, advantages, *args):
+        seen["loss inputs"].update(t.dtype for t in (logprobs, old_logprobs, advantages))
+        return real_policy_loss(logprobs, old_logprobs, advantages, *args)
+
+    monkeypatch.setattr(ppo_trainer, "policy_loss", recording_policy_loss)
+    metrics = trainer.step().metrics
+    assert all(math.isfinite(value) for value in metrics.values())
+    forward = torch.bfloat16 if bf16 else torch.float32
+    assert seen == {"policy": {forward}, "reference": {forward}, "reward": {forward}, "loss inputs": {torch.float32}}
+    assert all(p.dtype == torch.float32 for p in trainer.trained)  # autocast leaves the weights fp32
+
+
+def test_bf16_is_refused_on_a_gpu_without_it(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    with pytest.raises(ValueError, match=r"this GPU \(Tesla T4\) has no bf16.*set ppo.bf16=false"):
+        require_bf16(torch.device("cuda", 0))
+    require_bf16(torch.device("cpu"))  # the CPU has bf16 autocast
+
+
+def test_lora_settings_are_part_of_the_resume_key(tmp_path) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n')
+    sft, reward = Checkpoint("1" * 32, "runs:/1/sft"), Checkpoint("2" * 32, "runs:/2/rm")
+
+    def key(*overrides: str) -> str:
+        return ppo_stage.resume_key(load_config(None, list(overrides)), sft, reward, str(prompts))
+
+    # LoRA changes the trajectory: its settings are in the key; while off they are not (earlier keys stand).
+    assert key("model.lora_r=4") != key() != key("ppo.bf16=true")
+    assert key("model.lora_r=4") != key("model.lora_r=4", "model.lora_alpha=8")
+    assert key("model.lora_alpha=8") == key()

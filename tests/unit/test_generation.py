@@ -6,11 +6,14 @@ sampling pass, the log-probs and values PPO would otherwise recompute with a sec
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from models import generation
 from models.generation import InPlaceLayer, fast_decode_supported, sample
+from models.lora import add_adapters, lora_config
 from models.policy import PolicyWithValueHead
 from models.tiny import build_model, build_tokenizer
 
@@ -49,8 +52,23 @@ def test_decode_loop_draws_what_generate_draws(tiny, monkeypatch, temperature):
     assert torch.equal(ours.response_mask, theirs.response_mask) and torch.equal(ours.ended, theirs.ended)
 
 
-def test_sampling_pass_logprobs_and_values_equal_a_forward_pass(tiny):
+def with_random_adapters(model):
+    """A copy of the model with LoRA adapters on every linear layer, B drawn at random (peft starts it at 0)."""
+    adapted = add_adapters(copy.deepcopy(model), lora_config(4, 8, 0.0, "all-linear", "causal_lm"))
+    with torch.no_grad():
+        for name, param in adapted.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5)
+    return adapted.eval()
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_sampling_pass_logprobs_and_values_equal_a_forward_pass(tiny, lora):
+    # With LoRA the decode loop runs the peft-wrapped model (cache and positions passed through to it).
     model, tokenizer = tiny
+    if lora:
+        model = with_random_adapters(model)
+        assert fast_decode_supported(model)
     policy = PolicyWithValueHead(model)
     torch.nn.init.normal_(policy.value_head.weight, std=0.5)
     torch.manual_seed(2)
@@ -62,6 +80,13 @@ def test_sampling_pass_logprobs_and_values_equal_a_forward_pass(tiny):
     real = rollout.response_mask.bool()
     torch.testing.assert_close(rollout.logprobs[real], logprobs[real], atol=1e-5, rtol=0)
     torch.testing.assert_close(rollout.values[real], values[:, :-1][real], atol=1e-5, rtol=0)
+    if lora:  # the adapters took part: the plain model's log-probs are far from these
+        with torch.no_grad():
+            plain = tiny[0](input_ids=rollout.input_ids, attention_mask=rollout.attention_mask).logits[
+                :, -response_len - 1 : -1
+            ]
+        plain_logprobs = torch.log_softmax(plain / 0.7, -1).gather(2, rollout.response_ids[..., None]).squeeze(-1)
+        assert (plain_logprobs[real] - rollout.logprobs[real]).abs().max() > 0.1
 
 
 def test_in_place_layer_returns_the_filled_prefix_and_refuses_overflow():
