@@ -1,7 +1,8 @@
 """The feedback flow: learn from new human feedback, continuing from the champion (iterated, on-policy RLHF).
 
 feedback data (champion's batches + new ones, deduplicated) -> validate (the pipeline's gate, on the merged data)
--> reward model (retrained on the merged pairs, the feedback pairs replayed ``feedback.replay`` times) -> policy (``algorithm``, from the champion, KL-held to it)
+-> reward model (retrained on the merged pairs, the feedback pairs replayed ``feedback.replay`` times)
+-> policy (``algorithm``, from the champion and its value head, KL-held to it, entropy bonus ``feedback.ent_coef``)
 -> evaluate (against the champion) -> register (tag ``lineage.feedback_batches``) -> baseline -> promote.
 
 Wiring only: the stages are tasks in tasks/ (tasks/feedback.py for what is new here). One MLflow parent run
@@ -30,6 +31,7 @@ from tasks.evaluate import evaluate_task, format_table
 from tasks.feedback import (
     NoNewFeedback,
     champion_start_task,
+    continued_config,
     feedback_data_task,
     feedback_lineage_task,
     replay_task,
@@ -102,7 +104,7 @@ def rlhf_feedback(
             data.paths["preferences_heldout"],
             parent_id,
         )
-        ppo, _ = train_policy(config, policy_start, reward, data, parent_id)
+        ppo, _ = train_policy(continued_config(config), policy_start, reward, data, parent_id)
         mlflow.set_tags(
             {
                 "rlhf.algorithm": config.algorithm,

@@ -723,6 +723,11 @@ class FeedbackConfig(_Section):
         le=100,
         description="Times the reward model of the feedback flow sees each feedback pair per pass over the base pairs (the validated pairs are replayed after the gate, which refuses repeats): the on-policy pairs are where the policy goes, and at one round of ~500 ranked prompts (~2700 pairs) next to 6000 off-policy pairs, 3 makes them about half of what the reward model trains on (docs/feedback.md); 1 = no replay",
     )
+    ent_coef: float = Field(
+        0.0,
+        ge=0,
+        description="Entropy bonus (ppo.ent_coef) of the PPO run the feedback flow continues from the champion; ppo.ent_coef guards a run from SFT against collapse, but a champion already trained with it keeps its spread, and the bonus then pulls the continued run up in entropy and down in gold (docs/feedback.md)",
+    )
 
 
 class PipelineConfig(_Section):

@@ -13,8 +13,10 @@ merged with the feedback batches it has not learned from yet.
   ``feedback.replay`` times in all (the gate refuses repeats, so this comes after it), for the reward model: it then
   draws the on-policy pairs that many times as often as the off-policy ones (``feedback/replay``,
   ``feedback/train_share`` on the flow's parent run).
-- ``run_start``: the champion's policy logged as the checkpoint of this run's ``sft`` stage run, so the new
-  version's lineage (reference = the policy it was held to) reads as every other version's.
+- ``run_start``: the champion's policy (with its value head) logged as the checkpoint of this run's ``sft`` stage
+  run, so the new version's lineage (reference = the policy it was held to) reads as every other version's.
+- ``continued_config``: the configuration of the policy stage that continues from the champion (``feedback.ent_coef``
+  as PPO's entropy bonus).
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ from mlflow.tracking import MlflowClient
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from models.policy import VALUE_HEAD_FILE
 from rlhf.config import PipelineConfig
 from rlhf.data.loading import load_split
 from rlhf.drift.lineage import resolve_lineage
@@ -47,8 +48,10 @@ from tasks.common import SFT, Checkpoint
 FEEDBACK_DATA = "feedback-data"
 FEEDBACK_BATCHES_TAG = "lineage.feedback_batches"
 """Model-version tag: the feedback batches (comma-separated) the version learned from, its champion's included."""
-TRAINING_ONLY = (OPTIMIZER_FILE, RNG_FILE, STATE_FILE, VALUE_HEAD_FILE, MANIFEST, "training_args.bin")
-"""Files of a policy checkpoint that resume its training; the continued run starts a fresh value head and optimizer."""
+TRAINING_ONLY = (OPTIMIZER_FILE, RNG_FILE, STATE_FILE, MANIFEST, "training_args.bin")
+"""Files of a policy checkpoint that resume its training: the continued run starts a fresh optimizer, but keeps the
+champion's value head (a fresh one gives the first updates advantages from a zero baseline; carried, the continued
+run ended higher in gold in the measurement of docs/feedback.md)."""
 
 
 class NoNewFeedback(RuntimeError):
@@ -213,6 +216,12 @@ def run_start(start: ChampionStart, parent_run_id: str) -> Checkpoint:
             clean = Path(scratch) / "checkpoint"
             shutil.copytree(policy, clean, ignore=shutil.ignore_patterns(*TRAINING_ONLY))
             return Checkpoint(run.info.run_id, log_checkpoint(clean, "checkpoint"))
+
+
+def continued_config(cfg: PipelineConfig) -> PipelineConfig:
+    """The configuration of the policy stage that continues from the champion: ``feedback.ent_coef`` is PPO's
+    entropy bonus (``ppo.ent_coef`` is for a run from SFT)."""
+    return cfg.model_copy(update={"ppo": cfg.ppo.model_copy(update={"ent_coef": cfg.feedback.ent_coef})})
 
 
 def tag_feedback_lineage(model_name: str, version: str, batches: tuple[str, ...]) -> None:

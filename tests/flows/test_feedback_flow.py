@@ -14,7 +14,7 @@ from rlhf.config import load_config
 from rlhf.feedback.batches import BatchManifest, add_ranking, batch_name, validate_batch
 from rlhf.feedback.pairs import Ranking, prompt_id
 from rlhf.registry.promotion import CHAMPION
-from tasks.feedback import FEEDBACK_BATCHES_TAG
+from tasks.feedback import FEEDBACK_BATCHES_TAG, continued_config
 from tasks.label import label_prompts
 
 SMOKE = Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml"
@@ -37,6 +37,14 @@ def ranked_batch(root: Path, prompts: list[str], version: str) -> str:
     manifest = validate_batch(root / name, manifest, load_config(SMOKE).validation)
     assert manifest.validated, manifest.failures
     return name
+
+
+def test_the_continued_run_takes_the_feedback_entropy_bonus() -> None:
+    cfg = load_config(SMOKE, ["ppo.ent_coef=0.05", "feedback.ent_coef=0.01"])
+    continued = continued_config(cfg)
+    assert continued.ppo.ent_coef == 0.01 and cfg.ppo.ent_coef == 0.05
+    assert continued.ppo.model_dump(exclude={"ent_coef"}) == cfg.ppo.model_dump(exclude={"ent_coef"})
+    assert continued.model_dump(exclude={"ppo"}) == cfg.model_dump(exclude={"ppo"})
 
 
 @pytest.mark.slow
@@ -68,6 +76,7 @@ def test_feedback_flow_learns_from_a_new_batch_and_skips_when_nothing_is_new(pre
     # the start is the champion's policy, KL reference included; the reward model retrained on the merged pairs
     assert by_stage["sft"].data.params["continued_from"] == "models:/rlhf-policy/1"
     assert by_stage["ppo"].data.params["sft_run_id"] == by_stage["sft"].info.run_id
+    assert float(by_stage["ppo"].data.params["ppo.ent_coef"]) == cfg.feedback.ent_coef == 0.0
     assert by_stage["validate"].data.metrics["data/preferences_rows"] == 6000 + 3 * 6
     # the reward model trains on the validated pairs with the feedback pairs replayed feedback.replay (3) times
     assert parent.data.metrics["feedback/replay"] == 3

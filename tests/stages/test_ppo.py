@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -523,6 +524,26 @@ def test_lora_trains_adapters_over_the_untouched_sft_weights(stack_dirs, tiny_st
     assert has_adapters(trainer.policy.lm)
     assert_base_untouched()
     torch.testing.assert_close(lm_logits(trainer.policy.lm, enc), adapted, atol=0, rtol=0)
+
+
+@pytest.mark.slow
+def test_a_policy_continued_from_a_ppo_checkpoint_keeps_its_value_head(
+    stack_dirs, tiny_stack, tmp_path, monkeypatch
+) -> None:
+    # The feedback flow starts PPO from the champion's checkpoint: its trained value head comes along; from SFT
+    # (no value head in the checkpoint) the head starts at zero.
+    champion = make_trainer(stack_dirs, tiny_stack)
+    champion.step()
+    assert champion.policy.value_head.weight.abs().max() > 0
+    ckpt = champion.save_checkpoint(tmp_path / "champion")
+    monkeypatch.setattr(ppo_stage, "download", lambda uri, into: Path(uri))
+    cfg = load_config(None, [f"ppo.{k}={v}" for k, v in SMALL.items()])
+    reward, prompts = Checkpoint("rm", stack_dirs[1]), tiny_stack.paths["prompts"]
+
+    continued = ppo_stage.build_trainer(cfg, Checkpoint("champion", str(ckpt)), reward, prompts)
+    torch.testing.assert_close(continued.policy.value_head.state_dict(), champion.policy.value_head.state_dict())
+    fresh = ppo_stage.build_trainer(cfg, Checkpoint("sft", stack_dirs[0]), reward, prompts)
+    assert fresh.policy.value_head.weight.abs().max() == 0 and fresh.policy.value_head.bias.abs().max() == 0
 
 
 @pytest.mark.slow
