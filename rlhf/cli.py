@@ -13,7 +13,7 @@ import sys
 from typing import Any
 
 from rlhf.config import ConfigError
-from rlhf.infra.env import quiet_defaults
+from rlhf.infra.env import quiet_defaults, set_offline_defaults, start_prefect_server_early
 
 DRIFT_KIND_CHOICES = (
     "clean",
@@ -607,8 +607,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
     )
 
 
+STARTS_FLOWS = frozenset({"run", "compare", "feedback", "monitor"})
+"""Commands that run a Prefect flow and take minutes: Prefect's temporary server is started before their imports."""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in STARTS_FLOWS:
+        set_offline_defaults()  # the server process inherits them
+        start_prefect_server_early()  # it boots while the flows are imported
     quiet_defaults()
     from rlhf.data.loading import DataError
     from rlhf.drift.lineage import LineageError
