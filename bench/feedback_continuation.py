@@ -31,6 +31,9 @@ def main() -> None:
     parser.add_argument("--store", required=True, help="--work folder of bench/feedback_loop.py (mlflow.db, data/)")
     parser.add_argument("--reward-run", required=True, help="run id of the feedback run's `reward` stage")
     parser.add_argument("--value-head", action="store_true", help="start from the champion's value head")
+    parser.add_argument(
+        "--optimizer", action="store_true", help="start from the champion's optimizer state (Adam moments)"
+    )
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--every", type=int, default=20)
@@ -52,7 +55,7 @@ def main() -> None:
     from rlhf.drift.features import sample_responses
     from rlhf.drift.lineage import resolve_lineage
     from rlhf.infra.tracking import download
-    from rlhf.ppo.trainer import PPOTrainer
+    from rlhf.ppo.trainer import OPTIMIZER_FILE, PPOTrainer
     from rlhf.registry.promotion import CHAMPION
 
     client = MlflowClient()
@@ -72,6 +75,12 @@ def main() -> None:
         reward = load_reward_model(reward_dir, tokenizer.pad_token_id)
     prompts = list(load_split(str(data / "prompts.jsonl"))["prompt"])
     trainer = PPOTrainer(cfg.ppo, policy, reference, reward, tokenizer, prompts, 0, gold_scorer=task.gold_score)
+    if args.optimizer:
+        with tempfile.TemporaryDirectory() as scratch:
+            state = Path(download(champion.policy_uri, scratch)) / OPTIMIZER_FILE
+            if not state.exists():
+                sys.exit(f"{champion.policy_uri} has no {OPTIMIZER_FILE}: drop --optimizer")
+            trainer.optimizer.load_state_dict(torch.load(state, weights_only=True))
     heldout = list(load_split(str(data / "heldout_prompts.jsonl"))["prompt"])[: args.prompts]
     flat = [p for p in heldout for _ in range(4)]
 
@@ -86,6 +95,7 @@ def main() -> None:
     result = {
         "name": args.name,
         "value_head": args.value_head,
+        "optimizer": args.optimizer,
         "overrides": args.overrides,
         "champion": f"models:/{champion.model_name}/{champion.version}",
         "reward_run": args.reward_run,
