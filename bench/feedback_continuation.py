@@ -1,11 +1,11 @@
 """Why the feedback flow's PPO run made the champion worse, and what fixes it (docs/feedback.md, round 3).
 
     PYTHONPATH=.:bench .venv/bin/python bench/feedback_continuation.py --store outputs/fb/a-replay3 \
-        --reward-run RUN_ID NAME [--value-head] [--set ppo_field=value ...]
+        --reward-run RUN_ID NAME [--value-head] [--optimizer] [--set ppo_field=value ...]
 
 PPO continued from the store's champion (its policy checkpoint, the KL reference too, as in the feedback flow)
 against the reward model of ``--reward-run`` (a feedback run's `reward` stage run), on the store's PPO prompts, with
-the champion's value head (``--value-head``) or a fresh one, and PPO settings overridden by ``--set``. Every
+the champion's value head (``--value-head``) or a fresh one, its optimizer state (``--optimizer``) or a fresh one, and PPO settings overridden by ``--set``. Every
 ``--every`` steps, the gold judge's mean on 4 samples of each of the first 96 held-out prompts, and the paired win
 rate against the champion's samples (same prompts, same sampling seed). This is the loop of tasks/ppo.py without
 MLflow, so that variants cost a minute each; it appends one line per variant to
