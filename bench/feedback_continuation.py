@@ -73,14 +73,15 @@ def main() -> None:
             sys.exit(f"{champion.policy_uri} has no value head: drop --value-head")
         reference = load_causal_lm(policy_dir)
         reward = load_reward_model(reward_dir, tokenizer.pad_token_id)
+        optimizer_state = None
+        if args.optimizer:
+            if not (Path(policy_dir) / OPTIMIZER_FILE).exists():
+                sys.exit(f"{champion.policy_uri} has no {OPTIMIZER_FILE}: drop --optimizer")
+            optimizer_state = torch.load(Path(policy_dir) / OPTIMIZER_FILE, weights_only=True)
     prompts = list(load_split(str(data / "prompts.jsonl"))["prompt"])
     trainer = PPOTrainer(cfg.ppo, policy, reference, reward, tokenizer, prompts, 0, gold_scorer=task.gold_score)
-    if args.optimizer:
-        with tempfile.TemporaryDirectory() as scratch:
-            state = Path(download(champion.policy_uri, scratch)) / OPTIMIZER_FILE
-            if not state.exists():
-                sys.exit(f"{champion.policy_uri} has no {OPTIMIZER_FILE}: drop --optimizer")
-            trainer.optimizer.load_state_dict(torch.load(state, weights_only=True))
+    if optimizer_state is not None:
+        trainer.optimizer.load_state_dict(optimizer_state)
     heldout = list(load_split(str(data / "heldout_prompts.jsonl"))["prompt"])[: args.prompts]
     flat = [p for p in heldout for _ in range(4)]
 
