@@ -7,8 +7,8 @@ PPO continued from the store's champion (its policy checkpoint, the KL reference
 against the reward model of ``--reward-run`` (a feedback run's `reward` stage run), on the store's PPO prompts, with
 the champion's value head (``--value-head``) and optimizer state (``--optimizer``) or fresh ones, and PPO settings
 overridden by ``--set``. Every ``--every`` steps, the gold judge's mean on 4 samples of each of the first 96 held-out
-prompts, and the paired win rate against the champion's samples (same prompts, same sampling seed). This is the loop of tasks/ppo.py without
-MLflow, so that variants cost a minute each; it appends one line per variant to
+prompts, and the paired win rate against the champion's samples (same prompts, same sampling seed). This is the
+loop of tasks/ppo.py without MLflow, so that variants cost a minute each; it appends one line per variant to
 bench/results/feedback-continuation.jsonl.
 """
 
