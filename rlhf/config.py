@@ -640,7 +640,10 @@ class DiagnosticsConfig(_Section):
         description="Pearson r of proxy score and response length above which, with a proxy gain over SFT, reward_length_correlation is flagged",
     )
     min_distinct_ratio: float = Field(
-        0.6, gt=0, le=1, description="Distinct-2 of the responses over SFT's below which mode_collapse is flagged"
+        0.8,
+        gt=0,
+        le=1,
+        description="Distinct-2 of the responses over SFT's below which mode_collapse is flagged (and selection passes the checkpoint over); 0.8 is the alignment bar's own (docs/evaluation.md); at 0.6 a policy at 0.7x SFT's, a few templates, counted as healthy",
     )
     min_proxy_gain_sd: float = Field(
         1.0,

@@ -27,6 +27,7 @@ from rlhf.config import ConfigError, PPOConfig, load_config
 from rlhf.data.loading import load_split
 from rlhf.infra.tracking import download
 from rlhf.ppo.trainer import LastGoodState, PPOTrainer, best_checkpoint_step, require_bf16
+from rlhf.rl.losses import entropy_from_logits
 from rlhf.rl.normalize import RunningMoments
 from tasks.common import Checkpoint, PPOResult
 
@@ -200,6 +201,29 @@ def test_adaptive_controller_keeps_kl_near_target(stack_dirs, tiny_stack) -> Non
     for t in range(len(kls) - 1):
         error = min(max(kls[t] / target - 1.0, -0.2), 0.2)
         assert betas[t + 1] == pytest.approx(betas[t] * (1.0 + error * batch / horizon), rel=1e-12), t
+
+
+@pytest.mark.slow
+def test_reference_entropy_is_the_reference_models_own(stack_dirs, tiny_stack) -> None:
+    # The floor of the entropy bonus (ppo.entropy_floor) is the reference's entropy at each response position,
+    # at the sampling temperature, 0 after a response's end: the chunked, trimmed scoring pass must give what
+    # one forward of the whole padded batch gives.
+    trainer = make_trainer(stack_dirs, tiny_stack, temperature=0.7)
+    rollout = trainer.generate(trainer.next_prompts())
+    _, ref_entropy, _ = trainer._score_frozen(rollout, slice(None))
+    with torch.no_grad():
+        logits = trainer.ref_model(
+            input_ids=rollout.input_ids,
+            attention_mask=rollout.attention_mask,
+            position_ids=position_ids_from_mask(rollout.attention_mask),
+        ).logits
+    r = rollout.response_ids.shape[1]
+    expected = entropy_from_logits(logits[:, -r - 1 : -1] / 0.7) * rollout.response_mask
+    torch.testing.assert_close(ref_entropy, expected, atol=1e-5, rtol=0)
+    assert (ref_entropy[rollout.response_mask.bool()] > 0).all()
+    # ...and the update logs how far the policy's entropy fell below it.
+    shortfall = trainer.step().metrics["policy/entropy_shortfall_avg"]
+    assert math.isfinite(shortfall) and shortfall >= 0
 
 
 @pytest.mark.slow
