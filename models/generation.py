@@ -7,8 +7,13 @@ cache of every layer at every token, which was 43% of sampling's CPU time for 32
 48 tokens; and it cannot hand back what PPO needs from the same pass, the sampled tokens'
 log-probs and the value head's estimates, so PPO ran the policy over every rollout a second
 time. The loop preallocates the cache for prompt + ``max_new_tokens`` and writes each token in
-place (``InPlaceLayer``), draws with ``torch.multinomial`` exactly as ``generate()`` does (the same
-tokens for the same seed: tests/unit/test_generation.py), and stops when every row has ended.
+place (``InPlaceLayer``), draws each token by inverting the CDF with one uniform per row
+(``inverse_cdf``), and stops when every row has ended. ``generate()`` draws with ``torch.multinomial``,
+whose CPU kernel spends ~0.6 ms on an exponential variate for every entry of a 32 x 1024 batch: 17%
+of our sampling time on the built-in model, against ~0.05 ms for the inverse CDF (docs/benchmarks.md).
+Both are exact draws from the same softmax; with multinomial put back in (``draw``) the loop gives
+generate()'s very tokens for the same seed (tests/unit/test_generation.py). Rows that have ended
+leave the batch (``COMPACT_AT``): on the built-in model a step for 16 rows costs two thirds of one for 32.
 Other architectures (sliding-window or linear attention, encoder-decoders) go through
 ``generate()`` and PPO recomputes log-probs and values with a forward pass.
 A policy with LoRA adapters (a peft ``PeftModel``) takes the same loop: peft passes the cache and
@@ -30,6 +35,10 @@ FAST_DECODE_MODEL_TYPES = frozenset(
     {"gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "phi3", "granite", "smollm3"}
 )
 """Decoder-only architectures with full attention on every layer, which our decode loop serves."""
+
+COMPACT_AT = 0.25
+"""Share of the batch's rows that have ended at which the decode loop drops them (and their cache rows):
+one ended row still costs its matrix rows at every step, a drop costs a copy of the cache (docs/benchmarks.md)."""
 
 
 @dataclass
@@ -110,6 +119,39 @@ class InPlaceLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.length
 
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep only the batch rows ``indices``: the filled prefix moves into buffers of the smaller batch."""
+        if not self.is_initialized:
+            return
+        _, heads, _, dim = self._keys.shape
+        keys = self._keys.new_empty(len(indices), heads, self.capacity, dim)
+        values = self._values.new_empty(len(indices), heads, self.capacity, dim)
+        keys[:, :, : self.length] = self._keys[indices, :, : self.length]
+        values[:, :, : self.length] = self._values[indices, :, : self.length]
+        self._keys, self._values = keys, values
+        self.keys, self.values = keys[:, :, : self.length], values[:, :, : self.length]
+
+
+def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """(B,) for each row the first index whose cumulative probability exceeds ``uniforms`` (B, 1) in [0, 1).
+
+    ``probs`` (B, V) need not sum exactly to 1: the uniforms are scaled by each row's total, so the last index
+    is the furthest a draw can reach, and a zero-probability index is never drawn (its CDF equals its
+    predecessor's, and the search takes the first index strictly above the uniform).
+    """
+    cdf = probs.cumsum(-1)  # (B, V)
+    return torch.searchsorted(cdf, uniforms * cdf[:, -1:], right=True).squeeze(1)
+
+
+def uniforms(batch: int, device: torch.device) -> torch.Tensor:
+    """(B, 1) one float64 uniform per row from the global torch RNG: a step's randomness for the whole batch."""
+    return torch.rand(batch, 1, dtype=torch.float64, device=device)
+
+
+def draw(logprobs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """(B,) one token per row from ``softmax(logprobs)`` (B, V), by inverse CDF (float64) at ``uniforms`` (B, 1)."""
+    return inverse_cdf(logprobs.double().exp(), uniforms)
+
 
 def fast_decode_supported(model: PreTrainedModel) -> bool:
     """Whether our decode loop serves this model (full attention on every layer of a known decoder)."""
@@ -174,19 +216,25 @@ def _decode(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(tokens, their log-probs, values) of the sampled responses, each (B, R): the KV cache written in place.
 
-    Draws as generate() does (softmax of logits / temperature, one ``torch.multinomial`` per step over every row),
-    so the same seed gives the same tokens; finished rows are fed the pad token until every row has ended.
+    Draws from softmax(logits / temperature) with ``draw``, one call per step over the rows still going. Rows
+    that have ended are dropped from the batch (and the cache) once ``COMPACT_AT`` of it has ended, and are
+    fed the pad token until then; after a row's EOS its tokens are pad, its log-probs and values meaningless.
+    Each row draws from its own uniform of the step, so the tokens do not depend on when rows are dropped.
     """
     batch, prompt_len = query_ids.shape
+    device = query_ids.device
     layers = model.config.get_text_config().num_hidden_layers
     cache = Cache(layers=[InPlaceLayer(prompt_len + max_new_tokens) for _ in range(layers)])
-    mask = torch.ones(batch, prompt_len + max_new_tokens, dtype=query_mask.dtype, device=query_ids.device)
+    mask = torch.ones(batch, prompt_len + max_new_tokens, dtype=query_mask.dtype, device=device)
     mask[:, :prompt_len] = query_mask
     positions = position_ids_from_mask(query_mask)
     ids = query_ids
     next_position = positions[:, -1:] + 1
-    unfinished = torch.ones(batch, dtype=torch.bool, device=query_ids.device)
-    tokens, logprobs, values = [], [], []
+    tokens = torch.full((batch, max_new_tokens), tokenizer.pad_token_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros(batch, max_new_tokens, device=device)
+    values = torch.zeros(batch, max_new_tokens, device=device) if value_head is not None else None
+    rows = torch.arange(batch, device=device)  # the original row of each row still in the batch
+    going = torch.ones(batch, dtype=torch.bool, device=device)  # (n,) not ended yet
     for step in range(max_new_tokens):
         out = model(
             input_ids=ids,
@@ -195,25 +243,28 @@ def _decode(
             cache=cache,
             use_cache=True,
             output_hidden_states=value_head is not None,
+            logits_to_keep=1,
         )
-        if value_head is not None:
+        if values is not None:
             # V(s_t): the state before token t; fp32 even under bf16 autocast, as the log-probs
-            values.append(value_head(out.hidden_states[-1][:, -1]).squeeze(-1).float())
-        scaled = out.logits[:, -1].float() / temperature  # (B, V)
-        token = torch.multinomial(torch.softmax(scaled, dim=-1), num_samples=1).squeeze(1)  # (B,)
-        logprobs.append(torch.log_softmax(scaled, dim=-1).gather(1, token[:, None]).squeeze(1))
-        token = torch.where(unfinished, token, torch.full_like(token, tokenizer.pad_token_id))
-        tokens.append(token)
-        unfinished &= token != tokenizer.eos_token_id
-        if not unfinished.any():
+            values[rows, step] = value_head(out.hidden_states[-1][:, -1]).squeeze(-1).float()
+        step_logprobs = torch.log_softmax(out.logits[:, -1].float() / temperature, dim=-1)  # (n, V)
+        # Uniforms for the whole batch, each row taking its own: dropping rows changes nothing drawn.
+        token = torch.where(going, draw(step_logprobs, uniforms(batch, device)[rows]), tokenizer.pad_token_id)  # (n,)
+        tokens[rows, step] = token
+        logprobs[rows, step] = step_logprobs.gather(1, token[:, None]).squeeze(1)
+        going &= token != tokenizer.eos_token_id
+        left = int(going.sum())
+        if left == 0:
             break
+        if left <= (1 - COMPACT_AT) * len(going):
+            keep = going.nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            rows, token, going, mask, next_position = (t[keep] for t in (rows, token, going, mask, next_position))
         ids, positions = token[:, None], next_position
         next_position = next_position + 1
-    return (
-        torch.stack(tokens, dim=1),
-        torch.stack(logprobs, dim=1),
-        torch.stack(values, dim=1) if values else None,
-    )
+    done = step + 1
+    return tokens[:, :done], logprobs[:, :done], None if values is None else values[:, :done]
 
 
 def decode_responses(tokenizer: PreTrainedTokenizerBase, rollout: Rollout) -> list[str]:

@@ -58,7 +58,14 @@ from rlhf.config import PPOConfig
 from rlhf.infra.distributed import Shard, all_gather_rows, all_reduce_sum, check_divisible
 from rlhf.rl.advantages import compute_gae, masked_mean, masked_whiten
 from rlhf.rl.kl import kl_mean_upper_bound, kl_per_token, make_kl_controller
-from rlhf.rl.losses import entropy_from_logits, explained_variance, logprobs_from_logits, policy_loss, value_loss
+from rlhf.rl.losses import (
+    entropy_from_logits,
+    entropy_shortfall,
+    explained_variance,
+    logprobs_from_logits,
+    policy_loss,
+    value_loss,
+)
 from rlhf.rl.normalize import RunningMoments, normalize_scores
 
 STATE_FILE = "trainer_state.json"
@@ -68,6 +75,8 @@ CHECKPOINT_FILES = ("config.json", "value_head.safetensors", OPTIMIZER_FILE, RNG
 """Files every complete checkpoint has (besides the weights and the tokenizer)."""
 NEGATIVE_KL_TOLERANCE = 1e-3
 """Nats: a KL estimate this far below 0 (after two standard errors) cannot be sampling noise."""
+SCORING_CHUNKS = 2
+"""Length-sorted chunks the frozen models score a rollout in (``PPOTrainer._score_frozen``)."""
 
 AlertKind = Literal["kl_budget", "kl_negative", "nonfinite", "ratio_explosion"]
 ALERT_KINDS: tuple[AlertKind, ...] = ("kl_budget", "kl_negative", "nonfinite", "ratio_explosion")
@@ -234,7 +243,8 @@ class PPOTrainer:
         self.gold_scorer = gold_scorer
         self.trained = [p for p in policy.parameters() if p.requires_grad]
         """Every weight, or with LoRA the adapters and the value head: what the optimizer and the guards see."""
-        self.optimizer = torch.optim.AdamW(self.trained, lr=cfg.learning_rate, eps=1e-5)
+        # fused: one kernel for every tensor; torch's default on CPU is a Python loop over them (3.4x slower here)
+        self.optimizer = torch.optim.AdamW(self.trained, lr=cfg.learning_rate, eps=1e-5, fused=True)
         self.kl_ctl = make_kl_controller(cfg.kl_control, cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
         self.moments = RunningMoments()
         self.last_good = LastGoodState(self.trained, self.optimizer, self.moments)
@@ -304,31 +314,22 @@ class PPOTrainer:
         mask = rollout.response_mask.float()  # (B, R)
         real = mask.bool()
         mine = self.shard.rows  # this process's rows (every row on a single process)
-        keep = rollout.response_ids.shape[1] + 1  # the positions that predict response tokens, and the last
         with torch.no_grad(), self.autocast():
             if rollout.logprobs is not None and rollout.values is not None:
                 logprobs, values = rollout.logprobs[mine], rollout.values[mine] * mask[mine]
             else:
+                keep = rollout.response_ids.shape[1] + 1  # the positions that predict response tokens, and the last
                 logits, values = self.policy(input_ids[mine], attention_mask[mine], logits_to_keep=keep)
                 logprobs, _ = response_logprobs(logits, rollout.response_ids[mine], cfg.temperature)
                 values = values[:, :-1] * mask[mine]  # (B, R): V(s_t) before action t
-            with self.reference() as ref_model:
-                ref_logits = ref_model(
-                    input_ids=input_ids[mine],
-                    attention_mask=attention_mask[mine],
-                    position_ids=position_ids_from_mask(attention_mask[mine]),
-                    use_cache=False,
-                    logits_to_keep=keep,
-                ).logits
-            ref_logprobs, _ = response_logprobs(ref_logits, rollout.response_ids[mine], cfg.temperature)
-
-            # 3. Score the whole response once; penalise responses that never end.
-            scores = score_token_ids(
-                self.reward_model, input_ids[mine], attention_mask[mine], self.tokenizer.pad_token_id
-            )
+            # 3. The reference's log-probs, and the reward model's score of each whole response; penalise
+            #    responses that never end.
+            ref_logprobs, ref_entropy, scores = self._score_frozen(rollout, mine)
             scores = scores - cfg.missing_eos_penalty * (~rollout.ended[mine]).float()  # (B,)
         # Several processes: each now holds the whole batch's numbers (identity on one process).
-        logprobs, ref_logprobs, values, scores = (all_gather_rows(t) for t in (logprobs, ref_logprobs, values, scores))
+        logprobs, ref_logprobs, ref_entropy, values, scores = (
+            all_gather_rows(t) for t in (logprobs, ref_logprobs, ref_entropy, values, scores)
+        )
         t2 = time.perf_counter()
 
         kl = torch.where(real, logprobs - ref_logprobs, torch.zeros_like(logprobs))  # (B, R) k1
@@ -363,7 +364,7 @@ class PPOTrainer:
 
             # 7. Several epochs of clipped PPO updates over minibatches.
             update_stats, skipped, peak_ratio, finite = self._update(
-                rollout, logprobs, values, advantages, returns, mask
+                rollout, logprobs, values, advantages, returns, mask, ref_entropy
             )
             finite = finite and _all_finite(*(p.detach() for p in self.trained))
             if not finite:
@@ -455,6 +456,42 @@ class PPOTrainer:
             None if local.values is None else all_gather_rows(local.values, 0.0),
         )
 
+    def _score_frozen(self, rollout: Rollout, rows: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(reference log-probs (n, R), reference entropies (n, R), reward-model scores (n,)) of the rollout's
+        ``rows``, under no_grad; the entropy is the reference's over the whole vocabulary at each response position
+        (at the sampling temperature), the floor of the policy's entropy bonus (``ppo.entropy_floor``).
+
+        The rows go through both frozen models sorted by response length in ``SCORING_CHUNKS`` chunks, each
+        trimmed to its longest response and to the left padding its prompts share: less padding computed than in
+        one batch padded to the longest of all (docs/benchmarks.md), the same numbers up to float rounding.
+        Log-probs and entropies after a response's end are 0.
+        """
+        query_len = rollout.query_ids.shape[1]
+        index = torch.arange(len(rollout.lengths))[rows]
+        lengths = rollout.lengths[index]
+        leading_pad = (rollout.query_mask[index] == 0).long().cumprod(1).sum(1)  # (n,) left padding of each prompt
+        ref_logprobs = torch.zeros(len(index), rollout.response_ids.shape[1], device=self.device)
+        ref_entropy = torch.zeros_like(ref_logprobs)
+        scores = torch.zeros(len(index), device=self.device)
+        for chunk in torch.argsort(lengths).chunk(SCORING_CHUNKS):
+            r, first = int(lengths[chunk].max()), int(leading_pad[chunk].min())
+            ids = rollout.input_ids[index[chunk], first : query_len + r]
+            mask = rollout.attention_mask[index[chunk], first : query_len + r]
+            with self.reference() as ref_model:
+                ref_logits = ref_model(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    position_ids=position_ids_from_mask(mask),
+                    use_cache=False,
+                    logits_to_keep=r + 1,
+                ).logits
+            ref_logprobs[chunk, :r], response_logits = response_logprobs(
+                ref_logits, rollout.response_ids[index[chunk], :r], self.cfg.temperature
+            )
+            ref_entropy[chunk, :r] = entropy_from_logits(response_logits) * rollout.response_mask[index[chunk], :r]
+            scores[chunk] = score_token_ids(self.reward_model, ids, mask, self.tokenizer.pad_token_id)
+        return ref_logprobs, ref_entropy, scores
+
     def _monitor(self, step: int, finite: bool, seq_kl: torch.Tensor) -> tuple[list[Alert], bool]:
         """Alerts for this iteration's rollout, and whether the KL budget asks to stop."""
         cfg = self.cfg
@@ -507,6 +544,7 @@ class PPOTrainer:
         advantages: torch.Tensor,
         returns: torch.Tensor,
         mask: torch.Tensor,
+        ref_entropy: torch.Tensor,
     ) -> tuple[dict[str, float], int, float, bool]:
         """PPO epochs over minibatches: (mean statistics, skipped minibatches, largest mean ratio, all finite)."""
         cfg = self.cfg
@@ -536,8 +574,11 @@ class PPOTrainer:
                 pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[idx, :r], advantages[idx, :r], m, cfg.clip_range)
                 vf_loss, vf_stats = value_loss(values, old_values[idx, :r], returns[idx, :r], m, cfg.clip_range_value)
                 with torch.set_grad_enabled(cfg.ent_coef != 0):  # logged either way; a gradient only when it counts
-                    entropy = masked_mean(entropy_from_logits(response_logits), m)
-                loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * entropy
+                    token_entropy = entropy_from_logits(response_logits)  # (mb, r)
+                    entropy = masked_mean(token_entropy, m)
+                    shortfall = entropy_shortfall(token_entropy, ref_entropy[idx, :r], m)
+                bonus = -shortfall if cfg.entropy_floor else entropy
+                loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * bonus
 
                 # b. Guards: a non-finite loss ends the update (the caller restores); an exploding ratio skips.
                 # The mean ratio, as TRL's `ratio_threshold`: the max over tokens is routinely large on rare tokens.
@@ -563,6 +604,7 @@ class PPOTrainer:
                     "policy/approxkl_avg": pg_stats["approxkl"].item(),
                     "policy/clipfrac_avg": pg_stats["clipfrac"].item(),
                     "policy/entropy_avg": entropy.item(),
+                    "policy/entropy_shortfall_avg": shortfall.item(),
                     "policy/ratio_avg": pg_stats["ratio_mean"].item(),
                     "value/clipfrac_avg": vf_stats["clipfrac"].item(),
                     "policy/grad_norm": grad_norm.item(),

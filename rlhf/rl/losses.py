@@ -56,6 +56,17 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(dim=-1)  # (...)
 
 
+def entropy_shortfall(entropy: Tensor, ref_entropy: Tensor, mask: Tensor) -> Tensor:
+    """Mean over `mask`ed tokens of how far the policy's entropy falls below the reference's: max(H_ref - H, 0).
+
+    As a loss term (``ppo.entropy_floor``) it pushes the entropy up only where the policy is more certain than
+    the reference, so it stops the collapse onto a few templates without heating the policy past the SFT model:
+    a plain entropy bonus keeps pushing everywhere, and at beta ~0.1 it acts like sampling the reference at a
+    higher temperature (docs/evaluation.md).
+    """
+    return masked_mean((ref_entropy - entropy).clamp(min=0), mask)
+
+
 def logprobs_from_logits(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
     """log softmax(logits / temperature) gathered at `tokens` (as in torchtune `logits_to_logprobs`)."""
     if temperature <= 0:

@@ -1,7 +1,9 @@
 """Our decode loop (models/generation.py) against transformers' generate() and a full forward pass.
 
-The loop must draw exactly what generate() draws (same tokens for the same seed) and hand back, from the
-sampling pass, the log-probs and values PPO would otherwise recompute with a second forward pass.
+With generate()'s sampler (``torch.multinomial``) put in place of ours, the loop must draw exactly what
+generate() draws (same tokens for the same seed), and it must hand back, from the sampling pass, the log-probs
+and values PPO would otherwise recompute with a second forward pass. Our sampler, the inverse CDF, is tested on
+its own: hand-worked indices and the frequencies of many draws.
 """
 
 from __future__ import annotations
@@ -10,9 +12,10 @@ import copy
 
 import pytest
 import torch
+from scipy import stats
 
 from models import generation
-from models.generation import InPlaceLayer, fast_decode_supported, sample
+from models.generation import InPlaceLayer, draw, fast_decode_supported, inverse_cdf, sample
 from models.lora import add_adapters, lora_config
 from models.policy import PolicyWithValueHead
 from models.tiny import build_model, build_tokenizer
@@ -38,9 +41,12 @@ def tiny():
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_decode_loop_draws_what_generate_draws(tiny, monkeypatch, temperature):
+def test_decode_loop_with_generates_sampler_draws_what_generate_draws(tiny, monkeypatch, temperature):
     model, tokenizer = tiny
     assert fast_decode_supported(model)
+    monkeypatch.setattr(generation, "uniforms", lambda batch, device: torch.zeros(batch, 1))  # no RNG drawn here
+    monkeypatch.setattr(generation, "draw", lambda logprobs, _: torch.multinomial(logprobs.exp(), 1).squeeze(1))
+    monkeypatch.setattr(generation, "COMPACT_AT", 2.0)  # ended rows stay in the batch, as in generate()
     torch.manual_seed(1)
     ours = sample(model, tokenizer, PROMPTS, max_new_tokens=24, temperature=temperature)
     monkeypatch.setattr(generation, "fast_decode_supported", lambda m: False)
@@ -50,6 +56,44 @@ def test_decode_loop_draws_what_generate_draws(tiny, monkeypatch, temperature):
     assert 1 < len(set(ours.lengths.tolist()))  # rows ended at different steps (the EOS-handling path ran)
     assert torch.equal(ours.response_ids, theirs.response_ids)
     assert torch.equal(ours.response_mask, theirs.response_mask) and torch.equal(ours.ended, theirs.ended)
+
+
+@pytest.mark.parametrize("compact_at", [1e-9, 0.25, 0.5])
+def test_dropping_ended_rows_changes_nothing_sampled(tiny, monkeypatch, compact_at):
+    model, tokenizer = tiny
+    policy = PolicyWithValueHead(model)
+    torch.nn.init.normal_(policy.value_head.weight, std=0.5)
+    drops = []
+    select = InPlaceLayer.batch_select_indices
+    monkeypatch.setattr(InPlaceLayer, "batch_select_indices", lambda layer, i: drops.append(len(i)) or select(layer, i))
+    runs = []
+    for at in (2.0, compact_at):  # never drop, then drop at `compact_at`
+        monkeypatch.setattr(generation, "COMPACT_AT", at)
+        torch.manual_seed(5)
+        runs.append(sample(model, tokenizer, PROMPTS, 24, 1.0, policy.value_head))
+    whole, dropped = runs
+    assert drops and 1 < len(set(whole.lengths.tolist()))  # rows left the batch; they ended at different steps
+    assert torch.equal(whole.response_ids, dropped.response_ids) and torch.equal(whole.ended, dropped.ended)
+    real = whole.response_mask.bool()
+    torch.testing.assert_close(dropped.logprobs[real], whole.logprobs[real], atol=1e-5, rtol=0)  # batch-size rounding
+    torch.testing.assert_close(dropped.values[real], whole.values[real], atol=1e-5, rtol=0)
+
+
+def test_inverse_cdf_takes_the_first_index_above_the_uniform_and_skips_zero_probabilities():
+    probs = torch.tensor([[0.25, 0.0, 0.5, 0.25]], dtype=torch.float64).expand(6, 4)  # CDF 0.25, 0.25, 0.75, 1
+    uniforms = torch.tensor([[0.0], [0.2499], [0.25], [0.7499], [0.75], [0.9999]], dtype=torch.float64)
+    assert inverse_cdf(probs, uniforms).tolist() == [0, 0, 2, 2, 3, 3]
+    # A row that does not sum to 1 is read as its normalised distribution: CDF 1, 2, 4 of 4, u = 0.5 -> 2 of 4.
+    assert inverse_cdf(torch.tensor([[1.0, 1.0, 2.0]]), torch.tensor([[0.5]])).tolist() == [2]
+
+
+def test_draw_frequencies_follow_the_softmax():
+    probs = torch.tensor([0.5, 0.25, 0.125, 0.0625, 0.0625, 0.0], dtype=torch.float64)
+    logprobs = probs.log().expand(40_000, 6)  # the last entry is log(0) = -inf
+    torch.manual_seed(3)
+    counts = torch.bincount(draw(logprobs, torch.rand(40_000, 1, dtype=torch.float64)), minlength=6)
+    assert counts[5] == 0
+    assert stats.chisquare(counts[:5].numpy(), 40_000 * probs[:5].numpy()).pvalue > 1e-3
 
 
 def with_random_adapters(model):

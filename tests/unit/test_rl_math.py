@@ -12,6 +12,7 @@ from rlhf.rl.advantages import compute_gae, masked_mean, masked_var, masked_whit
 from rlhf.rl.kl import AdaptiveKLController, FixedKLController, kl_mean_upper_bound, kl_per_token, make_kl_controller
 from rlhf.rl.losses import (
     entropy_from_logits,
+    entropy_shortfall,
     explained_variance,
     logprobs_from_logits,
     policy_loss,
@@ -353,6 +354,18 @@ def test_entropy_hand_worked_and_stable() -> None:
     assert_close(entropy_from_logits(t([1e4, 1e4 + math.log(3)])), 0.5623351, atol=1e-7)
     # masked vocab entries (-inf) contribute nothing: [0, 0, -inf] -> ln 2
     assert_close(entropy_from_logits(t([0.0, 0.0, -math.inf])), math.log(2))
+
+
+def test_entropy_shortfall_hand_worked() -> None:
+    # per token H = [0.2, 0.9, 0.5, 0.1], reference [0.6, 0.4, 0.3, 0.8], last token masked out
+    # shortfall max(H_ref - H, 0) = [0.4, 0, 0, (0.7 masked)] -> mean over 3 tokens = 0.4 / 3
+    entropy, ref = t([[0.2, 0.9], [0.5, 0.1]]), t([[0.6, 0.4], [0.3, 0.8]])
+    mask = t([[1.0, 1.0], [1.0, 0.0]])
+    assert_close(entropy_shortfall(entropy, ref, mask), 0.4 / 3)
+    # the gradient pushes the entropy up only where it is below the reference: d/dH = -1/3 at token 0, else 0
+    entropy.requires_grad_(True)
+    entropy_shortfall(entropy, ref, mask).backward()
+    assert_close(entropy.grad, [[-1 / 3, 0.0], [0.0, 0.0]])
 
 
 def test_logprobs_from_logits_with_temperature() -> None:
