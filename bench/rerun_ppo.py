@@ -42,7 +42,9 @@ def main(store: str, seed: int, overrides: list[str]) -> None:
     start = time.time()
     with mlflow.start_run(run_name="rerun-ppo " + " ".join(overrides)) as parent:
         ppo = run_ppo(cfg, sft, reward, str(validated / "prompts.jsonl"), parent.info.run_id)
-        metrics = run_evaluate(cfg, sft, reward, ppo, str(validated / "heldout_prompts.jsonl"), parent.info.run_id).metrics
+        metrics = run_evaluate(
+            cfg, sft, reward, ppo, str(validated / "heldout_prompts.jsonl"), parent.info.run_id
+        ).metrics
     g = metrics.get
     ok = (
         g("eval/win_rate_vs_sft") >= 0.75
