@@ -52,10 +52,13 @@ OVERRIDES = [
     "ppo.kl_horizon=8",
     "ppo.auto_resume=false",
 ]
-TOLERANCE = 1e-5
-"""Largest |two processes - one process| allowed for any logged loss or PPO statistic at any step.
-Measured on this machine: at most 9.5e-7 (sft/loss), 1.8e-7 (reward/loss), 1.2e-7 (PPO); see
-docs/deployments.md, "Training on several processes"."""
+TOLERANCE = {"sft": 1e-5, "reward": 1e-5, "ppo": 2e-4}
+"""Largest |two processes - one process| allowed for any logged loss (SFT, reward model) or PPO statistic at any
+step. Measured on this machine: at most 9.5e-7 (sft/loss), 1.8e-7 (reward/loss); PPO 6.0e-5 (objective/kl, a sum
+over the response's tokens) and 4.8e-6 at most for the rest. PPO's is larger because its reference log-probs come
+from length-sorted chunks trimmed to their own longest response (``PPOTrainer._score_frozen``): one process chunks
+the 8 rows, each of two processes its 4, so the same rows go through differently shaped forwards and round
+differently (before that trimming: 1.2e-7). See docs/deployments.md, "Training on several processes"."""
 COMPARED = {
     "sft": ["sft/loss"],
     "reward": ["reward/loss"],
@@ -212,9 +215,9 @@ def test_two_processes_match_one_process(setup, monkeypatch):
             # Only rank 0 logged: one value per step (a second logging process would double them).
             assert [s for s, _ in h1[key]] == [s for s, _ in h2[key]] == list(range(1, steps[stage] + 1)), (stage, key)
             diff = max(abs(a - b) for (_, a), (_, b) in zip(h1[key], h2[key]))
-            worst[key] = diff
-    print("largest differences:", {k: f"{v:.2e}" for k, v in worst.items()})
-    assert max(worst.values()) <= TOLERANCE, worst
+            worst[stage, key] = diff
+    print("largest differences:", {k: f"{v:.2e}" for (_, k), v in worst.items()})
+    assert all(diff <= TOLERANCE[stage] for (stage, _), diff in worst.items()), worst
     # SFT actually learned (the comparison is not between two flat lines). Each logged loss is one batch of 8
     # rows, so the last one alone can be a hard batch (6.58 -> 5.46 at step 5, then 7.47 at step 6, measured).
     sft_losses = [v for _, v in histories(client, two["sft"]["run_id"], ["sft/loss"])["sft/loss"]]
@@ -228,9 +231,11 @@ def test_two_processes_match_one_process(setup, monkeypatch):
         for out in (out_one, out_two)
     ]
     assert states[0]["kl_controller"]["kind"] == states[1]["kl_controller"]["kind"]
-    assert states[0]["kl_controller"]["value"] == pytest.approx(states[1]["kl_controller"]["value"], abs=TOLERANCE)
+    assert states[0]["kl_controller"]["value"] == pytest.approx(
+        states[1]["kl_controller"]["value"], abs=TOLERANCE["ppo"]
+    )
     for key in ("mean", "var", "count"):
-        assert states[0]["reward_moments"][key] == pytest.approx(states[1]["reward_moments"][key], abs=TOLERANCE)
+        assert states[0]["reward_moments"][key] == pytest.approx(states[1]["reward_moments"][key], abs=TOLERANCE["ppo"])
 
     # 5. Only rank 0 logged: exactly one run per stage and one set of PPO checkpoints.
     children = client.search_runs([setup.experiment_id], f"tags.mlflow.parentRunId = '{two['parent']}'")
