@@ -205,6 +205,10 @@ class PPOConfig(_Section):
         description="Sampling temperature; log-probs use the same temperature (above a few, sampling is nearly uniform)",
     )
     learning_rate: float = Field(3e-4, gt=0, le=1, description="AdamW learning rate for policy and value head")
+    lr_schedule: Literal["constant", "linear"] = Field(
+        "linear",
+        description="linear: from learning_rate at iteration 1 down to learning_rate/steps at the last (TRL's PPOTrainer default), so the late iterations, where the demo policy narrowed onto templates, move it less; constant: learning_rate every iteration (docs/evaluation.md, round four)",
+    )
     bf16: bool = Field(
         False,
         description="Run every model forward (sampling, reference, reward model, update) under bf16 autocast; log-probs, values, advantages, losses and the optimizer stay fp32. Needs a GPU with bf16 (Ampere or later) or the CPU (where the tests run it)",
@@ -231,9 +235,9 @@ class PPOConfig(_Section):
     clip_range_value: float = Field(0.2, gt=0, description="Value clip range")
     vf_coef: float = Field(0.1, ge=0, description="Value loss coefficient")
     ent_coef: float = Field(
-        0.05,
+        0.1,
         ge=0,
-        description="Entropy bonus coefficient; at 0 the demo policy collapsed onto one opening and one closing (distinct-2 0.77x SFT's, docs/evaluation.md)",
+        description="Entropy bonus coefficient; at 0 the demo policy collapsed onto one opening and one closing (distinct-2 0.77x SFT's); 0.1 with the linear lr_schedule, 0.05 with a constant one (docs/evaluation.md, rounds two to four)",
     )
     entropy_floor: bool = Field(
         True,

@@ -116,6 +116,14 @@ def response_logprobs(
     return logprobs_from_logits(response_logits, response_ids), response_logits
 
 
+def learning_rate_at(cfg: PPOConfig, step: int) -> float:
+    """The learning rate of iteration ``step`` (1-based) under ``cfg.lr_schedule``; a function of the step alone,
+    so a resumed run continues the same schedule."""
+    if cfg.lr_schedule == "constant":
+        return cfg.learning_rate
+    return cfg.learning_rate * (1.0 - (step - 1) / cfg.steps)
+
+
 def best_checkpoint_step(checkpoint_steps: list[int], history: dict[int, tuple[float, float]], kl_budget: float) -> int:
     """The checkpoint with the highest rlhf reward among those whose KL stayed within the budget.
 
@@ -300,6 +308,9 @@ class PPOTrainer:
         beta = self.kl_ctl.value
         step = self.step_count + 1
         t0 = time.perf_counter()
+        lr = learning_rate_at(cfg, step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
 
         # 1. Generate one response per prompt with the current policy.
         prompts = self.next_prompts()
@@ -402,6 +413,7 @@ class PPOTrainer:
             "objective/kl_k2": (kl_per_token(logprobs, ref_logprobs, "k2") * mask).sum(1).mean().item(),
             "objective/kl_k3": (kl_per_token(logprobs, ref_logprobs, "k3") * mask).sum(1).mean().item(),
             "objective/kl_coef": beta,
+            "policy/learning_rate": lr,
             "objective/entropy": (-logprobs * mask).sum(1).mean().item(),
             "objective/scores": scores.mean().item(),
             "objective/non_score_reward": non_score_reward.sum(1).mean().item(),

@@ -26,7 +26,7 @@ from models.policy import ADAPTER_DIR, PolicyWithValueHead, position_ids_from_ma
 from rlhf.config import ConfigError, PPOConfig, load_config
 from rlhf.data.loading import load_split
 from rlhf.infra.tracking import download
-from rlhf.ppo.trainer import LastGoodState, PPOTrainer, best_checkpoint_step, require_bf16
+from rlhf.ppo.trainer import LastGoodState, PPOTrainer, best_checkpoint_step, learning_rate_at, require_bf16
 from rlhf.rl.losses import entropy_from_logits
 from rlhf.rl.normalize import RunningMoments
 from tasks.common import Checkpoint, PPOResult
@@ -49,6 +49,14 @@ def test_best_checkpoint_is_the_highest_reward_measured_within_budget() -> None:
     assert best_checkpoint_step([0, 1, 2], history, kl_budget=4.0) == 2
     with pytest.raises(ValueError, match="step-0 checkpoint"):
         best_checkpoint_step([6], history={7: (5.0, 1.0)}, kl_budget=4.0)
+
+
+def test_learning_rate_schedule() -> None:
+    # linear over 4 iterations from 0.4: 0.4 * (1 - (step - 1) / 4) = 0.4, 0.3, 0.2, 0.1; constant: 0.4 throughout
+    linear = PPOConfig(learning_rate=0.4, steps=4, lr_schedule="linear")
+    assert [learning_rate_at(linear, s) for s in (1, 2, 3, 4)] == pytest.approx([0.4, 0.3, 0.2, 0.1], abs=1e-12)
+    constant = PPOConfig(learning_rate=0.4, steps=4, lr_schedule="constant")
+    assert [learning_rate_at(constant, s) for s in (1, 4)] == [0.4, 0.4]
 
 
 def test_last_good_state_restores_weights_optimizer_and_normaliser() -> None:
@@ -187,6 +195,7 @@ def test_adaptive_controller_keeps_kl_near_target(stack_dirs, tiny_stack) -> Non
         kl_coef=2.0,
         kl_budget=None,
         ent_coef=0.0,  # the entropy bonus pushes KL up (rolling mean to 2-4x target on this stack)
+        lr_schedule="constant",  # as measured above; a decaying rate moves the policy, and the KL, less each step
     )
     kls, betas = [], []
     for _ in range(25):
