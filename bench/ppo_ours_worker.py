@@ -65,12 +65,13 @@ def main() -> None:
         max_new_tokens=args.response_length,
         temperature=1.0,
         learning_rate=args.learning_rate,
+        lr_schedule="constant",  # as the TRL worker's lr_scheduler_type (ours defaults to linear since issue 21)
         kl_control="fixed",
         kl_coef=args.kl_coef,
         kl_horizon=max(1000, args.batch_size),
         normalize_reward=args.normalize_reward,
         missing_eos_penalty=1.0,
-        ent_coef=0.0,  # TRL 1.12's PPOTrainer has no entropy bonus (ours defaults to 0.05 since issue 15)
+        ent_coef=0.0,  # TRL 1.12's PPOTrainer has no entropy bonus (ours defaults to 0.1)
     )
     trainer = PPOTrainer(cfg, policy, ref_model, reward_model, tokenizer, prompts, args.seed)
     load_s = time.perf_counter() - t_load

@@ -275,6 +275,7 @@ def selection_metrics(point: CheckpointStats, flags: dict[str, bool]) -> dict[st
         "eval/selection/kl_mean": point.kl,
         "eval/selection/response_length_mean": point.length,
         "eval/selection/reward_length_corr": point.reward_length_corr,
+        "eval/selection/distinct_2": point.distinct_2,
         **{f"eval/selection/hacking_{name}": float(raised) for name, raised in flags.items()},
     }
 
@@ -392,6 +393,7 @@ def checkpoint_table(series: list[CheckpointStats], flags: dict[int, dict[str, b
         "rm_score": [p.proxy for p in series],
         "length": [p.length for p in series],
         "reward_length_corr": [p.reward_length_corr for p in series],
+        "distinct_2": [p.distinct_2 for p in series],
         "flags": [",".join(k for k, v in flags[p.step].items() if v) for p in series],
         "chosen": [p.step == chosen for p in series],
     }

@@ -346,6 +346,14 @@ def test_evaluate_chooses_on_gold_registers_the_choice_and_compares_with_the_cha
         assert first.tags["hacking.length_drift"] == "false"
         kl = {int(x.step): x.value for x in client.get_metric_history(first.run_id, "eval/selection/kl_mean")}
         assert sorted(kl) == [0, 2, 4] and kl[0] == kl[2] == 0.0 and kl[4] > 1.0
+        distinct = {int(x.step): x.value for x in client.get_metric_history(first.run_id, "eval/selection/distinct_2")}
+        assert sorted(distinct) == [0, 2, 4] and distinct[2] == distinct[0]  # step 2 holds the SFT weights
+        collapse = {
+            int(x.step): x.value
+            for x in client.get_metric_history(first.run_id, "eval/selection/hacking_mode_collapse")
+        }
+        for step in (2, 4):  # the flag is the logged distinct-2 against SFT's (step 0) at min_distinct_ratio
+            assert collapse[step] == float(distinct[step] < cfg.diagnostics.min_distinct_ratio * distinct[0]), step
         files = {f.path for f in client.list_artifacts(first.run_id, "eval")}
         assert {
             "eval/overoptimization.png",
