@@ -52,13 +52,16 @@ OVERRIDES = [
     "ppo.kl_horizon=8",
     "ppo.auto_resume=false",
 ]
-TOLERANCE = {"sft": 1e-5, "reward": 1e-5, "ppo": 2e-4}
+TOLERANCE = {"sft": 1e-5, "reward": 1e-5, "ppo": 1e-3}
 """Largest |two processes - one process| allowed for any logged loss (SFT, reward model) or PPO statistic at any
-step. Measured on this machine: at most 9.5e-7 (sft/loss), 1.8e-7 (reward/loss); PPO 6.0e-5 (objective/kl, a sum
-over the response's tokens) and 4.8e-6 at most for the rest. PPO's is larger because its reference log-probs come
-from length-sorted chunks trimmed to their own longest response (``PPOTrainer._score_frozen``): one process chunks
-the 8 rows, each of two processes its 4, so the same rows go through differently shaped forwards and round
-differently (before that trimming: 1.2e-7). See docs/deployments.md, "Training on several processes"."""
+step. Measured on this machine: at most 9.5e-7 (sft/loss), 1.8e-7 (reward/loss); PPO 5.1e-4 (objective/kl, a sum
+over the response's tokens) and 8.8e-6 at most for the rest. PPO's is larger because its reference log-probs and
+entropies come from length-sorted chunks trimmed to their own longest response (``PPOTrainer._score_frozen``): one
+process chunks the 8 rows, each of two processes its 4, so the same rows go through differently shaped forwards and
+round differently (before that trimming: 1.2e-7). The entropy floor then amplifies it: its ``max(H_ref - H, 0)``
+switches tokens in or out on a rounding of H_ref, and at ``ent_coef`` 0.05 objective/kl differed by 6.7e-5, at the
+default 0.1 by 5.1e-4. A real error in the gradient averaging moves these by orders more. See docs/deployments.md,
+"Training on several processes"."""
 COMPARED = {
     "sft": ["sft/loss"],
     "reward": ["reward/loss"],
