@@ -1,5 +1,8 @@
 """Re-run only PPO and evaluation on the SFT and reward model of a finished pipeline run, and print the alignment bar.
 
+With a ``reward.*`` override the reward model is trained again first (the pipeline's ``run_reward``, on the
+run's validated preference data), and PPO and evaluation use the new one.
+
 The seeds-5-10 rows of docs/evaluation.md (round three) were measured this way: one `check-quality` store per seed,
 then every PPO variant on the same SFT and reward model, about a minute each instead of a whole `rlhf run`. The
 stage functions are the pipeline's own (`run_ppo`, `run_evaluate`); with the store's code and thread count, the
@@ -26,6 +29,7 @@ def main(store: str, seed: int, overrides: list[str]) -> None:
     from tasks.common import Checkpoint
     from tasks.evaluate import run_evaluate
     from tasks.ppo import run_ppo
+    from tasks.reward import run_reward
 
     client = mlflow.MlflowClient()
     runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id], max_results=5000)]
@@ -35,12 +39,22 @@ def main(store: str, seed: int, overrides: list[str]) -> None:
     reward = Checkpoint(params["reward_run_id"], params["reward_uri"])
     validate = next(r for r in runs if r.data.tags.get("rlhf.stage") == "validate").data.tags
     validated = Path(validate["data.source.prompts"]).parent.parent / "validated"
-    accuracy = max((r.data.metrics.get("reward/accuracy", -1.0) for r in runs), default=-1.0)
+    reward_run = next(r for r in runs if r.info.run_id == reward.run_id)
+    accuracy = reward_run.data.metrics.get("reward/accuracy", -1.0)
     cfg = resolve_config(
         PipelineConfig(), None, [f"seed={seed}", f"output_dir={store}/outputs", "ppo.auto_resume=false", *overrides]
     )
     start = time.time()
     with mlflow.start_run(run_name="rerun-ppo " + " ".join(overrides)) as parent:
+        if any(o.startswith("reward.") for o in overrides):
+            reward = run_reward(
+                cfg,
+                sft,
+                str(validated / "preferences.jsonl"),
+                str(validated / "preferences_heldout.jsonl"),
+                parent.info.run_id,
+            )
+            accuracy = client.get_run(reward.run_id).data.metrics["reward/accuracy"]
         ppo = run_ppo(cfg, sft, reward, str(validated / "prompts.jsonl"), parent.info.run_id)
         metrics = run_evaluate(
             cfg, sft, reward, ppo, str(validated / "heldout_prompts.jsonl"), parent.info.run_id

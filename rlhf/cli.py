@@ -609,13 +609,16 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 STARTS_FLOWS = frozenset({"run", "compare", "feedback", "monitor"})
 """Commands that run a Prefect flow and take minutes: Prefect's temporary server is started before their imports."""
+VALIDATES_DATA = frozenset({"run", "compare", "feedback"})
+"""Commands whose flow starts with the validate stage (Great Expectations)."""
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in STARTS_FLOWS:
         set_offline_defaults()  # the server process inherits them
-        start_prefect_server_early()  # it boots while the flows are imported
+        # it boots while the flows are imported; a flow that validates data imports GX while it waits
+        start_prefect_server_early(prewarm=("great_expectations",) if args.command in VALIDATES_DATA else ())
     quiet_defaults()
     from rlhf.data.loading import DataError
     from rlhf.drift.lineage import LineageError

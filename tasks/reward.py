@@ -26,7 +26,7 @@ from models.lora import lora_config
 from models.reward import score_texts
 from rlhf.config import PipelineConfig
 from rlhf.data.loading import load_split
-from rlhf.infra.distributed import device, is_distributed
+from rlhf.infra.distributed import device
 from rlhf.infra.hf_logging import MlflowStepLogger
 from rlhf.infra.progress import TrainerProgress
 from rlhf.infra.tracking import download, flatten, log_checkpoint, stage_run
@@ -62,8 +62,9 @@ def train_reward(cfg: PipelineConfig, sft_uri: str, preferences_path: str, heldo
     with tempfile.TemporaryDirectory(prefix="rlhf-reward-sft-") as scratch:  # the model is read into memory
         sft_dir = str(download(sft_uri, scratch))
         tokenizer = load_tokenizer(sft_dir, trust)
-        if is_distributed():  # a launched process starts with a random RNG: seed the new score head's init
-            torch.manual_seed(cfg.seed)
+        # The new score head's initialisation belongs to the seeded run, not to whatever this process ran before
+        # (a fresh or a cached SFT stage, a launched process's random start).
+        torch.manual_seed(cfg.seed)
         model = load_reward_model(sft_dir, tokenizer.pad_token_id, trust_remote_code=trust)
     with tempfile.TemporaryDirectory(prefix="rlhf-reward-") as tmp:
         logger = MlflowStepLogger("reward", rename={"accuracy": "train_accuracy", "margin": "train_margin"})

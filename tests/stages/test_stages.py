@@ -25,6 +25,29 @@ def test_reward_model_ranks_heldout_pairs_like_the_gold_judge(tiny_stack):
     assert metrics["reward/accuracy"] >= 0.7, metrics["reward/accuracy"]
 
 
+def test_reward_model_does_not_depend_on_what_ran_before_it(tiny_stack, mlflow_store, tmp_path):
+    """The new score head is initialised from the seed: a run whose SFT stage came from the cache (nothing trained
+    before it in the process) gets the same reward model as one that trained SFT first."""
+    import torch
+    from safetensors.torch import load_file
+
+    from rlhf.infra.tracking import download
+    from tasks.reward import train_reward
+
+    reward = tiny_stack.cfg.reward.model_copy(update={"max_steps": 2, "max_heldout_pairs": 8})
+    cfg = tiny_stack.cfg.model_copy(update={"reward": reward})
+    heads = []
+    for earlier_draws in (0, 1000):
+        torch.rand(earlier_draws)  # what an earlier stage in the same process would have drawn
+        with mlflow.start_run():
+            uri = train_reward(
+                cfg, tiny_stack.sft.uri, tiny_stack.paths["preferences"], tiny_stack.paths["preferences_heldout"]
+            )
+        folder = download(uri, tmp_path / str(earlier_draws))
+        heads.append(load_file(folder / "model.safetensors")["score.weight"])
+    assert torch.equal(heads[0], heads[1])
+
+
 def test_checkpoints_are_logged_in_hf_layout(tiny_stack):
     mlflow.set_tracking_uri(tiny_stack.tracking_uri)
     for ckpt in (tiny_stack.sft, tiny_stack.reward):

@@ -3,6 +3,7 @@ for Prefect's per-process server: the caller goes on at once, the flow's ``start
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 
@@ -53,6 +54,28 @@ def test_the_server_boots_in_the_background_and_the_flows_start_waits_for_it(fak
     assert not server.booted.is_set()
     server.start()  # what the flow's client does
     assert server.booted.is_set() and server.boots == 1  # booted once, by the background thread
+
+
+def test_the_wait_for_the_boot_imports_the_prewarm_modules(fake_server, tmp_path, monkeypatch):
+    (tmp_path / "rlhf_prewarm_probe.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "rlhf_prewarm_probe", raising=False)
+    start_prefect_server_early(prewarm=("rlhf_prewarm_probe",))
+    assert "rlhf_prewarm_probe" not in sys.modules  # not at the call: the caller goes on to its own imports
+    fake_server().start()  # the boot is still under way: the wait imports it
+    assert "rlhf_prewarm_probe" in sys.modules and fake_server().booted.is_set()
+
+
+def test_a_finished_boot_imports_nothing_more(fake_server, tmp_path, monkeypatch):
+    (tmp_path / "rlhf_prewarm_late.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "rlhf_prewarm_late", raising=False)
+    start_prefect_server_early(prewarm=("rlhf_prewarm_late",))
+    for thread in threading.enumerate():
+        if thread.name == "prefect-server":
+            thread.join(5)  # the boot is over before the flow starts
+    fake_server().start()
+    assert "rlhf_prewarm_late" not in sys.modules  # the flow's own stage imports it when it needs it
 
 
 def test_a_failed_boot_is_raised_by_the_flows_own_start(fake_server):
