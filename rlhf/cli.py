@@ -9,6 +9,7 @@ their function, so `rlhf --help` answers without loading torch, Prefect or MLflo
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from typing import Any
 
@@ -658,5 +659,18 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> None:
+    """The ``rlhf`` command: ``main()``, then exit without the interpreter's last full garbage collection.
+
+    After a command that imported the pipeline (torch, transformers, MLflow, Prefect, GX: ~7,700 modules, ~1.1M
+    objects the collector tracks) that collection took ~3 s on 2 cores (9 s under load), after every result was
+    written and every run closed. ``gc.freeze()`` puts the heap out of its reach: atexit handlers still run and
+    objects still go by reference count; only cycles left at exit are not collected, by a process that is ending.
+    """
+    code = main()
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

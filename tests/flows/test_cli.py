@@ -57,6 +57,24 @@ def store(empty_store, tmp_path, monkeypatch):
     mlflow.set_tracking_uri(None)
 
 
+def test_the_rlhf_command_exits_with_mains_code_after_freezing_the_heap(monkeypatch):
+    """The console script is ``entry``: main's exit code, with the heap frozen first (no last full collection)."""
+    import gc
+    import tomllib
+    from pathlib import Path
+
+    import rlhf.cli as cli
+
+    pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    assert pyproject["project"]["scripts"]["rlhf"] == "rlhf.cli:entry"
+    calls = []
+    monkeypatch.setattr(cli, "main", lambda: calls.append("main") or 3)
+    monkeypatch.setattr(gc, "freeze", lambda: calls.append("freeze"))
+    with pytest.raises(SystemExit) as exited:
+        cli.entry()
+    assert exited.value.code == 3 and calls == ["main", "freeze"]
+
+
 def test_a_monitored_version_may_be_given_as_a_number():
     from rlhf.config import load_config
 
