@@ -36,9 +36,17 @@ from pathlib import Path
 from _common import ROOT, WORK, git_commit, loadavg, machine, offline_env, summary, versions, write_result
 from ppo_models import ensure_models
 
+from rlhf.infra.env import MALLOC_MMAP_THRESHOLD, MALLOC_TRIM_THRESHOLD
+
 TRL_VENV = ROOT / "bench" / ".venv-trl12"
 TRL_REQUIREMENTS = ["torch==2.13.0", "trl==1.12.*"]
 """torch pinned: 2.13.0 is the local CPU wheel; a looser pin downloads a multi-GB CUDA build."""
+SAME_ALLOCATOR = {
+    "MALLOC_MMAP_THRESHOLD_": str(MALLOC_MMAP_THRESHOLD),
+    "MALLOC_TRIM_THRESHOLD_": str(MALLOC_TRIM_THRESHOLD),
+}
+"""Both workers get the malloc settings our stages set for themselves (rlhf/infra/env.py keep_freed_memory), through
+glibc's own variables: the comparison is of the PPO code, not of the allocator."""
 
 
 def ensure_trl_venv() -> Path:
@@ -89,7 +97,7 @@ def run_worker(impl: str, python: Path, paths: dict[str, str], args: argparse.Na
         cmd += ["--eval-prompts", paths["heldout_prompts"]]
     load_before = loadavg()
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=offline_env(), capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=ROOT, env=offline_env(**SAME_ALLOCATOR), capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{impl} worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
