@@ -40,10 +40,13 @@ def keep_freed_memory() -> bool:
     page-faults its memory in again: 7,000-10,000 minor faults a reward-model step of the tiny model, 1.2-1.8 s of
     system time per 100 steps. With blocks up to ``MALLOC_MMAP_THRESHOLD`` from the heap and up to
     ``MALLOC_TRIM_THRESHOLD`` of free heap kept, the same 100 steps take ~75,000 faults and 0.2-0.3 s, ~6% less wall
-    time, and train the same weights to the last bit (docs/benchmarks.md). glibc reads the same settings from
-    ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` at process start, but the ``rlhf`` command and a Prefect
-    worker's flow run are already running Python when they could set them. Does nothing off glibc (macOS, musl,
-    Windows) or where the user set malloc's own variables (``MALLOC_USER_SETTINGS``).
+    time, and train the same weights to the last bit. That is a stage training in a fresh process (a reward model
+    after a cached SFT stage, a launched process, the tests); in a whole ``rlhf run`` glibc has raised its own
+    thresholds during SFT by the time the reward model trains, and the run's wall time did not change measurably
+    (docs/benchmarks.md). glibc reads the same settings from ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``
+    at process start, but the ``rlhf`` command and a Prefect worker's flow run are already running Python when they
+    could set them. Does nothing off glibc (macOS, musl, Windows) or where the user set malloc's own variables
+    (``MALLOC_USER_SETTINGS``).
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
