@@ -80,8 +80,8 @@ def start_prefect_server_early(prewarm: tuple[str, ...] = ()) -> None:
     """Start Prefect's temporary server now, in the background, so that it boots while the caller imports torch and
     the flows; the first flow then waits only for what is left of the boot.
 
-    ``prewarm`` names modules the flow will import later anyway (great_expectations, ~1.4 s after the flows, at the validate stage):
-    if the boot is still under way when the flow starts, the wait is spent importing them.
+    ``prewarm`` names modules the flow will import later anyway (great_expectations, ~1.4 s after the flows, at the
+    validate stage): if the boot is still under way when the flow starts, the wait is spent importing them.
 
     Without PREFECT_API_URL, a flow starts a temporary local server at its first call and waits for it: about 9 s
     on 2 cores, after the ~6 s of importing the pipeline. Prefect keeps one such server per process
