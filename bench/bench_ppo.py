@@ -94,7 +94,7 @@ def run_worker(impl: str, python: Path, paths: dict[str, str], args: argparse.Na
         str(out),
     ]
     if impl == "trl":
-        cmd += ["--eval-prompts", paths["heldout_prompts"]]
+        cmd += ["--eval-prompts", paths["heldout_prompts"], "--critic", args.trl_critic]
     load_before = loadavg()
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=offline_env(**SAME_ALLOCATOR), capture_output=True, text=True)
@@ -164,6 +164,13 @@ def main() -> None:
     parser.add_argument("--eval-samples", type=int, default=2, help="responses per held-out prompt in the evaluation")
     parser.add_argument("--sft-steps", type=int, default=120)
     parser.add_argument("--reward-steps", type=int, default=160)
+    parser.add_argument(
+        "--trl-critic",
+        choices=("reward_model", "sft"),
+        default="reward_model",
+        help="where TRL's value model starts: the reward model (TRL's example, the default) or the SFT trunk with a "
+        "zero head, which knows nothing at first, as our value head (docs/benchmarks.md: what the reward gap is)",
+    )
     parser.add_argument(
         "--evaluate-only",
         action="store_true",

@@ -43,6 +43,13 @@ def main() -> None:
     parser.add_argument("--response-length", type=int, default=48)
     parser.add_argument("--kl-coef", type=float, default=0.05)
     parser.add_argument("--learning-rate", type=float, default=3e-4)
+    parser.add_argument(
+        "--critic",
+        choices=("reward_model", "sft"),
+        default="reward_model",
+        help="the value model's start: the reward model (TRL's example) or the SFT trunk with a zero head, which "
+        "knows nothing at first, as ours",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -70,7 +77,10 @@ def main() -> None:
     policy = AutoModelForCausalLM.from_pretrained(sft_dir, dtype=torch.float32)
     ref_policy = AutoModelForCausalLM.from_pretrained(sft_dir, dtype=torch.float32)
     reward_model = AutoModelForSequenceClassification.from_pretrained(rm_dir, num_labels=1, dtype=torch.float32)
-    value_model = AutoModelForSequenceClassification.from_pretrained(rm_dir, num_labels=1, dtype=torch.float32)
+    critic_dir = rm_dir if args.critic == "reward_model" else sft_dir
+    value_model = AutoModelForSequenceClassification.from_pretrained(critic_dir, num_labels=1, dtype=torch.float32)
+    if args.critic == "sft":
+        torch.nn.init.zeros_(value_model.score.weight)
 
     def tokenized(path: str) -> Dataset:
         prompts = [json.loads(line)["prompt"] for line in Path(path).read_text().splitlines() if line.strip()]
