@@ -56,6 +56,7 @@ def main() -> None:
     policy = PolicyWithValueHead(load_causal_lm(sft_dir))
     ref_model = load_causal_lm(sft_dir)
     reward_model = load_reward_model(rm_dir, tokenizer.pad_token_id)
+    policy.init_value_head_from(reward_model)  # the stage's default (ppo.value_head_init, tasks/ppo.py)
     prompts = [json.loads(line)["prompt"] for line in Path(args.prompts).read_text().splitlines() if line.strip()]
     cfg = PPOConfig(
         steps=args.steps,

@@ -63,6 +63,23 @@ class PolicyWithValueHead(nn.Module):
         values = self.value_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden).squeeze(-1)  # (B, K)
         return out.logits, values.float()  # fp32 even under bf16 autocast: GAE and the losses work in fp32
 
+    def init_value_head_from(self, reward_model: nn.Module) -> bool:
+        """Start the value head as a copy of the reward model's score head; returns whether it could.
+
+        A reward model trained from the policy's own SFT checkpoint reads nearly the same hidden states, so its
+        head on the policy's trunk is a first estimate of every prefix's reward: TRL's PPO starts its value model
+        as a copy of the whole reward model for this reason, at the price of a second trunk. It could not (and the
+        head stays as it was) where the reward model has no ``score`` head (the name decoder sequence classifiers
+        in transformers give it) or reads hidden states of another size.
+        """
+        head = getattr(reward_model, "score", None)
+        if not isinstance(head, nn.Linear) or head.weight.shape != self.value_head.weight.shape:
+            return False
+        with torch.no_grad():
+            self.value_head.weight.copy_(head.weight)
+            self.value_head.bias.copy_(head.bias if head.bias is not None else torch.zeros_like(self.value_head.bias))
+        return True
+
     def save(self, out_dir: str | Path) -> None:
         """Policy in Hugging Face layout plus the value head, both safetensors; with LoRA the weights are a merged
         copy (a plain model, loadable without peft) and the adapters go to ``ADAPTER_DIR`` as well."""

@@ -234,6 +234,10 @@ class PPOConfig(_Section):
     clip_range: float = Field(0.2, gt=0, description="PPO ratio clip epsilon")
     clip_range_value: float = Field(0.2, gt=0, description="Value clip range")
     vf_coef: float = Field(0.1, ge=0, description="Value loss coefficient")
+    value_head_init: Literal["reward_model", "zero"] = Field(
+        "reward_model",
+        description="Where a fresh value head starts: reward_model, a copy of the reward model's score head (TRL starts its value model as the reward model; ours shares the policy's trunk, so the head alone is copied: it needs a reward model trained from the policy's SFT model, and falls back to zero where the reward model's head does not fit); zero: zeros. A value head saved with the start checkpoint or a resumed run's is loaded instead (docs/benchmarks.md, the critic's start)",
+    )
     ent_coef: float = Field(
         0.1,
         ge=0,

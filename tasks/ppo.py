@@ -209,7 +209,8 @@ def run_ppo(
 def build_trainer(cfg: PipelineConfig, sft: Checkpoint, reward: Checkpoint, prompts_path: str) -> PPOTrainer:
     """The trainer on the SFT policy (LoRA adapters with model.lora_r), the frozen reference (none with LoRA: the
     policy with its adapters disabled) and the reward model. The value head is the start checkpoint's where it has
-    one (a PPO policy continued by the feedback flow: tag ``ppo.value_head``), else fresh."""
+    one (a PPO policy continued by the feedback flow), else fresh: a copy of the reward model's score head
+    (``ppo.value_head_init``) or zeros; the tag ``ppo.value_head`` says which."""
     trust, m = cfg.model.trust_remote_code, cfg.model
     device = distributed_device()
     adapters = lora_config(m.lora_r, m.lora_alpha, m.lora_dropout, m.lora_target_modules, "causal_lm")
@@ -218,12 +219,18 @@ def build_trainer(cfg: PipelineConfig, sft: Checkpoint, reward: Checkpoint, prom
         tokenizer = load_tokenizer(sft_dir, trust)
         torch.manual_seed(cfg.seed)  # the value head's and the adapters' initialisation belong to the seeded run
         lm = add_adapters(load_causal_lm(sft_dir, trust_remote_code=trust), adapters)
+        reward_model = load_reward_model(rm_dir, tokenizer.pad_token_id, trust_remote_code=trust)
         policy = PolicyWithValueHead(lm)
-        if policy.load_value_head(sft_dir) and mlflow.active_run():
-            mlflow.set_tag("ppo.value_head", f"from the start checkpoint {sft.uri}")
-        policy = policy.to(device)
+        if policy.load_value_head(sft_dir):
+            start = f"from the start checkpoint {sft.uri}"
+        elif cfg.ppo.value_head_init == "reward_model" and policy.init_value_head_from(reward_model):
+            start = f"the reward model's score head ({reward.uri})"
+        else:
+            start = "zeros"
+        if mlflow.active_run():
+            mlflow.set_tag("ppo.value_head", start)
+        policy, reward_model = policy.to(device), reward_model.to(device)
         ref_model = None if adapters else load_causal_lm(sft_dir, trust_remote_code=trust).to(device)
-        reward_model = load_reward_model(rm_dir, tokenizer.pad_token_id, trust_remote_code=trust).to(device)
     prompts = list(load_split(prompts_path)["prompt"])
     return PPOTrainer(
         cfg.ppo,

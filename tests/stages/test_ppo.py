@@ -23,6 +23,7 @@ from models.generation import sample
 from models.loading import load_causal_lm, load_reward_model, load_tokenizer
 from models.lora import add_adapters, has_adapters, lora_config
 from models.policy import ADAPTER_DIR, PolicyWithValueHead, position_ids_from_mask
+from models.reward import score_token_ids
 from rlhf.config import ConfigError, PPOConfig, load_config
 from rlhf.data.loading import load_split
 from rlhf.infra.tracking import download
@@ -170,6 +171,35 @@ def test_value_head_starts_at_zero() -> None:
     enc = tokenizer(["Customer: hi\nAgent:"], return_tensors="pt")
     _, values = policy(enc.input_ids, enc.attention_mask)
     assert values.abs().max().item() == 0.0
+
+
+def test_value_head_can_start_as_the_reward_models_score_head(tmp_path) -> None:
+    # On the trunk the reward model was trained from, the copied head's value at each position is the reward
+    # model's score of the sequence cut there; here the two share the trunk exactly, so they agree to rounding.
+    from models.tiny import build_model, build_tokenizer
+
+    tokenizer = build_tokenizer(["Customer: I forgot my password.\nAgent: I sent a reset link."] * 4, vocab_size=300)
+    torch.manual_seed(0)
+    lm = build_model(tokenizer, n_layer=1, n_embd=16, n_head=2, n_positions=64)
+    lm.save_pretrained(tmp_path)
+    reward_model = load_reward_model(str(tmp_path), tokenizer.pad_token_id)  # the same trunk, a random score head
+    assert reward_model.score.weight.abs().max() > 0
+    policy = PolicyWithValueHead(lm)
+    assert policy.init_value_head_from(reward_model)
+    enc = tokenizer(["Customer: I forgot my password.\nAgent: I sent"], return_tensors="pt")
+    _, values = policy(enc.input_ids, enc.attention_mask)
+    for cut in range(1, enc.input_ids.shape[1] + 1):
+        ids, mask = enc.input_ids[:, :cut], enc.attention_mask[:, :cut]
+        expected = score_token_ids(reward_model, ids, mask, tokenizer.pad_token_id)
+        torch.testing.assert_close(values[:, cut - 1], expected, rtol=0, atol=1e-6)
+
+    # A reward model of another hidden size (or without a `score` head) leaves the head as it was: zeros.
+    other = build_model(tokenizer, n_layer=1, n_embd=8, n_head=2, n_positions=64)
+    other.save_pretrained(tmp_path / "other")
+    fresh = PolicyWithValueHead(build_model(tokenizer, n_layer=1, n_embd=16, n_head=2, n_positions=64))
+    assert not fresh.init_value_head_from(load_reward_model(str(tmp_path / "other"), tokenizer.pad_token_id))
+    assert not fresh.init_value_head_from(lm)
+    assert fresh.value_head.weight.abs().max() == 0 and fresh.value_head.bias.abs().max() == 0
 
 
 @pytest.mark.slow
@@ -568,7 +598,7 @@ def test_a_policy_continued_from_a_ppo_checkpoint_keeps_its_value_head(
     stack_dirs, tiny_stack, tmp_path, monkeypatch
 ) -> None:
     # The feedback flow starts PPO from the champion's checkpoint: its trained value head comes along; from SFT
-    # (no value head in the checkpoint) the head starts at zero.
+    # (no value head in the checkpoint) the head starts as the reward model's score head, or at zero.
     champion = make_trainer(stack_dirs, tiny_stack)
     champion.step()
     assert champion.policy.value_head.weight.abs().max() > 0
@@ -580,7 +610,11 @@ def test_a_policy_continued_from_a_ppo_checkpoint_keeps_its_value_head(
     continued = ppo_stage.build_trainer(cfg, Checkpoint("champion", str(ckpt)), reward, prompts)
     torch.testing.assert_close(continued.policy.value_head.state_dict(), champion.policy.value_head.state_dict())
     fresh = ppo_stage.build_trainer(cfg, Checkpoint("sft", stack_dirs[0]), reward, prompts)
-    assert fresh.policy.value_head.weight.abs().max() == 0 and fresh.policy.value_head.bias.abs().max() == 0
+    torch.testing.assert_close(fresh.policy.value_head.weight, fresh.reward_model.score.weight, rtol=0, atol=0)
+    assert fresh.policy.value_head.bias.abs().max() == 0  # the score head has no bias
+    cfg = load_config(None, [f"ppo.{k}={v}" for k, v in SMALL.items()] + ["ppo.value_head_init=zero"])
+    zero = ppo_stage.build_trainer(cfg, Checkpoint("sft", stack_dirs[0]), reward, prompts)
+    assert zero.policy.value_head.weight.abs().max() == 0 and zero.policy.value_head.bias.abs().max() == 0
 
 
 @pytest.mark.slow
