@@ -39,7 +39,8 @@ class PolicyWithValueHead(nn.Module):
         self.value_head = nn.Linear(hidden, 1)
         # Zero-initialised (Huang et al. 2022, "The N implementation details of RLHF with PPO"): a random
         # head adds a random baseline per token to the first advantages and sends large value-loss
-        # gradients into the shared trunk before the head has learnt anything.
+        # gradients into the shared trunk before the head has learnt anything. The PPO stage then copies the reward
+        # model's score head in where it fits (``init_value_head_from``, ``ppo.value_head_init``).
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
 
