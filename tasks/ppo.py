@@ -27,6 +27,7 @@ and the previous good one used. Sample tables are PII-redacted before logging.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import tempfile
@@ -227,6 +228,12 @@ def build_trainer(cfg: PipelineConfig, sft: Checkpoint, reward: Checkpoint, prom
             start = f"the reward model's score head ({reward.uri})"
         else:
             start = "zeros"
+            if cfg.ppo.value_head_init == "reward_model":
+                logging.getLogger(__name__).warning(
+                    "ppo.value_head_init=reward_model: the reward model (%s) has no `score` head of the policy's "
+                    "hidden size to copy; the value head starts at zero (set ppo.value_head_init=zero to say so)",
+                    type(reward_model).__name__,
+                )
         if mlflow.active_run():
             mlflow.set_tag("ppo.value_head", start)
         policy, reward_model = policy.to(device), reward_model.to(device)

@@ -595,7 +595,7 @@ def test_lora_trains_adapters_over_the_untouched_sft_weights(stack_dirs, tiny_st
 
 @pytest.mark.slow
 def test_a_policy_continued_from_a_ppo_checkpoint_keeps_its_value_head(
-    stack_dirs, tiny_stack, tmp_path, monkeypatch
+    stack_dirs, tiny_stack, tmp_path, monkeypatch, caplog
 ) -> None:
     # The feedback flow starts PPO from the champion's checkpoint: its trained value head comes along; from SFT
     # (no value head in the checkpoint) the head starts as the reward model's score head, or at zero.
@@ -615,6 +615,13 @@ def test_a_policy_continued_from_a_ppo_checkpoint_keeps_its_value_head(
     cfg = load_config(None, [f"ppo.{k}={v}" for k, v in SMALL.items()] + ["ppo.value_head_init=zero"])
     zero = ppo_stage.build_trainer(cfg, Checkpoint("sft", stack_dirs[0]), reward, prompts)
     assert zero.policy.value_head.weight.abs().max() == 0 and zero.policy.value_head.bias.abs().max() == 0
+    assert "value_head_init" not in caplog.text
+    # A reward model whose head cannot be copied: zeros, and the user is told why.
+    monkeypatch.setattr(PolicyWithValueHead, "init_value_head_from", lambda self, reward_model: False)
+    cfg = load_config(None, [f"ppo.{k}={v}" for k, v in SMALL.items()])
+    unfit = ppo_stage.build_trainer(cfg, Checkpoint("sft", stack_dirs[0]), reward, prompts)
+    assert unfit.policy.value_head.weight.abs().max() == 0
+    assert "no `score` head of the policy's hidden size" in caplog.text
 
 
 @pytest.mark.slow
