@@ -56,7 +56,6 @@ def main() -> None:
     policy = PolicyWithValueHead(load_causal_lm(sft_dir))
     ref_model = load_causal_lm(sft_dir)
     reward_model = load_reward_model(rm_dir, tokenizer.pad_token_id)
-    policy.init_value_head_from(reward_model)  # the stage's default (ppo.value_head_init, tasks/ppo.py)
     prompts = [json.loads(line)["prompt"] for line in Path(args.prompts).read_text().splitlines() if line.strip()]
     cfg = PPOConfig(
         steps=args.steps,
@@ -74,6 +73,8 @@ def main() -> None:
         missing_eos_penalty=1.0,
         ent_coef=0.0,  # TRL 1.12's PPOTrainer has no entropy bonus (ours defaults to 0.1)
     )
+    if cfg.value_head_init == "reward_model":  # as the stage starts a fresh value head (tasks/ppo.py build_trainer)
+        policy.init_value_head_from(reward_model)
     trainer = PPOTrainer(cfg, policy, ref_model, reward_model, tokenizer, prompts, args.seed)
     load_s = time.perf_counter() - t_load
 
